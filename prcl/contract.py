@@ -1,0 +1,105 @@
+"""Input checks for the public contract (DESIGN §2), shared by every backend and the reference.
+
+Shape, dtype and device checks run always (they are static under torch.compile); checks that read
+label values run only in eager mode, so compiling a training step never breaks the graph.
+"""
+import math
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = (None, "triton", "torch", "native", "reference")
+
+
+def default_bias(n_docs):
+    """Logit adjustment to the label prior of one positive among n_docs candidates: −log(N−1)."""
+    return -math.log(n_docs - 1) if n_docs > 1 else 0.0
+
+
+def _shapes(**tensors):
+    return ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items() if isinstance(v, torch.Tensor))
+
+
+def _check_scalar(name, value, q, positive):
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"{name}: expected a float or a 0-dim floating tensor, got {value.dtype} "
+                             f"tensor of shape {tuple(value.shape)}")
+        if value.device != q.device:
+            raise ValueError(f"{name}: tensor is on {value.device} but q is on {q.device}")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite float or a 0-dim tensor, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: must be > 0, got {value}")
+
+
+def check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, dtypes=DTYPES):
+    for name, x in (("q", q), ("d", d)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name}: expected a 2-D tensor, got {got}")
+        if x.dtype not in dtypes:
+            raise ValueError(f"{name}: dtype {x.dtype} is not one of {', '.join(map(str, dtypes))}")
+    if q.dtype != d.dtype:
+        raise ValueError(f"q and d must share a dtype, got q {q.dtype} and d {d.dtype}")
+    if q.device != d.device:
+        raise ValueError(f"q and d must share a device, got q on {q.device} and d on {d.device}")
+    B, D = q.shape
+    N = d.shape[0]
+    if B == 0 or N == 0 or D == 0:
+        raise ValueError(f"empty batch: {_shapes(q=q, d=d)}")
+    if d.shape[1] != D:
+        raise ValueError(f"q and d must have the same embedding dim, got {_shapes(q=q, d=d)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    _check_scalar("scale", scale, q, positive=True)
+    if bias is not None:
+        _check_scalar("bias", bias, q, positive=False)
+    _check_labels(q, d, labels, label_index)
+
+
+def _check_labels(q, d, labels, label_index):
+    B, N = q.shape[0], d.shape[0]
+    if label_index is not None and labels is None:
+        raise ValueError(f"label_index{tuple(label_index.shape)} given without labels")
+    if labels is None:
+        if N < B:
+            raise ValueError(f"labels=None pairs query i with document i, which needs N >= B: {_shapes(q=q, d=d)}")
+        return
+    if not isinstance(labels, torch.Tensor) or not labels.is_floating_point():
+        raise ValueError(f"labels: expected a floating tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if labels.device != q.device:
+        raise ValueError(f"labels: on {labels.device} but q is on {q.device}")
+    if label_index is not None:
+        if not isinstance(label_index, torch.Tensor) or label_index.dtype != torch.int64:
+            raise ValueError(f"label_index: expected an int64 tensor, got {getattr(label_index, 'dtype', type(label_index))}")
+        if label_index.device != q.device:
+            raise ValueError(f"label_index: on {label_index.device} but q is on {q.device}")
+        if labels.dim() != 2 or labels.shape[0] != B or label_index.shape != labels.shape:
+            raise ValueError(f"labels and label_index must both be (B, K) with B = q.shape[0]: "
+                             f"{_shapes(q=q, labels=labels, label_index=label_index)}")
+    elif labels.dim() == 1:
+        if labels.shape[0] != B:
+            raise ValueError(f"labels: graded diagonal labels must be (B,): {_shapes(q=q, labels=labels)}")
+        if N < B:
+            raise ValueError(f"labels of shape (B,) pair query i with document i, which needs N >= B: "
+                             f"{_shapes(q=q, d=d, labels=labels)}")
+    elif labels.dim() != 2 or labels.shape != (B, N):
+        raise ValueError(f"labels: expected (B,), (B, N), or (B, K) with label_index: "
+                         f"{_shapes(q=q, d=d, labels=labels)}")
+    if torch.compiler.is_compiling():
+        return
+    if torch.isnan(labels).any() or (labels > 1).any():
+        raise ValueError(f"labels: values must lie in [0, 1] (or < 0 to exclude a pair); found "
+                         f"{'NaN' if torch.isnan(labels).any() else f'max {labels.max().item():.4g}'}")
+    if label_index is not None:
+        if ((label_index < -1) | (label_index >= N)).any():
+            raise ValueError(f"label_index: values must lie in [-1, N) = [-1, {N}); found "
+                             f"[{label_index.min().item()}, {label_index.max().item()}]")
+        ordered = label_index.sort(dim=1).values
+        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+            raise ValueError("label_index: a document index appears twice in one row; list each pair once")

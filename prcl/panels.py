@@ -1,0 +1,45 @@
+"""The gradient of Σ_i w_i Σ_j softplus(t·q_i·d_j + b) over bounded panels of the B×N pair matrix.
+
+    G_ij = w_i σ(z_ij):   dq = t·G·d   dd = t·Gᵀ·q   dt = Σ G∘S   db = Σ G
+
+A backend supplies `block(q_rows, d_cols, w_rows) -> (softplus row sums, G, Σ G∘S, Σ G)` for one panel;
+this driver feeds each panel's G to the two gradient GEMMs, so memory stays one panel however large
+B·N grows. Panels are visited in a fixed order: results are deterministic.
+"""
+import math
+
+import torch
+
+
+def panel_shape(B, N, panel_elems):
+    cols = min(N, max(1, math.isqrt(panel_elems)))
+    return min(B, max(1, panel_elems // cols)), cols
+
+
+def panel_grads(q, d, w, block, panel_elems):
+    """Returns row sums of softplus (B,), G·d (B, D), Gᵀ·q (N, D) in float32, Σ G∘S and Σ G (0-dim)."""
+    (B, D), N = q.shape, d.shape[0]
+    rows = q.new_zeros(B, dtype=torch.float32)
+    gd = q.new_zeros(B, D, dtype=torch.float32)
+    gq = q.new_zeros(N, D, dtype=torch.float32)
+    gs = q.new_zeros((), dtype=torch.float32)
+    g = q.new_zeros((), dtype=torch.float32)
+    pm, pn = panel_shape(B, N, panel_elems)
+    for i in range(0, B, pm):
+        q_i, w_i = q[i:i + pm], None if w is None else w[i:i + pm]
+        for j in range(0, N, pn):
+            d_j = d[j:j + pn]
+            r, G, gs_ij, g_ij = block(q_i, d_j, w_i)
+            rows[i:i + pm] += r
+            _accumulate_mm(gd[i:i + pm], G, d_j)
+            _accumulate_mm(gq[j:j + pn], G.T, q_i)
+            gs += gs_ij
+            g += g_ij
+    return rows, gd, gq, gs, g
+
+
+def _accumulate_mm(acc, a, b):
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:  # a 16-bit GEMM (tensor cores) rounds its output once; accumulate panels in float32
+        acc += a @ b

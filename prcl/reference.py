@@ -1,0 +1,43 @@
+"""The contract computed the obvious eager way: BCE-with-logits on t·q·dᵀ + b, materialising B×N.
+
+    loss = bce_with_logits(t * q @ d.T + b, Y, reduction="none")[Y >= 0].sum() / B
+
+Oracle for the tests and baseline for the benchmarks; see DESIGN §2 for the contract. It also
+takes float64 inputs, so that the tests' gold values come from the same code.
+"""
+import torch
+import torch.nn.functional as F
+
+from prcl.contract import DTYPES, check_inputs, default_bias
+
+
+def dense_labels(labels, label_index, B, N, device):
+    """The (B, N) float32 label matrix of any label form; entries < 0 mark excluded pairs."""
+    if labels is not None and labels.dim() == 2 and label_index is None:
+        return labels.float()
+    Y = torch.zeros(B, N, dtype=torch.float32, device=device)
+    if labels is None or labels.dim() == 1:
+        diag = torch.ones(B, device=device) if labels is None else labels.float()
+        Y[torch.arange(B, device=device), torch.arange(B, device=device)] = diag
+        return Y
+    rows, k = torch.nonzero(label_index >= 0, as_tuple=True)
+    Y[rows, label_index[rows, k]] = labels[rows, k].float()
+    return Y
+
+
+def pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bias=None, reduction="mean",
+             backend=None, process_group=None):
+    check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, DTYPES + (torch.float64,))
+    if process_group is not None:
+        raise ValueError("process_group: the eager reference runs in one process; pass process_group=None")
+    B, N = q.shape[0], d.shape[0]
+    if bias is None:
+        bias = default_bias(N)
+    Y = dense_labels(labels, label_index, B, N, q.device)
+    z = scale * (q @ d.T).to(torch.promote_types(q.dtype, torch.float32)) + bias
+    Y = Y.to(z.dtype)
+    per_pair = F.binary_cross_entropy_with_logits(z, Y.clamp(min=0), reduction="none")
+    rows = torch.where(Y >= 0, per_pair, 0.0).sum(1)
+    if reduction == "none":
+        return rows
+    return rows.sum() / B if reduction == "mean" else rows.sum()

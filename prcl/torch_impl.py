@@ -1,0 +1,42 @@
+"""Σ_j softplus(t·q_i·d_j + b) per row and its gradient in plain PyTorch, one bounded panel at a time.
+
+The PyTorch twin of the Triton kernels: same panels, same algebra, float32 throughout. It never
+allocates B×N, only a few panel-sized buffers (PANEL_ELEMS float32 elements each).
+"""
+import torch
+import torch.nn.functional as F
+
+from prcl.panels import panel_grads, panel_shape
+
+PANEL_ELEMS = 1 << 20
+
+
+def _fp32(x):
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def softplus_rows(q, d, scale, bias):
+    q, d = _fp32(q), _fp32(d)
+    B, N = q.shape[0], d.shape[0]
+    rows = q.new_zeros(B)
+    pm, pn = panel_shape(B, N, PANEL_ELEMS)
+    for i in range(0, B, pm):
+        for j in range(0, N, pn):
+            z = (q[i:i + pm] @ d[j:j + pn].T).mul_(scale).add_(bias)
+            rows[i:i + pm] += F.softplus(z).sum(1)
+    return rows
+
+
+def softplus_grads(q, d, scale, bias, w):
+    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij); see prcl.panels."""
+
+    def block(q_i, d_j, w_i):
+        s = q_i @ d_j.T
+        z = s * scale + bias
+        r = F.softplus(z).sum(1)
+        G = torch.sigmoid_(z)
+        if w_i is not None:
+            G *= w_i[:, None]
+        return r, G, torch.dot(G.view(-1), s.view(-1)), G.sum()
+
+    return panel_grads(_fp32(q), _fp32(d), w, block, PANEL_ELEMS)
