@@ -1,0 +1,24 @@
+"""`python -m prcl` / `prcl`: bench | train | encode."""
+import importlib
+import sys
+
+COMMANDS = {
+    "bench": ("prcl.bench", "main", "fused vs eager reference: time, peak memory, error vs float64"),
+    "train": ("prcl.training", "train_main", "fine-tune a text encoder with PRCL"),
+    "encode": ("prcl.training", "encode_main", "embed texts with a (LoRA-adapted) encoder"),
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: prcl {" + ",".join(COMMANDS) + "} [options]\n")
+        for name, (_, _, help_) in COMMANDS.items():
+            print(f"  {name:8s}{help_}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module, fn, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), fn)(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
