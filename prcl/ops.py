@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from prcl import torch_impl
+from prcl.panels import acc_dtype
 
 
 def _backend(name):
@@ -30,7 +31,7 @@ def _backend(name):
 
 def _grads(q, d, scale, bias, w, backend):
     rows, gd, gq, gs, g = _backend(backend).softplus_grads(q, d, scale, bias, w)
-    t = scale.float()
+    t = scale.to(acc_dtype(q.dtype))
     return rows, gd * t, gq * t, gs, g
 
 
@@ -41,19 +42,19 @@ def pair_softplus_rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, backen
 
 @pair_softplus_rows.register_fake
 def _(q, d, scale, bias, backend):
-    return q.new_empty(q.shape[0], dtype=torch.float32)
+    return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("prcl::pair_softplus_rows_backward", mutates_args=())
 def pair_softplus_rows_backward(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, grad_rows: Tensor,
                                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, dq, dd, dt, db = _grads(q, d, scale, bias, grad_rows.float().contiguous(), backend)
+    _, dq, dd, dt, db = _grads(q, d, scale, bias, grad_rows.to(acc_dtype(q.dtype)).contiguous(), backend)
     return dq, dd, dt, db
 
 
 @pair_softplus_rows_backward.register_fake
 def _(q, d, scale, bias, grad_rows, backend):
-    f32 = torch.float32
+    f32 = acc_dtype(q.dtype)
     return (q.new_empty(q.shape, dtype=f32), d.new_empty(d.shape, dtype=f32),
             q.new_empty((), dtype=f32), q.new_empty((), dtype=f32))
 
@@ -82,7 +83,7 @@ def pair_softplus_total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor,
 
 @pair_softplus_total.register_fake
 def _(q, d, scale, bias, backend):
-    f32 = torch.float32
+    f32 = acc_dtype(q.dtype)
     return (q.new_empty((), dtype=f32), q.new_empty(q.shape, dtype=f32), d.new_empty(d.shape, dtype=f32),
             q.new_empty((), dtype=f32), q.new_empty((), dtype=f32))
 

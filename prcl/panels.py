@@ -11,19 +11,25 @@ import math
 import torch
 
 
+def acc_dtype(dtype):
+    """float32, or float64 for float64 inputs (the gradcheck tests run the ops in float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def panel_shape(B, N, panel_elems):
     cols = min(N, max(1, math.isqrt(panel_elems)))
     return min(B, max(1, panel_elems // cols)), cols
 
 
 def panel_grads(q, d, w, block, panel_elems):
-    """Returns row sums of softplus (B,), G·d (B, D), Gᵀ·q (N, D) in float32, Σ G∘S and Σ G (0-dim)."""
+    """Returns row sums of softplus (B,), G·d (B, D), Gᵀ·q (N, D), Σ G∘S and Σ G (0-dim) in acc_dtype."""
     (B, D), N = q.shape, d.shape[0]
-    rows = q.new_zeros(B, dtype=torch.float32)
-    gd = q.new_zeros(B, D, dtype=torch.float32)
-    gq = q.new_zeros(N, D, dtype=torch.float32)
-    gs = q.new_zeros((), dtype=torch.float32)
-    g = q.new_zeros((), dtype=torch.float32)
+    acc = acc_dtype(q.dtype)
+    rows = q.new_zeros(B, dtype=acc)
+    gd = q.new_zeros(B, D, dtype=acc)
+    gq = q.new_zeros(N, D, dtype=acc)
+    gs = q.new_zeros((), dtype=acc)
+    g = q.new_zeros((), dtype=acc)
     pm, pn = panel_shape(B, N, panel_elems)
     for i in range(0, B, pm):
         q_i, w_i = q[i:i + pm], None if w is None else w[i:i + pm]

@@ -1,22 +1,23 @@
 """Σ_j softplus(t·q_i·d_j + b) per row and its gradient in plain PyTorch, one bounded panel at a time.
 
-The PyTorch twin of the Triton kernels: same panels, same algebra, float32 throughout. It never
+The PyTorch twin of the Triton kernels: same panels, same algebra, float32 throughout (float64 for
+float64 inputs, so that gradcheck can run through the ops). It never
 allocates B×N, only a few panel-sized buffers (PANEL_ELEMS float32 elements each).
 """
 import torch
 import torch.nn.functional as F
 
-from prcl.panels import panel_grads, panel_shape
+from prcl.panels import acc_dtype, panel_grads, panel_shape
 
 PANEL_ELEMS = 1 << 20
 
 
-def _fp32(x):
-    return x if x.dtype == torch.float32 else x.float()
+def _acc(x):
+    return x.to(acc_dtype(x.dtype))
 
 
 def softplus_rows(q, d, scale, bias):
-    q, d = _fp32(q), _fp32(d)
+    q, d = _acc(q), _acc(d)
     B, N = q.shape[0], d.shape[0]
     rows = q.new_zeros(B)
     pm, pn = panel_shape(B, N, PANEL_ELEMS)
@@ -39,4 +40,4 @@ def softplus_grads(q, d, scale, bias, w):
             G *= w_i[:, None]
         return r, G, torch.dot(G.view(-1), s.view(-1)), G.sum()
 
-    return panel_grads(_fp32(q), _fp32(d), w, block, PANEL_ELEMS)
+    return panel_grads(_acc(q), _acc(d), w, block, PANEL_ELEMS)

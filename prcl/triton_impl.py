@@ -8,45 +8,73 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prcl.kernels.pair_bce import pair_tile_kernel
 from prcl.panels import panel_grads
 
-PANEL_ELEMS = 1 << 26  # 128 MiB of bf16 G: panels of 8192 × 8192 keep the GEMMs large
+PANEL_ELEMS = 1 << 26  # 128 MiB of bf16 G: panels of 8192 × 8192 keep the gradient GEMMs large
+ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
 
 
 def interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(q):
-    """Block sizes and launch settings, in one place. The interpreter gets small tiles so that
-    small test shapes still cross several row tiles, column tiles and splits."""
+def kernel_config(dtype, write_g, arch):
+    """Tile sizes and launch settings, in one place (the sm_80/sm_90 compile tests read them too).
+
+    sm_90: 128×128 tiles for the forward; 128×64 when G is written, since keeping S, z, e and σ
+    live at 128×128 spilled (255 registers, ptxas -v). sm_80 has no TMA: descriptors become
+    pointer loads, and 64×64 is the largest tile that compiled without spills.
+    """
+    block_k = 32 if dtype == torch.float32 else 64
+    if arch >= 90:
+        return dict(BLOCK_M=128, BLOCK_N=64 if write_g else 128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+
+
+def _launch_config(q, write_g):
+    """(config, programs to aim for). The interpreter gets small tiles so that small test shapes
+    still cross several row tiles, column tiles and splits."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1), 4
-    BLOCK_K = 32 if q.dtype == torch.float32 else 64
+    major, minor = torch.cuda.get_device_capability(q.device)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3), 4 * sms
+    return kernel_config(q.dtype, write_g, 10 * major + minor), 4 * sms
+
+
+def _aligned(x):
+    """x itself when TMA can read it, else a copy with the row stride padded to 16 bytes."""
+    per = ALIGN // x.element_size()
+    if x.stride(1) == 1 and x.stride(0) % per == 0 and x.data_ptr() % ALIGN == 0:
+        return x
+    rows, cols = x.shape
+    padded = x.new_empty(rows, triton.cdiv(cols, per) * per)
+    padded[:, :cols] = x
+    return padded[:, :cols]
+
+
+def _desc(x, block):
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block)
 
 
 def _launch(q, d, scale, bias, w, G):
     """Runs the tile kernel over q (M, D) × d (N, D). Returns (row sums (M,), Σ G∘S, Σ G)."""
     (M, D), N = q.shape, d.shape[0]
-    cfg, programs = _config(q)
-    m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
-    n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    write_g = G is not None
+    cfg, programs = _launch_config(q, write_g)
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    m_tiles, n_tiles = triton.cdiv(M, BM), triton.cdiv(N, BN)
     tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, programs // m_tiles)))
     split = triton.cdiv(n_tiles, tiles_per_split)
     rows = q.new_empty(split, M, dtype=torch.float32)
-    write_g = G is not None
     stats = q.new_empty(m_tiles * split, 2, dtype=torch.float32) if write_g else rows
     fp32 = q.dtype == torch.float32
     pair_tile_kernel[(m_tiles, split)](
-        q, d, scale, bias, w if w is not None else rows,
-        rows, G if write_g else rows, stats,
+        _desc(q, [BM, BK]), _desc(d, [BN, BK]), _desc(G if write_g else q, [BM, BN]),
+        scale, bias, w if w is not None else rows, rows, stats,
         M, N, D, tiles_per_split,
-        q.stride(0), q.stride(1), d.stride(0), d.stride(1),
-        G.stride(0) if write_g else 0, G.stride(1) if write_g else 0,
         WRITE_G=write_g, HAS_W=w is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         # fp32 inputs get fp32 products, as eager fp32 matmul does unless TF32 is switched on
@@ -60,16 +88,17 @@ def _launch(q, d, scale, bias, w, G):
 
 
 def softplus_rows(q, d, scale, bias):
-    return _launch(q, d, scale, bias, None, None)[0]
+    return _launch(_aligned(q), _aligned(d), scale, bias, None, None)[0]
 
 
 def softplus_grads(q, d, scale, bias, w):
     """Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij); see prcl.panels."""
+    q, d = _aligned(q), _aligned(d)
     workspace = []
 
     def block(q_i, d_j, w_i):
-        if not workspace:
-            workspace.append(q.new_empty(q_i.shape[0], d_j.shape[0]))
+        if not workspace:  # one panel of G, its row stride padded for TMA, reused by every panel
+            workspace.append(_aligned(q.new_empty(q_i.shape[0], d_j.shape[0])))
         G = workspace[0][: q_i.shape[0], : d_j.shape[0]]
         rows, gs, g = _launch(q_i, d_j, scale, bias, w_i, G)
         return rows, G, gs, g
