@@ -22,16 +22,19 @@ def interpreting():
 
 
 def kernel_config(dtype, write_g, arch):
-    """Tile sizes and launch settings, in one place (the sm_80/sm_90 compile tests read them too).
+    """Tile sizes and launch settings, in one place (`python -m prcl.compile_report` reads them too).
 
-    sm_90: 128×128 tiles for the forward; 128×64 when G is written, since keeping S, z, e and σ
-    live at 128×128 spilled (255 registers, ptxas -v). sm_80 has no TMA: descriptors become
-    pointer loads, and 64×64 is the largest tile that compiled without spills.
+    Chosen from ptxas -v on the compiled kernels (no GPU timing yet). 16-bit on sm_90: 128×128 tiles
+    for the forward; 128×64 when G is written, since keeping S, z, e and σ live at 128×128 spilled
+    (255 registers). sm_80 has no TMA: descriptors become pointer loads, and 64×64 is the largest
+    tile that compiled without spills. float32 multiplies in IEEE fp32 on the FMA units (as eager
+    fp32 does), which needs smaller tiles: 128×128 spilled 10 KB.
     """
-    block_k = 32 if dtype == torch.float32 else 64
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if arch >= 90 else 16, num_warps=8, num_stages=3)
     if arch >= 90:
-        return dict(BLOCK_M=128, BLOCK_N=64 if write_g else 128, BLOCK_K=block_k, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64 if write_g else 128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def _launch_config(q, write_g):
