@@ -1,0 +1,310 @@
+"""Bidirectional LLM text encoders on transformers 5.x, and the training step that feeds them to the loss.
+
+    emb = normalize(Σ_t w_t · h_t),   h = model(instruction ⊕ text) with full (non-causal) attention,
+    w = pooling weights over the text tokens only (the instruction's tokens attend and are attended, never pooled)
+
+Bidirectionality goes through transformers' own switch: `merge_with_config_defaults` on the base model's
+forward reads `config.is_causal` on every call, hands `is_causal=False` to the attention functions (sdpa,
+flash-attention, eager) and makes `create_causal_mask` build the bidirectional mask. Setting it on the
+loaded config is all it takes: passing `is_causal=False` to `from_pretrained`/`AutoConfig` is silently
+dropped, and the attention modules' own `self.is_causal = True` is overridden by the kwarg.
+"""
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import prcl
+
+# Families whose base-model forward (transformers 5.24) is wrapped in merge_with_config_defaults and whose
+# masks come from masking_utils.create_causal_mask / create_sliding_window_causal_mask — both fall back to
+# the bidirectional mask when config.is_causal is False. Others may hard-code causality; we refuse them
+# rather than return a silently causal "encoder".
+BIDIRECTIONAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+POOLINGS = ("mean", "last", "weighted_mean")
+
+
+def flash_attn_available():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_backend(attn_implementation):
+    if attn_implementation not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_implementation must be one of {ATTENTION_BACKENDS}, got {attn_implementation!r}")
+    if attn_implementation == "flash_attention_2" and not flash_attn_available():
+        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package, which does not "
+                         "import here; use 'sdpa' (its flash kernel runs when the batch has no padding mask)")
+
+
+def _pool_weights(n_tokens, n_instruction, pooling):
+    """(n_tokens,) float32 weights over one sequence; zero on the instruction's tokens."""
+    w = torch.zeros(n_tokens)
+    n_text = n_tokens - n_instruction
+    if pooling == "mean":
+        w[n_instruction:] = 1.0 / n_text
+    elif pooling == "last":
+        w[-1] = 1.0
+    else:  # weighted_mean (SGPT): later text tokens have seen more of the text in a causal model; weight ∝ rank
+        ranks = torch.arange(1, n_text + 1, dtype=torch.float32)
+        w[n_instruction:] = ranks / ranks.sum()
+    return w
+
+
+class LLMEncoder:
+    """A transformers decoder LLM (Llama, Mistral, Qwen2/3, Gemma; base model or *ForCausalLM) as a
+    bidirectional text encoder.
+
+    `.model` is the module that runs (the base model, a peft model after `add_lora`); `.tokenizer` a
+    fast tokenizer (offsets locate the instruction). Embeddings are float32, L2-normalised unless
+    normalize=False. An instruction is joined to each text with a space unless it ends in whitespace.
+    """
+
+    def __init__(self, model, tokenizer, *, pooling="mean", max_length=512, normalize=True,
+                 attn_implementation=None, gradient_checkpointing=False):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in BIDIRECTIONAL_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} cannot be made bidirectional through config.is_causal "
+                             f"in this transformers version; supported: {BIDIRECTIONAL_MODEL_TYPES}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"tokenizer must be a fast tokenizer (offset mapping locates the instruction's "
+                             f"tokens), got {type(tokenizer).__name__}")
+        model = model.base_model  # *ForCausalLM -> its decoder; a base model returns itself
+        if attn_implementation is not None:
+            _check_backend(attn_implementation)
+            model.set_attn_implementation(attn_implementation)
+        _check_backend(model.config._attn_implementation)
+        model.config.is_causal = False
+        self.model, self.tokenizer = model, tokenizer
+        self.pooling, self.max_length, self.normalize = pooling, max_length, normalize
+        self._warned_truncation = False
+        if gradient_checkpointing:
+            # non-reentrant: reentrant checkpointing drops LoRA grads when the inputs (token ids) need none
+            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @classmethod
+    def from_pretrained(cls, path, *, attn_implementation="sdpa", dtype=None, gguf_file=None, pooling="mean",
+                        max_length=512, normalize=True, gradient_checkpointing=False, **model_kwargs):
+        """Load a local checkpoint (a directory, or a .gguf file / `gguf_file=` inside `path`)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        _check_backend(attn_implementation)
+        path = os.fspath(path)
+        if gguf_file is None and path.endswith(".gguf"):
+            path, gguf_file = os.path.split(path)
+        if gguf_file is not None:
+            model_kwargs["gguf_file"] = gguf_file
+        if dtype is not None:
+            model_kwargs["dtype"] = dtype
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **model_kwargs)
+        return cls(model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize,
+                   gradient_checkpointing=gradient_checkpointing)
+
+    @property
+    def hidden_size(self):
+        return self.model.config.hidden_size
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # ---- tokens ------------------------------------------------------------------------------------------
+
+    def tokenize(self, texts, instruction=None):
+        """[(token ids, number of leading instruction tokens)] per text, truncated to max_length."""
+        prefix = ""
+        if instruction:
+            prefix = instruction if instruction[-1].isspace() else instruction + " "
+        enc = self.tokenizer([prefix + t for t in texts], add_special_tokens=True, truncation=False,
+                             return_offsets_mapping=True, return_special_tokens_mask=True)
+        out, truncated = [], False
+        for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
+            # the instruction ends where the first non-special token starting inside the text begins; a
+            # token straddling the boundary counts as instruction, a leading BOS too
+            n_inst = 0
+            if prefix:
+                n_inst = next((i for i, ((s, _), sp) in enumerate(zip(offsets, special))
+                               if not sp and s >= len(prefix)), len(ids))
+                if n_inst >= self.max_length:
+                    raise ValueError(f"instruction takes {n_inst} tokens, leaving none of max_length="
+                                     f"{self.max_length} for the text")
+            if len(ids) > self.max_length:
+                ids, truncated = ids[: self.max_length], True
+            if len(ids) == n_inst:  # empty text after an instruction: pool the instruction rather than nothing
+                n_inst = 0
+            out.append((ids, n_inst))
+        if truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            warnings.warn(f"LLMEncoder: texts longer than max_length={self.max_length} tokens are truncated "
+                          f"(warned once per encoder)", stacklevel=3)
+        return out
+
+    # ---- forward -----------------------------------------------------------------------------------------
+
+    def _pad_id(self):
+        tok = self.tokenizer
+        return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+
+    def _forward_padded(self, seqs):
+        """seqs: [(ids, n_inst)] -> (B, H) pooled hidden states, float32, not normalised."""
+        lengths = [len(ids) for ids, _ in seqs]
+        B, L = len(seqs), max(lengths)
+        input_ids = torch.full((B, L), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        weights = torch.zeros(B, L)
+        left = self.tokenizer.padding_side == "left"
+        for b, ((ids, n_inst), n) in enumerate(zip(seqs, lengths)):
+            cols = slice(L - n, L) if left else slice(0, n)
+            input_ids[b, cols] = torch.tensor(ids)
+            mask[b, cols] = 1
+            weights[b, cols] = _pool_weights(n, n_inst, self.pooling)
+        # positions count real tokens only, as in a packed row or a batch of one, whatever the padding side
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        dev = self.device
+        hidden = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
+                            position_ids=position_ids.to(dev), use_cache=False).last_hidden_state
+        return torch.einsum("bl,blh->bh", weights.to(dev), hidden.float())
+
+    def _forward_packed(self, seqs):
+        """All of seqs in one row: per-sequence positions, attention confined to each sequence's block."""
+        lengths = torch.tensor([len(ids) for ids, _ in seqs])
+        T, dev = int(lengths.sum()), self.device
+        input_ids = torch.tensor([i for ids, _ in seqs for i in ids], device=dev)[None]
+        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), lengths)  # (T,) which sequence owns a token
+        starts = torch.cumsum(lengths, 0) - lengths
+        position_ids = (torch.arange(T) - starts[seq_of])[None].to(dev)
+        weights = torch.zeros(len(seqs), T)
+        for b, ((ids, n_inst), s) in enumerate(zip(seqs, starts.tolist())):
+            weights[b, s: s + len(ids)] = _pool_weights(len(ids), n_inst, self.pooling)
+        window = getattr(self.model.config, "sliding_window", None)
+        if window is not None and int(lengths.max()) > window:
+            raise ValueError(f"packed=True builds a block mask without the model's sliding_window={window}, "
+                             f"but a sequence has {int(lengths.max())} tokens; use packed=False")
+        kwargs = {}
+        if self.model.config._attn_implementation == "flash_attention_2":
+            # varlen flash-attention: sequence boundaries as cumulative lengths, no mask tensor at all
+            cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(dev, torch.int32)
+            n_max = int(lengths.max())
+            kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n_max, max_length_k=n_max)
+            attention_mask = None
+        else:
+            # transformers' bidirectional mask ignores position_ids, so packed sequences would see each
+            # other; a 4-D mask is passed to the attention function as-is
+            same = (seq_of[:, None] == seq_of[None, :]).to(dev)[None, None]  # (1, 1, T, T)
+            if self.model.config._attn_implementation == "sdpa":
+                attention_mask = same  # boolean: True attends
+            else:  # eager adds the mask to the scores
+                dtype = self.model.get_input_embeddings().weight.dtype
+                attention_mask = torch.zeros(same.shape, dtype=dtype, device=dev)
+                attention_mask.masked_fill_(~same, torch.finfo(dtype).min)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False, **kwargs).last_hidden_state
+        return weights.to(dev) @ hidden[0].float()
+
+    def _embed_tokens(self, seqs, packed):
+        pooled = self._forward_packed(seqs) if packed else self._forward_padded(seqs)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    # ---- public ------------------------------------------------------------------------------------------
+
+    def embed(self, texts, instruction=None, *, packed=False):
+        """(len(texts), hidden) float32 embeddings with autograd into the model: one forward for the batch."""
+        texts = _as_list(texts)
+        if not texts:
+            return torch.zeros(0, self.hidden_size, device=self.device)
+        return self._embed_tokens(self.tokenize(texts, instruction), packed)
+
+    @torch.no_grad()
+    def encode(self, texts, instruction=None, batch_size=32, *, packed=False):
+        """(len(texts), hidden) float32 embeddings for inference: eval mode, no grad, batches of batch_size
+        texts of similar length (less padding), returned in input order."""
+        texts = _as_list(texts)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not texts:
+            return torch.zeros(0, self.hidden_size, device=self.device)
+        seqs = self.tokenize(texts, instruction)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]), reverse=True)
+        out = torch.empty(len(seqs), self.hidden_size, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for k in range(0, len(order), batch_size):
+                idx = order[k: k + batch_size]
+                out[idx] = self._embed_tokens([seqs[i] for i in idx], packed)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    # ---- LoRA --------------------------------------------------------------------------------------------
+
+    def add_lora(self, r=16, alpha=32, dropout=0.05, target_modules="all-linear", **lora_kwargs):
+        """Wrap the model in a peft LoRA adapter (llm2vec's defaults); base weights are frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        if self._is_peft():
+            raise ValueError("the model already carries a LoRA adapter; merge_lora() it first")
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            **lora_kwargs)
+        self.model = get_peft_model(self.model, config)
+        return self
+
+    def save_adapter(self, directory):
+        if not self._is_peft():
+            raise ValueError("save_adapter needs a LoRA adapter: call add_lora() or load_adapter() first")
+        self.model.save_pretrained(os.fspath(directory))
+
+    def load_adapter(self, directory, *, is_trainable=False):
+        """Attach an adapter saved by save_adapter to this (adapter-free) model."""
+        from peft import PeftModel
+
+        if self._is_peft():
+            raise ValueError("the model already carries a LoRA adapter; merge_lora() it first")
+        self.model = PeftModel.from_pretrained(self.model, os.fspath(directory), is_trainable=is_trainable)
+        return self
+
+    def merge_lora(self):
+        """Fold the adapter into the base weights (inference without LoRA's extra matmuls)."""
+        if not self._is_peft():
+            raise ValueError("merge_lora needs a LoRA adapter: call add_lora() or load_adapter() first")
+        self.model = self.model.merge_and_unload()
+        return self
+
+    def _is_peft(self):
+        return hasattr(self.model, "peft_config")
+
+
+def _as_list(texts):
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings, got a single str (wrap it in a list)")
+    return list(texts)
+
+
+def contrastive_loss_step(encoder, queries, positives, negatives=None, *, instruction=None, scale=10.0,
+                          bias=None, labels=None, packed=False, backend=None):
+    """PRCL loss of one batch, ready for `.backward()`.
+
+    Queries (with the instruction) against documents = positives then hard negatives (without it):
+    q (B, H), d (B + len(negatives), H); by default pair (i, i) is the positive and every other pair a
+    negative. `labels`/`scale`/`bias`/`backend` go to prcl.fused_pair_bce (bias None = −log(N−1)).
+    """
+    queries, positives, negatives = _as_list(queries), _as_list(positives), _as_list(negatives or [])
+    if len(queries) != len(positives) or not queries:
+        raise ValueError(f"need one positive per query and at least one query: got {len(queries)} queries, "
+                         f"{len(positives)} positives")
+    q = encoder.embed(queries, instruction=instruction, packed=packed)
+    d = encoder.embed(positives + negatives, packed=packed)
+    return prcl.fused_pair_bce(q, d, labels, scale=scale, bias=bias, backend=backend)
