@@ -1,0 +1,358 @@
+"""The global-batch loss across ranks: local queries scored against every rank's documents.
+
+    Σ_r loss_r == prcl.fused_pair_bce(cat_r q_r, cat_r d_r, Y_global)   (rank r returns loss_r)
+
+Semantics (rank r of R holds q_r (B_r, D), d_r (N_r, D); off_r = N_0 + … + N_{r−1}; N = Σ N_r, B = Σ B_r):
+
+- Local query i of rank r is scored against all N documents; rank r's documents sit at global rows
+  off_r … off_r + N_r − 1 (the concatenation in rank order). Local sizes may differ between ranks.
+- labels=None / graded (B_r,): pair (local query i, local document i), i.e. global document off_r + i;
+  requires N_r ≥ B_r on every rank. labels (B_r, K) + label_index: indices are local document rows
+  (−1 pads). Dense labels (B_r, N_r) label the local documents only: every other rank's document is a
+  negative (y = 0) for rank r's queries. Labels < 0 exclude a pair, as in one process.
+- bias=None is −log(N − 1) with the GLOBAL N.
+- reduction="mean" divides rank r's sum by the global B, "sum" returns rank r's sum: either way the
+  values summed over ranks equal the single-process loss on the concatenated batch. "none" returns
+  rank r's per-query losses (B_r,), the single-process rows of its queries.
+- Gradients: every rank must call backward (the backward is collective). Then q_r.grad and d_r.grad
+  are exactly the single-process gradient rows of rank r's data: the gradient that other ranks'
+  queries send to d_r comes back through the collective. A scale/bias tensor gets only rank r's share;
+  the sum over ranks is the single-process gradient (all-reduce with SUM if it is not in DDP/FSDP).
+- Every rank must make the same call (strategy, reduction, D, dtype, grad mode, d.requires_grad). A
+  rank whose inputs fail the checks raises its ValueError and every other rank raises a ValueError
+  naming it, after one small all-gather: bad input never leaves ranks waiting in a collective.
+
+DDP and FSDP. Both average gradients over the data-parallel ranks (DDP's all-reduce divides by its
+world size W; FSDP1 pre/post-divides by W in total; FSDP2's reduce-scatter averages over the shard
+group, and over shard × replicate for HSDP). The encoder's gradient of the global loss L = Σ_r loss_r
+is the SUM over ranks of the per-rank parameter gradients, so the average is L's gradient / W.
+Multiply the loss by `ddp_loss_scale(group)` (= R, the loss group's size) before backward and DDP's or
+FSDP's average becomes exactly ∂L/∂θ:
+
+    loss = prcl.fused_pair_bce(q, d, process_group=pg) * prcl.distributed.ddp_loss_scale(pg)
+
+Equivalently keep the loss and make the reduction a sum (FSDP2: `model.set_gradient_divide_factor(1.0)`;
+DDP: a comm hook that all-reduces without dividing). With plain SGD a W-times larger learning rate is
+the same thing; Adam is nearly invariant to the factor, but gradient clipping thresholds are not. If
+the loss group is a subgroup of the data-parallel group (gather within a node, DP across nodes), the
+factor R still makes the update the average over loss groups of each group's exact gradient. To log
+the global loss, all-reduce (SUM) the detached unscaled loss.
+
+Strategies (both deterministic: fixed communication and summation order):
+- "gather" (default): all-gather the documents with autograd (padded to the largest N_r; padding is
+  sliced off before the loss, so it never contributes), one fused call with the labels shifted to
+  global rows; the document gradient is reduce-scattered back in float32. Holds all N documents.
+- "ring": the document chunks travel around the ring; a rank holds two chunks at a time (the one it
+  computes on, the one in flight), so communication overlaps the fused kernel. With a scalar
+  reduction and gradients needed, the gradient is computed during the forward ring (6·B·N·D, as the
+  one-process `total` op) and the document-gradient accumulators travel with their chunks, one hop
+  behind, so each rank ends with its own documents' gradient; backward only rescales. For
+  reduction="none" the backward runs the ring again with the per-query upstream gradients.
+  Holds two document chunks and three gradient chunks, whatever R is.
+
+Pick the strategy with `strategy=` here, or through `prcl.fused_pair_bce` by passing
+`process_group=Ring(group)` (or `Gather(group)`; `group=None` = the default group).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from prcl.contract import DTYPES, REDUCTIONS, check_inputs, default_bias
+
+STRATEGIES = ("gather", "ring")
+
+
+@dataclass(frozen=True)
+class Gather:
+    """`process_group=Gather(group)`: the all-gather strategy (the default for a bare group)."""
+    group: object = None
+    strategy = "gather"
+
+
+@dataclass(frozen=True)
+class Ring:
+    """`process_group=Ring(group)`: the ring strategy, two document chunks in memory at a time."""
+    group: object = None
+    strategy = "ring"
+
+
+def _unwrap(process_group, strategy):
+    if isinstance(process_group, (Gather, Ring)):
+        if strategy is not None and strategy != process_group.strategy:
+            raise ValueError(f"strategy={strategy!r} contradicts process_group={process_group!r}")
+        return process_group.group, process_group.strategy
+    strategy = "gather" if strategy is None else strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    return process_group, strategy
+
+
+def ddp_loss_scale(process_group=None):
+    """The factor to multiply the loss by so that DDP's/FSDP's gradient average over the ranks is
+    the gradient of the global loss Σ_r loss_r: the loss group's world size (see the module doc)."""
+    group, _ = _unwrap(process_group, None)
+    return float(dist.get_world_size(group))
+
+
+# --- handshake: sizes and agreement, one small all-gather ------------------------------------------
+
+_FIELDS = ("ok", "B", "N", "D", "dtype", "needs_grad", "d_grad", "strategy", "reduction")
+_AGREE = ("D", "dtype", "needs_grad", "d_grad", "strategy", "reduction")
+_WHAT = {"D": "embedding dim", "dtype": "dtype", "needs_grad": "grad mode / requires_grad",
+         "d_grad": "d.requires_grad", "strategy": "strategy", "reduction": "reduction"}
+
+
+def _code(table, value):
+    return table.index(value) if value in table else -1
+
+
+def _handshake(q, d, error, want, strategy, reduction, group):
+    """All-gathers each rank's sizes and call settings; raises on every rank if any rank failed."""
+    shape_ok = isinstance(q, torch.Tensor) and isinstance(d, torch.Tensor) and q.dim() == 2 and d.dim() == 2
+    mine = [error is None, q.shape[0] if shape_ok else 0, d.shape[0] if shape_ok else 0,
+            q.shape[1] if shape_ok else 0, _code(DTYPES, getattr(q, "dtype", None)), any(want), want[1],
+            _code(STRATEGIES, strategy), _code(REDUCTIONS, reduction)]
+    device = q.device if isinstance(q, torch.Tensor) else "cpu"
+    local = torch.tensor([int(v) for v in mine], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, local, group=group)
+    table = torch.stack(rows).tolist()
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(table) if not row[0]]
+    if failed:
+        raise ValueError(f"prcl.distributed: rank(s) {failed} of the process group rejected their inputs "
+                         "(their own ValueError says why); no collective was entered")
+    for field in _AGREE:
+        k = _FIELDS.index(field)
+        if len({row[k] for row in table}) > 1:
+            raise ValueError(f"prcl.distributed: ranks disagree on {_WHAT[field]} "
+                             f"({field} per rank: {[row[k] for row in table]}); every rank must make the same call")
+    return [row[1] for row in table], [row[2] for row in table]
+
+
+@dataclass
+class _Plan:
+    group: object
+    rank: int
+    world: int
+    b_sizes: list
+    n_sizes: list
+    labels: object
+    label_index: object
+    backend: object
+    per_row: bool
+    want: tuple = (False,) * 4  # which of q, d, scale, bias get a gradient
+
+    @property
+    def offset(self):
+        return sum(self.n_sizes[: self.rank])
+
+    def peer(self, group_rank):
+        group_rank %= self.world
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+
+def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bias=None, reduction="mean",
+                         backend=None, process_group=None, strategy=None):
+    """Rank r's share of the global-batch loss; the values on the ranks sum to the one-process loss.
+
+    Same arguments as `prcl.fused_pair_bce` with local tensors; `process_group` is a torch.distributed
+    group, `None` for the default group, or `Ring(group)` / `Gather(group)`; `strategy` is "gather"
+    (default) or "ring". Semantics, DDP/FSDP scaling and strategies: see the module docstring.
+    """
+    from prcl.functional import fused_pair_bce
+
+    group, strategy = _unwrap(process_group, strategy)
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
+    error = None
+    try:
+        check_inputs(q, d, labels, label_index, scale, bias, reduction, backend)
+    except ValueError as e:
+        error = e
+    want = tuple(torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
+                 for x in (q, d, scale, bias))
+    b_sizes, n_sizes = _handshake(q, d, error, want, strategy, reduction, group)
+    plan = _Plan(group, dist.get_rank(group), dist.get_world_size(group), b_sizes, n_sizes, labels,
+                 label_index, backend, reduction == "none", want)
+    if bias is None:
+        bias = default_bias(sum(n_sizes))
+    if strategy == "gather":
+        d_all = _GatherRows.apply(d, plan) if want[1] else _gather_rows(d, plan)
+        y, index = _global_labels(plan, q, d.shape[0], sum(n_sizes))
+        out = fused_pair_bce(q, d_all, y, label_index=index, scale=scale, bias=bias,
+                             reduction="none" if plan.per_row else "sum", backend=backend)
+    else:
+        t, b = _scalar(scale, q.device), _scalar(bias, q.device)
+        out = _RingLoss.apply(q, d, t, b, plan)
+    return out / sum(b_sizes) if reduction == "mean" else out
+
+
+def _scalar(x, device):
+    return x.float() if isinstance(x, torch.Tensor) else torch.tensor(float(x), device=device)
+
+
+# --- strategy "gather" -----------------------------------------------------------------------------
+
+def _global_labels(plan, q, N, n_total):
+    """Rank-local labels as labels over the gathered documents (global rows off_r … off_r + N_r − 1)."""
+    labels, index, off = plan.labels, plan.label_index, plan.offset
+    B = q.shape[0]
+    if labels is None or labels.dim() == 1:
+        # the diagonal moves off the global diagonal: list it as one sparse pair per query
+        y = q.new_ones(B, 1, dtype=torch.float32) if labels is None else labels[:, None]
+        return y, torch.arange(off, off + B, device=q.device)[:, None]
+    if index is not None:
+        return labels, torch.where(index >= 0, index + off, -1)
+    # dense (B_r, N_r): the other ranks' documents are negatives. This zero-pads to (B_r, N) floats.
+    y = labels.new_zeros(B, n_total)
+    y[:, off:off + N] = labels
+    return y, None
+
+
+def _gather_rows(x, plan):
+    """All-gathers rows of unequal counts: pad each rank's rows to the largest count, gather, slice."""
+    n_max, D = max(plan.n_sizes), x.shape[1]
+    x = x.detach()
+    padded = x if x.shape[0] == n_max else torch.cat([x, x.new_zeros(n_max - x.shape[0], D)])
+    buf = x.new_empty(plan.world, n_max, D)
+    dist.all_gather(list(buf.unbind(0)), padded.contiguous(), group=plan.group)
+    if all(n == n_max for n in plan.n_sizes):
+        return buf.view(-1, D)
+    # padding rows are dropped here, before the loss: they get neither loss nor gradient
+    return torch.cat([buf[r, :n] for r, n in enumerate(plan.n_sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """d_all = cat_r d_r;  ∂L/∂d_r = Σ_s (∂L_s/∂d_all)[rows of r]: a reduce-scatter of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x, plan):
+        ctx.plan, ctx.dtype = plan, x.dtype
+        return _gather_rows(x, plan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        plan = ctx.plan
+        n_max, D = max(plan.n_sizes), grad.shape[1]
+        # float32 on the wire: R bf16 partial gradients summed in bf16 would lose the low bits
+        parts = [p if p.shape[0] == n_max else torch.cat([p, p.new_zeros(n_max - p.shape[0], D)])
+                 for p in grad.float().split(plan.n_sizes)]
+        out = grad.new_empty(n_max, D, dtype=torch.float32)
+        dist.reduce_scatter(out, [p.contiguous() for p in parts], group=plan.group)
+        return out[: plan.n_sizes[plan.rank]].to(ctx.dtype), None
+
+
+# --- strategy "ring" -------------------------------------------------------------------------------
+
+class _RingLoss(torch.autograd.Function):
+    """Σ over the ring's chunks of the rank's loss: (B_r,) rows, or their sum for scalar reductions."""
+
+    @staticmethod
+    def forward(ctx, q, d, t, b, plan):
+        want = plan.want
+        ctx.plan = plan
+        if any(want) and not plan.per_row:
+            # scalar loss: compute the gradient in the same trip; backward only rescales it
+            total, grads = _ring(plan, q, d, t, b, q.new_ones((), dtype=torch.float32), want)
+            ctx.save_for_backward(*grads)
+            ctx.precomputed = True
+            return total
+        ctx.save_for_backward(q, d, t, b)
+        ctx.precomputed = False
+        return _ring(plan, q, d, t, b, None, want)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.precomputed:
+            grads = [None if g is None else (grad_out * g).to(g.dtype) for g in ctx.saved_tensors]
+        else:
+            q, d, t, b = ctx.saved_tensors
+            grads = _ring(ctx.plan, q, d, t, b, grad_out.float().contiguous(), ctx.plan.want)[1]
+        return (*grads, None)
+
+
+def _chunk_loss(plan, q, d_c, own, t, b, grad_out, want):
+    """The loss of the local queries against one document chunk, and optionally its gradients.
+
+    The rank's own chunk carries its labels as given (local rows); any other rank's chunk holds only
+    negatives: a (B, 1) label with index −1 lists no pair."""
+    from prcl.functional import fused_pair_bce
+
+    if own:
+        labels, index = plan.labels, plan.label_index
+    else:
+        labels = q.new_zeros(q.shape[0], 1, dtype=torch.float32)
+        index = torch.full((q.shape[0], 1), -1, dtype=torch.int64, device=q.device)
+    kw = dict(label_index=index, reduction="none" if plan.per_row else "sum", backend=plan.backend)
+    if grad_out is None:
+        with torch.no_grad():
+            return fused_pair_bce(q, d_c, labels, scale=t, bias=b, **kw), (None,) * 4
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(w) for x, w in zip((q, d_c, t, b), want)]
+        out = fused_pair_bce(leaves[0], leaves[1], labels, scale=leaves[2], bias=leaves[3], **kw)
+        got = iter(torch.autograd.grad(out, [x for x in leaves if x.requires_grad], grad_out))
+    return out.detach(), tuple(next(got) if w else None for w in want)
+
+
+def _add(acc, x):
+    return x.float() if acc is None else acc.add_(x.float())
+
+
+def _ring(plan, q, d, t, b, grad_out, want):
+    """One trip of the document chunks around the ring (rank r sends to r+1, receives from r−1).
+
+    At step k rank r holds chunk c = r − k. The next chunk is in flight while the fused kernel runs on
+    this one. With gradients, chunk c's gradient accumulator follows its chunk one step behind: rank r
+    adds its contribution, then sends it on; it reaches rank c after the last step. On each link the
+    messages alternate d_0, acc_0, d_1, acc_1, …, acc_{R−1}, and the receives are posted in the same
+    order, so backends that match messages by order (NCCL) and by tag (gloo) agree.
+    Returns (loss, (dq, dd, dt, db)) with gradients in the inputs' dtypes (None where not wanted).
+    """
+    R, r, grads = plan.world, plan.rank, grad_out is not None
+    nxt, prv = plan.peer(r + 1), plan.peer(r - 1)
+    carry_dd = grads and want[1]
+    D = d.shape[1]
+    out, dq, dt, db = None, None, None, None
+    d_cur, acc_out, pending = d.detach().contiguous(), None, []
+    for k in range(R):
+        c = (r - k) % R
+        ops, acc_in, d_next = [], None, None
+        if carry_dd and k > 0:
+            acc_in = d.new_empty(plan.n_sizes[c], D, dtype=torch.float32)
+            ops.append(dist.P2POp(dist.irecv, acc_in, prv, plan.group, tag=2 * k - 1))
+        if k < R - 1:
+            d_next = d.new_empty(plan.n_sizes[(c - 1) % R], D)
+            ops.append(dist.P2POp(dist.isend, d_cur, nxt, plan.group, tag=2 * k))
+            ops.append(dist.P2POp(dist.irecv, d_next, prv, plan.group, tag=2 * k))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        o, (gq, gd, gt, gb) = _chunk_loss(plan, q, d_cur, k == 0, t, b, grad_out, want)
+        out = o if out is None else out + o
+        if grads:
+            dq, dt, db = (_add(acc, g) if g is not None else acc for acc, g in ((dq, gq), (dt, gt), (db, gb)))
+        for w in works:
+            w.wait()
+        for w in pending:  # the previous accumulator has left: its buffer may go
+            w.wait()
+        pending = []
+        if carry_dd:
+            acc_out = gd.float() if acc_in is None else acc_in.add_(gd.float())
+            if R > 1:
+                pending = [dist.isend(acc_out, nxt, plan.group, tag=2 * k + 1)]
+        if d_next is not None:
+            d_cur = d_next
+    dd = None
+    if carry_dd:
+        if R > 1:
+            dd = d.new_empty(d.shape, dtype=torch.float32)
+            dist.irecv(dd, prv, plan.group, tag=2 * R - 1).wait()
+        else:
+            dd = acc_out
+        for w in pending:
+            w.wait()
+    if not grads:
+        return out, (None,) * 4
+    cast = [(dq, q), (dd, d), (dt, t), (db, b)]
+    return out, tuple(None if g is None else g.to(x.dtype) for g, x in cast)
