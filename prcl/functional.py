@@ -47,21 +47,22 @@ def _pair_z(q_rows, d_rows, t, b):
 
 
 def labelled_rows(q, d, labels, label_index, t, b):
-    """Per query: Σ_j y_ij·z_ij over labelled pairs minus Σ softplus(z_ij) over excluded pairs (y < 0)."""
+    """Per query, what the label-free row sum overcounts: Σ_j y_ij·z_ij over labelled pairs plus
+    Σ_j softplus(z_ij) over excluded pairs (y < 0)."""
     if labels is None or labels.dim() == 1:
         y = torch.ones(q.shape[0], device=q.device) if labels is None else labels.float()
         z = _pair_z(q, d[: q.shape[0]], t, b)
-        return torch.where(y >= 0, y * z, -F.softplus(z))
+        return torch.where(y >= 0, y * z, F.softplus(z))
     if label_index is not None:
         listed = label_index >= 0
         z = _pair_z(q[:, None, :], d[label_index.clamp(min=0)], t, b)  # (B, K)
         y = labels.float()
-        return torch.where(listed, torch.where(y >= 0, y * z, -F.softplus(z)), 0.0).sum(1)
+        return torch.where(listed, torch.where(y >= 0, y * z, F.softplus(z)), 0.0).sum(1)
     # dense labels: Σ_j y_ij·z_ij = t·q_i·(Y d)_i + b·Σ_j y_ij, one GEMM with the matrix the caller holds
     y = labels.float().clamp(min=0)
     rows = t * (q.float() * (y @ d.float())).sum(1) + b * y.sum(1)
     r, c = torch.nonzero(labels < 0, as_tuple=True)
-    return rows.index_add(0, r, -F.softplus(_pair_z(q[r], d[c], t, b)))
+    return rows.index_add(0, r, F.softplus(_pair_z(q[r], d[c], t, b)))
 
 
 def fused_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bias=None, reduction="mean",

@@ -53,7 +53,8 @@ def _aligned(x):
     if x.stride(1) == 1 and x.stride(0) % per == 0 and x.data_ptr() % ALIGN == 0:
         return x
     rows, cols = x.shape
-    padded = x.new_empty(rows, triton.cdiv(cols, per) * per)
+    # zeros, not garbage: CPU bf16 GEMMs on such a padded view were seen to read the padding (NaN·0)
+    padded = x.new_zeros(rows, triton.cdiv(cols, per) * per)
     padded[:, :cols] = x
     return padded[:, :cols]
 
