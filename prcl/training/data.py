@@ -1,0 +1,195 @@
+"""Training data: JSON Lines, one query per line, streamed in shuffled blocks with a resumable position.
+
+    {"query": str, "positive": str | [str], "negatives": [str], "instruction": str, "graded": [{"text": str, "relevance": float}]}
+
+"negatives", "instruction" and "graded" are optional; other keys are ignored. A bad line is reported as
+`FILE:LINE: reason`; the stream stops on it unless skip_bad_lines, which counts and reports it instead.
+"""
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """A bad line in a training or evaluation file: `path:lineno: reason`."""
+
+    def __init__(self, path, lineno, reason):
+        super().__init__(f"{path}:{lineno}: {reason}")
+        self.path, self.lineno, self.reason = path, lineno, reason
+
+
+@dataclass(frozen=True)
+class Example:
+    query: str
+    positives: tuple
+    negatives: tuple = ()
+    instruction: str = None
+    graded: tuple = ()  # ((text, relevance), ...)
+
+    def documents(self):
+        """(text, label) for every document this query lists; a text listed twice keeps its highest label."""
+        best = {}  # insertion order: positives, graded, negatives
+        for text, y in [(t, 1.0) for t in self.positives] + list(self.graded) + [(t, 0.0) for t in self.negatives]:
+            best[text] = max(y, best.get(text, y))
+        return list(best.items())
+
+
+def _texts(obj, key, allow_str):
+    value = obj[key]
+    if allow_str and isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        want = "a string or a list of strings" if allow_str else "a list of strings"
+        raise ValueError(f'"{key}" must be {want}, got {json.dumps(value)[:80]}')
+    if any(not t.strip() for t in value):
+        raise ValueError(f'"{key}" contains an empty string')
+    return tuple(value)
+
+
+def parse_example(line):
+    """One JSONL line -> Example; ValueError with the reason when the line is not a valid example."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for key in ("query", "positive"):
+        if key not in obj:
+            raise ValueError(f'missing "{key}"')
+    if not isinstance(obj["query"], str) or not obj["query"].strip():
+        raise ValueError(f'"query" must be a non-empty string, got {json.dumps(obj["query"])[:80]}')
+    positives = _texts(obj, "positive", allow_str=True)
+    if not positives:
+        raise ValueError('"positive" is empty: every query needs at least one positive document')
+    negatives = _texts(obj, "negatives", allow_str=False) if "negatives" in obj else ()
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise ValueError(f'"instruction" must be a string, got {json.dumps(instruction)[:80]}')
+    if obj.get("graded") is not None and not isinstance(obj["graded"], list):
+        raise ValueError(f'"graded" must be a list, got {type(obj["graded"]).__name__}')
+    graded = []
+    for k, g in enumerate(obj.get("graded") or []):
+        if not isinstance(g, dict) or not isinstance(g.get("text"), str) or not g["text"].strip():
+            raise ValueError(f'"graded"[{k}] must be an object with a non-empty string "text"')
+        rel = g.get("relevance")
+        # bool is an int in Python; true/false as a relevance is a data bug, not 1.0/0.0
+        if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not math.isfinite(rel):
+            raise ValueError(f'"graded"[{k}]["relevance"] must be a number in [0, 1], got {json.dumps(rel)}')
+        if not 0.0 <= rel <= 1.0:
+            raise ValueError(f'"graded"[{k}]["relevance"] must lie in [0, 1], got {rel}')
+        graded.append((g["text"], float(rel)))
+    return Example(obj["query"], positives, negatives, instruction or None, tuple(graded))
+
+
+@dataclass
+class SkipReport:
+    """Bad lines skipped under skip_bad_lines: a count and the first few reasons."""
+    count: int = 0
+    first: list = field(default_factory=list)
+    keep: int = 10
+    log: object = None
+
+    def add(self, err):
+        self.count += 1
+        if len(self.first) < self.keep:
+            self.first.append(str(err))
+            (self.log or _stderr)(f"skipping bad line: {err}")
+        elif self.count == self.keep + 1:
+            (self.log or _stderr)("further bad lines are skipped silently; the count is reported at the end")
+
+    def summary(self, path):
+        return f"{path}: skipped {self.count} bad line(s)" if self.count else ""
+
+
+def _stderr(msg):
+    print(msg, file=sys.stderr)
+
+
+def iter_file(path, *, skip_bad_lines=False, skipped=None, start=(0, 0)):
+    """Yields (byte offset after the line, line number, Example) from `start` = (byte offset, lines before it).
+
+    Blank lines are allowed (and skipped). A bad line raises DataError, or goes to `skipped`.
+    """
+    offset, lineno = start
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw)
+            lineno += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                err = DataError(path, lineno, f"not UTF-8 ({e.reason} at byte {e.start})")
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    yield offset, lineno, parse_example(line)
+                    continue
+                except ValueError as e:
+                    err = DataError(path, lineno, str(e))
+            if not skip_bad_lines:
+                raise err
+            if skipped is not None:
+                skipped.add(err)
+
+
+def read_examples(path, *, skip_bad_lines=False, skipped=None):
+    """All examples of a (small, e.g. evaluation) file, in order."""
+    return [ex for _, _, ex in iter_file(path, skip_bad_lines=skip_bad_lines, skipped=skipped)]
+
+
+class ExampleStream:
+    """An endless, resumable stream of examples: the file is read in blocks of `block_size` valid lines,
+    each block shuffled by a seed derived from (seed, epoch, block offset); epochs repeat the file.
+
+    Never holds more than one block. `state_dict()` after taking an example is the position of the next
+    one: (epoch, byte offset and line number where the current block starts, examples taken from it).
+    Resuming re-reads that block, reshuffles it identically and skips what was taken.
+    """
+
+    def __init__(self, path, *, block_size=4096, seed=0, shuffle=True, skip_bad_lines=False, log=None):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.path, self.block_size, self.seed, self.shuffle = path, block_size, seed, shuffle
+        self.skip_bad_lines = skip_bad_lines
+        self.skipped = SkipReport(log=log)
+        self.state = {"epoch": 0, "offset": 0, "lineno": 0, "taken": 0}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = {k: int(state[k]) for k in ("epoch", "offset", "lineno", "taken")}
+
+    def _block(self, offset, lineno):
+        block, end = [], (offset, lineno)
+        # bad lines are reported in the first epoch only; later epochs skip the same lines quietly
+        skipped = self.skipped if self.state["epoch"] == 0 else None
+        for end_offset, end_lineno, ex in iter_file(self.path, skip_bad_lines=self.skip_bad_lines,
+                                                    skipped=skipped, start=(offset, lineno)):
+            block.append(ex)
+            end = (end_offset, end_lineno)
+            if len(block) == self.block_size:
+                break
+        return block, end
+
+    def __iter__(self):
+        st = self.state
+        while True:
+            block, (end_offset, end_lineno) = self._block(st["offset"], st["lineno"])
+            if not block:
+                if st["offset"] == 0:
+                    raise DataError(self.path, st["lineno"], "no valid examples in the file")
+                st.update(epoch=st["epoch"] + 1, offset=0, lineno=0, taken=0)
+                continue
+            order = list(range(len(block)))
+            if self.shuffle:
+                random.Random(f"{self.seed}/{st['epoch']}/{st['offset']}").shuffle(order)
+            for k in range(st["taken"], len(block)):
+                st["taken"] = k + 1
+                yield block[order[k]]
+            st.update(offset=end_offset, lineno=end_lineno, taken=0)

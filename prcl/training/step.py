@@ -1,0 +1,134 @@
+"""Loss of one batch and its backward, with or without cached embeddings (GradCache, Gao et al. 2021).
+
+Cached: the encoder's activations for the whole batch never coexist. Peak memory is one mini-batch.
+
+    1. e_k = embed(chunk_k) under no_grad for every mini-batch k            (no activations kept)
+    2. L = loss(q, d) on the detached embeddings; L.backward() -> g_k = ∂L/∂e_k  (and ∂L/∂scale)
+    3. e_k = embed(chunk_k) again with grad; e_k.backward(g_k)              (one chunk alive at a time)
+
+Step 3 gives Σ_k g_k · ∂e_k/∂θ = ∂L/∂θ, the uncached gradient, provided step 3 recomputes exactly the
+embeddings of step 1: dropout draws from the RNG, so each chunk's RNG state is saved before step 1 and
+restored before step 3, then the state after step 1 is put back so later draws match an uncached run.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+import prcl
+
+LOSSES = ("prcl", "softmax")
+
+
+def info_nce(q, d, labels, label_index, *, scale, reduction="mean", n_queries=None):
+    """InfoNCE over each query's row of scaled similarities, the softmax baseline on PRCL's batches.
+
+        loss_i = −Σ_j w_ij · log softmax_j(t·q_i·d_j),   w_ij = y_ij / Σ_j y_ij  over y_ij > 0
+
+    Several positives or graded documents become a soft target weighted by relevance (a graded document
+    at 0.5 gets half a positive's share); excluded pairs (y < 0) are masked with −inf so they are in
+    neither numerator nor denominator; hard negatives and unlisted pairs (y = 0) are in the denominator
+    only. Materialises the (B, N) logits: this is the comparison, not the scalable path.
+    """
+    B, N = q.shape[0], d.shape[0]
+    y = torch.zeros(B, N, device=q.device)
+    listed = label_index >= 0
+    rows = torch.arange(B, device=q.device)[:, None].expand_as(listed)
+    y[rows[listed], label_index[listed]] = labels[listed].float()
+    z = torch.as_tensor(scale, dtype=torch.float32, device=q.device) * (q.float() @ d.float().T)
+    logp = torch.log_softmax(z.masked_fill(y < 0, -math.inf), dim=1)
+    w = y.clamp(min=0)
+    w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # a row without positives contributes 0
+    per_query = -(w * logp.masked_fill(w == 0, 0.0)).sum(1)
+    if reduction == "none":
+        return per_query
+    return per_query.sum() / (n_queries or B)
+
+
+def batch_loss(q, d, batch, *, loss="prcl", scale=10.0, bias=None, backend=None, process_group=None):
+    """Loss of a Batch's embeddings q (B, D), d (N, D); scale/bias may be tensors that learn."""
+    labels, label_index = batch.labels.to(q.device), batch.label_index.to(q.device)
+    if loss == "prcl":
+        return prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,
+                                   backend=backend, process_group=process_group)
+    if loss == "softmax":
+        if process_group is None:
+            return info_nce(q, d, labels, label_index, scale=scale)
+        from prcl.training.distributed import gathered_info_nce
+
+        return gathered_info_nce(q, d, labels, label_index, scale=scale, process_group=process_group)
+    raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+
+
+def embed_texts(encoder, texts, instructions):
+    """(len(texts), H) float32 with grad (if enabled); one encoder call per distinct instruction."""
+    groups = {}
+    for i, ins in enumerate(instructions):
+        groups.setdefault(ins, []).append(i)
+    if len(groups) == 1:
+        return encoder.embed(texts, instruction=instructions[0]).float()
+    parts, order = [], []
+    for ins, idx in groups.items():
+        parts.append(encoder.embed([texts[i] for i in idx], instruction=ins).float())
+        order += idx
+    out = torch.cat(parts)
+    return out[torch.argsort(torch.tensor(order, device=out.device))]
+
+
+def chunks(batch, mini_batch_size):
+    """[(texts, instructions)]: the queries, then the documents, in pieces of mini_batch_size texts."""
+    step = mini_batch_size or max(len(batch.queries), len(batch.docs))
+    out = []
+    for texts, ins in ((batch.queries, batch.instructions), (batch.docs, [None] * len(batch.docs))):
+        out += [(texts[k: k + step], ins[k: k + step]) for k in range(0, len(texts), step)]
+    return out
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def forward_backward(encoder, batch, loss_fn, *, mini_batch_size=None, cached=True, device=None,
+                     autocast=contextlib.nullcontext, loss_weight=1.0):
+    """Embeds `batch`, computes loss_fn(q, d) and backpropagates loss_weight·loss into the encoder's
+    parameters (and any tensor loss_fn closes over). Returns the loss, detached.
+
+    cached=False keeps every mini-batch's graph alive at once (the plain path, memory ∝ batch);
+    cached=True is the GradCache path above. Both embed the same mini-batches in the same order.
+    """
+    device = device or torch.device("cpu")
+    parts = chunks(batch, mini_batch_size)
+    B = len(batch.queries)
+    if not cached:
+        with autocast():
+            e = torch.cat([embed_texts(encoder, texts, ins) for texts, ins in parts])
+        loss = loss_fn(e[:B], e[B:])
+        (loss * loss_weight).backward()
+        return loss.detach()
+
+    states = []
+    with torch.no_grad():
+        embs = []
+        for texts, ins in parts:
+            states.append(_rng_state(device))
+            with autocast():
+                embs.append(embed_texts(encoder, texts, ins))
+    after = _rng_state(device)
+    e = torch.cat(embs).requires_grad_()
+    loss = loss_fn(e[:B], e[B:])
+    (loss * loss_weight).backward()
+    grads = e.grad.split([len(texts) for texts, _ in parts])
+    for (texts, ins), state, g in zip(parts, states, grads):
+        _set_rng_state(state, device)
+        with autocast():
+            emb = embed_texts(encoder, texts, ins)
+        emb.backward(g)
+    _set_rng_state(after, device)
+    return loss.detach()

@@ -1,0 +1,341 @@
+"""prcl.training on CPU with a tiny random Llama: data errors, batches, GradCache, the loop, resume, CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prcl import reference
+from prcl.training import (DataError, Example, ExampleStream, TrainConfig, build_batch, forward_backward,
+                           info_nce, parse_example, train)
+from prcl.training.cli import _read_config, encode_main, parse_train_args
+from prcl.training.data import iter_file
+from prcl.training.step import batch_loss
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_llm import CORPUS, tiny_model_and_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LINES = [ln for ln in CORPUS.strip().split("\n")]
+
+
+def toy_rows():
+    """Learnable: the query is the first half of a corpus line, the positive its second half."""
+    rows = []
+    for i, line in enumerate(LINES):
+        w = line.split()
+        rows.append({"query": " ".join(w[: len(w) // 2]), "positive": " ".join(w[len(w) // 2:]),
+                     "negatives": [LINES[(i + 5) % len(LINES)]]})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_encoder(dropout=0.0, r=4):
+    from prcl.encoders import LLMEncoder
+
+    model, tok = tiny_model_and_tokenizer("llama")
+    enc = LLMEncoder(model, tok)
+    torch.manual_seed(0)
+    return enc.add_lora(r=r, alpha=2 * r, dropout=dropout)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+GOOD = {"query": "q", "positive": "p"}
+BAD_LINES = {
+    "bad-json": ('{"query": "q", "positive": ', "invalid JSON"),
+    "not-an-object": ('["q", "p"]', "expected a JSON object"),
+    "missing-query": ('{"positive": "p"}', 'missing "query"'),
+    "missing-positive": ('{"query": "q"}', 'missing "positive"'),
+    "query-not-str": ('{"query": 3, "positive": "p"}', '"query" must be a non-empty string'),
+    "query-empty": ('{"query": " ", "positive": "p"}', '"query" must be a non-empty string'),
+    "positive-not-str": ('{"query": "q", "positive": 7}', '"positive" must be a string or a list of strings'),
+    "positive-empty-list": ('{"query": "q", "positive": []}', '"positive" is empty'),
+    "positive-empty-str": ('{"query": "q", "positive": ""}', '"positive" contains an empty string'),
+    "negatives-str": ('{"query": "q", "positive": "p", "negatives": "n"}', '"negatives" must be a list of strings'),
+    "negatives-int": ('{"query": "q", "positive": "p", "negatives": [1]}', '"negatives" must be a list of strings'),
+    "instruction-int": ('{"query": "q", "positive": "p", "instruction": 1}', '"instruction" must be a string'),
+    "graded-not-list": ('{"query": "q", "positive": "p", "graded": "x"}', '"graded" must be a list'),
+    "graded-no-text": ('{"query": "q", "positive": "p", "graded": [{"relevance": 0.5}]}', '"graded"[0] must be an object'),
+    "relevance-above-1": ('{"query": "q", "positive": "p", "graded": [{"text": "g", "relevance": 1.5}]}', "must lie in [0, 1], got 1.5"),
+    "relevance-negative": ('{"query": "q", "positive": "p", "graded": [{"text": "g", "relevance": -0.1}]}', "must lie in [0, 1], got -0.1"),
+    "relevance-not-number": ('{"query": "q", "positive": "p", "graded": [{"text": "g", "relevance": "high"}]}', "must be a number in [0, 1]"),
+    "relevance-bool": ('{"query": "q", "positive": "p", "graded": [{"text": "g", "relevance": true}]}', "must be a number in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_bad_line_stops_with_line_number_and_reason(tmp_path, kind):
+    line, reason = BAD_LINES[kind]
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "", line, GOOD])  # blank line 2 is allowed
+    with pytest.raises(DataError) as err:
+        list(iter_file(path))
+    assert err.value.lineno == 3
+    assert str(err.value).startswith(f"{path}:3: ") and reason in str(err.value)
+
+
+def test_skip_bad_lines_counts_and_reports(tmp_path):
+    bad = [BAD_LINES[k][0] for k in ("bad-json", "missing-query", "relevance-above-1")]
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, bad[0], GOOD, bad[1], bad[2], GOOD])
+    logged = []
+    stream = ExampleStream(path, skip_bad_lines=True, shuffle=False, log=logged.append)
+    it = iter(stream)
+    got = [next(it) for _ in range(6)]  # two epochs of the three good lines
+    assert got == [Example("q", ("p",))] * 6
+    assert stream.skipped.count == 3  # reported once, not once per epoch
+    assert [m.split(":")[2] for m in logged] == ["2", "4", "5"]
+    assert "skipped 3 bad line(s)" in stream.skipped.summary(path)
+
+
+def test_parse_forms():
+    ex = parse_example(json.dumps({"query": "q", "positive": ["a", "b"], "negatives": ["n", "a"],
+                                   "instruction": "find", "graded": [{"text": "g", "relevance": 0.25},
+                                                                     {"text": "n", "relevance": 0.5}]}))
+    assert ex.positives == ("a", "b") and ex.instruction == "find"
+    # a text listed twice keeps its highest label: "a" is a positive, "n" graded 0.5 over negative
+    assert ex.documents() == [("a", 1.0), ("b", 1.0), ("g", 0.25), ("n", 0.5)]
+    assert parse_example('{"query": "q", "positive": "p", "extra": 1}').positives == ("p",)
+
+
+def test_stream_resumes_where_it_stopped(tmp_path):
+    rows = [{"query": f"q{i}", "positive": f"p{i}"} for i in range(23)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    full = ExampleStream(path, block_size=5, seed=3)
+    it = iter(full)
+    first = [next(it).query for _ in range(60)]
+    assert sorted(first[:23]) == sorted(r["query"] for r in rows) and first[:23] != [r["query"] for r in rows]
+    part = ExampleStream(path, block_size=5, seed=3)
+    it = iter(part)
+    [next(it) for _ in range(37)]
+    resumed = ExampleStream(path, block_size=5, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(part.state_dict())))
+    it = iter(resumed)
+    assert [next(it).query for _ in range(23)] == first[37:]
+
+
+# ---- batches ---------------------------------------------------------------------------------------------
+
+def test_batch_dedups_documents_and_labels_them():
+    b = build_batch([Example("q0", ("p0",), ("shared",), graded=(("g0", 0.5),)),
+                     Example("q1", ("shared",), ("n1", "p0"))])
+    assert b.docs == ["p0", "g0", "shared", "n1"]
+    # q0: p0 = 1, g0 = 0.5, shared is its hard negative (implicit 0); q1: shared = 1, p0/n1 negatives
+    assert b.dense_labels().tolist() == [[1, 0.5, 0, 0], [0, 0, 1, 0]]
+
+
+def test_duplicate_documents_become_exclusions():
+    exs = [Example("q0", ("dup",), ("n0",)), Example("q1", ("p1",), ("dup",)), Example("q2", ("p2",))]
+    b = build_batch(exs, dedup=False)
+    assert b.docs == ["dup", "n0", "p1", "dup", "p2"]
+    # q0's positive reappears as q1's negative (column 3): excluded for q0, not a negative;
+    # q1 lists "dup" itself (column 3, y = 0) so q0's copy (column 0) is excluded for q1
+    assert b.dense_labels().tolist() == [[1, 0, 0, -1, 0], [-1, 0, 1, 0, 0], [0, 0, 0, 0, 1]]
+    # the excluded pairs are out of the loss: same value as the reference with those pairs dropped
+    q, d = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    got = batch_loss(q, d, b, scale=5.0)
+    keep = b.dense_labels() >= 0
+    z = 5.0 * q @ d.T + reference_bias(5)
+    manual = (F.binary_cross_entropy_with_logits(z, b.dense_labels().clamp(min=0), reduction="none") * keep).sum() / 3
+    torch.testing.assert_close(got, manual)
+    torch.testing.assert_close(got, reference.pair_bce(q, d, b.dense_labels(), scale=5.0))
+
+
+def reference_bias(n):
+    return -math.log(n - 1)
+
+
+def test_repeated_query_excludes_the_other_rows_positives():
+    b = build_batch([Example("q", ("a",)), Example("q", ("b",)), Example("r", ("c",))])
+    assert b.dense_labels().tolist() == [[1, -1, 0], [-1, 1, 0], [0, 0, 1]]
+
+
+def test_info_nce_one_positive_is_cross_entropy_and_masks_exclusions():
+    q, d = torch.randn(3, 6), torch.randn(5, 6)
+    b = build_batch([Example("q0", ("d0",)), Example("q1", ("d1",)), Example("q2", ("d2",), ("d3", "d4"))])
+    got = info_nce(q, d, b.labels, b.label_index, scale=4.0)
+    torch.testing.assert_close(got, F.cross_entropy(4.0 * q @ d.T, torch.tensor([0, 1, 2])))
+    labels, index = torch.tensor([[1.0, -1.0]]), torch.tensor([[0, 1]])
+    got = info_nce(q[:1], d, labels, index, scale=4.0)
+    z = 4.0 * q[:1] @ d.T
+    torch.testing.assert_close(got, -(z[0, 0] - torch.logsumexp(z[0, [0, 2, 3, 4]], 0)))
+
+
+# ---- cached embeddings -----------------------------------------------------------------------------------
+
+def toy_batch():
+    rows = toy_rows()[:6]
+    exs = [parse_example(json.dumps(r)) for r in rows]
+    exs[1] = Example(exs[1].query, exs[1].positives, exs[1].negatives, instruction="represent this sentence",
+                     graded=((LINES[9], 0.5),))
+    return build_batch(exs)
+
+
+def lora_grads(enc):
+    return {n: p.grad.clone() for n, p in enc.model.named_parameters() if p.requires_grad}
+
+
+def run_step(enc, batch, *, cached, mini, loss="prcl", seed=1):
+    enc.model.zero_grad(set_to_none=True)
+    log_t = torch.tensor(math.log(8.0), requires_grad=True)
+    torch.manual_seed(seed)
+    value = forward_backward(enc, batch, lambda q, d: batch_loss(q, d, batch, loss=loss, scale=log_t.exp()),
+                             mini_batch_size=mini, cached=cached)
+    return value, lora_grads(enc), log_t.grad, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("loss", ["prcl", "softmax"])
+def test_cached_gradients_equal_uncached(loss):
+    enc = tiny_encoder(dropout=0.0)
+    enc.model.train()
+    batch = toy_batch()
+    v0, g0, t0, _ = run_step(enc, batch, cached=False, mini=None, loss=loss)  # one forward for everything
+    v1, g1, t1, _ = run_step(enc, batch, cached=True, mini=3, loss=loss)
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t1, t0, rtol=1e-4, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_cached_replays_dropout_exactly():
+    """LoRA dropout on: the grad pass must draw the no-grad pass's masks, and leave the RNG where an
+    uncached step leaves it."""
+    enc = tiny_encoder(dropout=0.3)
+    enc.model.train()
+    batch = toy_batch()
+    v0, g0, _, rng0 = run_step(enc, batch, cached=False, mini=3)
+    v1, g1, _, rng1 = run_step(enc, batch, cached=True, mini=3)
+    assert torch.equal(rng0, rng1)
+    torch.testing.assert_close(v1, v0, rtol=0, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    _, g2, _, _ = run_step(enc, batch, cached=False, mini=3, seed=2)  # other masks: other gradients
+    assert any(not torch.allclose(g2[n], g0[n]) for n in g0)
+
+
+# ---- the loop --------------------------------------------------------------------------------------------
+
+def config(tmp_path, **kw):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
+    base = dict(data=data, out=str(tmp_path / "out"), batch_size=8, mini_batch_size=4, max_steps=30, lr=3e-3,
+                warmup_steps=3, progress=False, checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_falls_and_recall_rises(tmp_path):
+    cfg = config(tmp_path, eval=str(tmp_path / "train.jsonl"), max_steps=25, lr=1e-2)
+    s = train(cfg, encoder=tiny_encoder(), log=lambda m: None)
+    first, last = sum(s["losses"][:5]) / 5, sum(s["losses"][-5:]) / 5
+    assert last < 0.6 * first, s["losses"]
+    assert s["eval_after"]["mrr"] > s["eval_before"]["mrr"] + 0.1
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 26))
+    assert all({"loss", "lr", "pairs_per_s"} <= set(r) for r in lines)
+    assert "eval/mrr" in lines[-1]
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
+def test_softmax_loss_trains(tmp_path):
+    s = train(config(tmp_path, loss="softmax", max_steps=15, lr=1e-2), encoder=tiny_encoder(), log=lambda m: None)
+    assert sum(s["losses"][-5:]) < 0.8 * sum(s["losses"][:5])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    kw = dict(max_steps=8, checkpoint_every=3, grad_accum=2, learn_scale=True, lora_dropout=0.1,
+              batch_size=6, mini_batch_size=4, schedule="cosine")
+    full = train(config(tmp_path / "a", **kw), encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+
+    import prcl.training.loop as loop
+
+    calls = {"n": 0}
+    real = loop.forward_backward
+
+    def crash_in_step_5(*a, **k):  # 2 micro-steps per step: the 10th call is step 5's second
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise Interrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "forward_backward", crash_in_step_5)
+    cfg = config(tmp_path / "b", **kw)
+    with pytest.raises(Interrupt):
+        train(cfg, encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+    monkeypatch.setattr(loop, "forward_backward", real)
+    assert sorted(p.name for p in Path(cfg.out).glob("checkpoint-*")) == ["checkpoint-3"]
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+    cfg.resume = True
+    resumed = train(cfg, encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+    assert len(resumed["losses"]) == 5
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][3:]), rtol=0, atol=1e-6)
+    logged = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 9))  # step 4 of the crashed run replaced
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in logged]), torch.tensor(full["losses"]),
+                               rtol=0, atol=1e-6)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+
+def test_config_file_and_flag_precedence(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"data": "x.jsonl", "out": "o", "max-steps": 50, "lr": 1e-3}))
+    cfg = parse_train_args(["--config", str(tmp_path / "c.json"), "--max-steps", "7", "--learn-scale"])
+    assert (cfg.max_steps, cfg.lr, cfg.data, cfg.learn_scale) == (7, 1e-3, "x.jsonl", True)
+    (tmp_path / "c.toml").write_text('data = "y.jsonl"\nbatch_size = 16\n')
+    assert parse_train_args(["--config", str(tmp_path / "c.toml")]).batch_size == 16
+    (tmp_path / "bad.json").write_text(json.dumps({"max_stepz": 3}))
+    with pytest.raises(ValueError, match="unknown key 'max_stepz'"):
+        _read_config(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"batch_size": "8"}))
+    with pytest.raises(ValueError, match="batch_size .* must be int"):
+        _read_config(tmp_path / "bad.json")
+
+
+def test_cli_train_then_encode(tmp_path):
+    model, tok = tiny_model_and_tokenizer("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
+    (tmp_path / "c.json").write_text(json.dumps({"lr": 1e-3, "max_steps": 100, "lora_r": 4}))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "prcl", "train", "--model", str(tmp_path / "model"), "--data", data,
+           "--out", str(tmp_path / "out"), "--eval", data, "--batch-size", "4", "--mini-batch-size", "3",
+           "--max-steps", "3", "--config", str(tmp_path / "c.json"), "--no-progress"]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "mrr" in run.stdout
+    steps = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(steps) == 3
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["lora_r"] == 4
+
+    texts = write_jsonl(tmp_path / "texts.jsonl", [json.dumps(LINES[0]), {"text": LINES[1]}])
+    out = tmp_path / "emb.npy"
+    assert encode_main(["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "out" / "adapter"),
+                        "--data", texts, "--out", str(out)]) == 0
+    import numpy as np
+
+    emb = np.load(out)
+    assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, '{"query": "q"}'])
+    assert train_main_in_process(["--model", str(tmp_path / "model"), "--data", bad,
+                                  "--out", str(tmp_path / "out2"), "--max-steps", "1", "--no-progress"]) == 1
+
+
+def train_main_in_process(argv):
+    from prcl.training.cli import train_main
+
+    return train_main(argv)
