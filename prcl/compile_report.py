@@ -1,11 +1,13 @@
 """Compile the Triton kernel for Ampere and Hopper without a GPU and report what ptxas says.
 
-    python -m prcl.compile_report        # one line per (arch, dtype, mode): shared memory, registers, spills
+    python -m prcl.compile_report [--json]   # a row per (arch, dtype, mode): shared memory, registers, spills
 
 triton.compile with an explicit GPUTarget needs no driver; `ptxas -v` on the PTX gives registers
 and spills. The launch configuration is the launcher's own (`kernel_config`), so this reports what
 runs. Pointer and stride arguments get the 16-byte divisibility the JIT would specialise on.
+Run it without TRITON_INTERPRET: the interpreter's kernels cannot be compiled.
 """
+import json
 import os
 import re
 import subprocess
@@ -72,8 +74,12 @@ def report(arch, dtype, write_g):
                 tma="cp.async.bulk.tensor" in ptx)
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     rows = [report(arch, dtype, write_g) for arch in (80, 90) for dtype in TRITON_TYPES for write_g in (False, True)]
+    if "--json" in argv:
+        print(json.dumps(rows))
+        return 0
     print(f"triton {triton.__version__}, pair_tile_kernel")
     print("| " + " | ".join(rows[0]) + " |")
     print("|" + "---|" * len(rows[0]))

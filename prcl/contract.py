@@ -4,12 +4,18 @@ Shape, dtype and device checks run always (they are static under torch.compile);
 label values run only in eager mode, so compiling a training step never breaks the graph.
 """
 import math
+import os
 
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = (None, "triton", "torch", "native", "reference")
+
+
+def triton_interpreting():
+    """Whether Triton kernels run in its interpreter (on CPU tensors); read without importing triton."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def default_bias(n_docs):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from prcl import ops  # noqa: F401  (registers the prcl:: ops)
 from prcl import reference
-from prcl.contract import check_inputs, default_bias
+from prcl.contract import check_inputs, default_bias, triton_interpreting
 
 
 def _auto_backend(device):
@@ -23,9 +23,7 @@ def _auto_backend(device):
 
 
 def _check_backend(backend, device):
-    from prcl.triton_impl import interpreting
-
-    if backend == "triton" and device.type != "cuda" and not interpreting():
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors (q is on {device}), or TRITON_INTERPRET=1 "
                          "set before triton is imported to run the kernels in Triton's interpreter")
     if backend == "native":

@@ -16,6 +16,11 @@ def _acc(x):
     return x.to(acc_dtype(x.dtype))
 
 
+def _logits(q, d, scale, bias):
+    """z = (t·q)·dᵀ + b, the bias added by the GEMM itself: one pass over the panel, not three."""
+    return torch.addmm(bias, q * scale, d.T)
+
+
 def softplus_rows(q, d, scale, bias):
     q, d = _acc(q), _acc(d)
     B, N = q.shape[0], d.shape[0]
@@ -23,8 +28,7 @@ def softplus_rows(q, d, scale, bias):
     pm, pn = panel_shape(B, N, PANEL_ELEMS)
     for i in range(0, B, pm):
         for j in range(0, N, pn):
-            z = (q[i:i + pm] @ d[j:j + pn].T).mul_(scale).add_(bias)
-            rows[i:i + pm] += F.softplus(z).sum(1)
+            rows[i:i + pm] += F.softplus(_logits(q[i:i + pm], d[j:j + pn], scale, bias)).sum(1)
     return rows
 
 
@@ -32,12 +36,13 @@ def softplus_grads(q, d, scale, bias, w):
     """Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij); see prcl.panels."""
 
     def block(q_i, d_j, w_i):
-        s = q_i @ d_j.T
-        z = s * scale + bias
+        z = _logits(q_i, d_j, scale, bias)
         r = F.softplus(z).sum(1)
-        G = torch.sigmoid_(z)
+        G = torch.sigmoid(z)
         if w_i is not None:
             G *= w_i[:, None]
-        return r, G, torch.dot(G.view(-1), s.view(-1)), G.sum()
+        g = G.sum()
+        # S is not kept: Σ G∘S = (Σ G∘z − b·Σ G) / t, since s = (z − b) / t
+        return r, G, (torch.dot(G.view(-1), z.view(-1)) - bias * g) / scale, g
 
     return panel_grads(_acc(q), _acc(d), w, block, PANEL_ELEMS)

@@ -4,21 +4,16 @@ Forward only (2·B·N·D): one launch over the whole B×N, no workspace.
 Gradient (6·B·N·D): per panel, one launch writes G = w_i σ(z_ij) in the input dtype, then the two
 gradient GEMMs G·d and Gᵀ·q run on cuBLAS; the workspace is one panel, whatever B·N is.
 """
-import os
-
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from prcl.contract import triton_interpreting as interpreting
 from prcl.kernels.pair_bce import pair_tile_kernel
 from prcl.panels import panel_grads
 
 PANEL_ELEMS = 1 << 26  # 128 MiB of bf16 G: panels of 8192 × 8192 keep the gradient GEMMs large
 ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
-
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_config(dtype, write_g, arch):

@@ -204,16 +204,16 @@ def test_compiled_training_step_matches_eager():
     labels, label_index = make_labels("sparse", 16, 24, gen)
     proj = torch.nn.Linear(12, 12, device=DEVICE)
 
-    def step(q, d, t):
-        loss = prcl.fused_pair_bce(proj(q), proj(d), labels, label_index=label_index, scale=t, backend="torch")
-        loss.backward()
-        return loss
+    def loss_fn(q, d, t):
+        return prcl.fused_pair_bce(proj(q), proj(d), labels, label_index=label_index, scale=t, backend="torch")
 
     results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
+    # fullgraph: any graph break raises; the backward runs through AOTAutograd's compiled graph
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
         proj.zero_grad()
         t = torch.tensor(5.0, device=DEVICE, requires_grad=True)
         loss = fn(q0, d0, t)
+        loss.backward()
         results.append([loss.detach(), proj.weight.grad.clone(), t.grad.clone()])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
