@@ -67,6 +67,9 @@ class LLMEncoder:
 
     def __init__(self, model, tokenizer, *, pooling="mean", max_length=512, normalize=True,
                  attn_implementation=None, gradient_checkpointing=False):
+        if hasattr(model, "peft_config"):
+            raise ValueError("model is already a peft model: pass the plain transformers model, then use "
+                             "add_lora() or load_adapter()")
         model_type = getattr(model.config, "model_type", None)
         if model_type not in BIDIRECTIONAL_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} cannot be made bidirectional through config.is_causal "

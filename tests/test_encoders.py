@@ -223,6 +223,8 @@ def test_bad_input():
         enc.encode("the cat")
     with pytest.raises(ValueError, match="instruction takes"):
         LLMEncoder(model, tok, max_length=3).encode(["rain"], instruction=INSTRUCTION)
+    with pytest.raises(ValueError, match="peft model"):
+        LLMEncoder(LLMEncoder(model, tok).add_lora().model, tok)
 
 
 @pytest.mark.skipif(flash_attn_available(), reason="flash-attn is installed")
