@@ -1,0 +1,348 @@
+"""prcl's pair relevance loss as a sentence-transformers loss: one line in a SentenceTransformerTrainer.
+
+    loss = prcl.fused_pair_bce(â, cat(p̂, n̂_1, …, n̂_k), label, scale=t, bias=b)     x̂ = x / ‖x‖
+
+Columns (anchor, positive[, negative_1 … negative_k]) give B queries and N = B·(1+k) documents;
+query i is scored against every document in the batch, its own positive is the labelled pair
+(relevance 1, or the float `label` column), everything else is a negative, except pairs whose
+document repeats a text the query already lists (see `excluded_pairs`): those are left out.
+
+Needs the `st` extra (`pip install prcl[st]`); `import prcl` never imports this module.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sentence_transformers.base.losses import CachedLossMixin, has_static_embedding_input
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from torch import Tensor, nn
+
+from prcl.contract import DTYPES, default_bias
+from prcl.functional import fused_pair_bce
+
+__all__ = ["PairRelevanceLoss", "CachedPairRelevanceLoss", "text_groups", "excluded_pairs"]
+
+SIGLIP_CITATION = """
+@inproceedings{zhai2023sigmoid,
+    title={Sigmoid Loss for Language Image Pre-Training},
+    author={Xiaohua Zhai and Basil Mustafa and Alexander Kolesnikov and Lucas Beyer},
+    booktitle={ICCV},
+    year={2023},
+    eprint={2303.15343},
+    archivePrefix={arXiv}
+}
+"""
+
+GRADCACHE_CITATION = """
+@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv}
+}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicate texts: found from the token ids, so they cost no extra forward pass.
+# ---------------------------------------------------------------------------------------------
+
+def _token_rows(features):
+    """(rows, width) token ids with padding removed and -1 after the text; None if not padded ids."""
+    ids = features.get("input_ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or "cu_seq_lens_q" in features:
+        return None  # StaticEmbedding's flat id stream, FA2-flattened batches, images: not compared
+    mask = features.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
+        return ids
+    pad = ~mask.bool()
+    # A stable sort on the padding flag moves the text to the front whichever side the tokenizer
+    # pads, so one text gets one row even when two columns were padded to different widths.
+    order = torch.argsort(pad.int(), dim=1, stable=True)
+    return ids.masked_fill(pad, -1).gather(1, order)
+
+
+def text_groups(columns):
+    """One id per row of the concatenated columns, equal exactly when the token ids are; or None."""
+    rows = [_token_rows(features) for features in columns]
+    if any(r is None for r in rows):
+        return None
+    width = max(r.shape[1] for r in rows)
+    rows = torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in rows])
+    return torch.unique(rows, dim=0, return_inverse=True)[1]
+
+
+def _same_text_pairs(groups):
+    """All (a, b), a ≠ b, with groups[a] == groups[b]. Only rows whose text repeats are compared,
+    so the cost follows the number of duplicates, not B·N."""
+    idx = (torch.bincount(groups)[groups] > 1).nonzero().squeeze(1)
+    same = groups[idx, None] == groups[None, idx]
+    same.fill_diagonal_(False)
+    a, b = same.nonzero(as_tuple=True)
+    return idx[a], idx[b]
+
+
+def excluded_pairs(anchor_groups, doc_groups):
+    """(query rows, document rows) of the pairs left out of the loss.
+
+    Documents are the columns concatenated, so document j belongs to query j % B. Query i does not
+    score document j (of another query) when j repeats the text of one of i's own documents (a
+    copy of i's positive is not a negative; a copy of i's hard negative would be counted twice),
+    nor the positive of another query with i's exact text (that positive answers i too).
+    """
+    B, N = anchor_groups.shape[0], doc_groups.shape[0]
+    own, other = _same_text_pairs(doc_groups)
+    twin, twin_of = _same_text_pairs(anchor_groups)
+    q = torch.cat([own % B, twin])
+    d = torch.cat([other, twin_of])
+    keep = d % B != q  # a query's own documents stay as it listed them
+    key = torch.unique(q[keep] * N + d[keep])  # sorted: by query, then document
+    return key // N, key % N
+
+
+def pair_targets(labels, rows, cols, batch_size):
+    """(labels, label_index) for prcl: the diagonal form when nothing is excluded, else (B, K) sparse
+    rows holding the positive (column 0) and the excluded documents with label −1."""
+    if rows.numel() == 0:
+        return labels, None
+    device = rows.device
+    counts = torch.bincount(rows, minlength=batch_size)
+    k = 1 + int(counts.max())
+    label_index = torch.full((batch_size, k), -1, dtype=torch.int64, device=device)
+    y = torch.full((batch_size, k), -1.0, device=device)
+    label_index[:, 0] = torch.arange(batch_size, device=device)
+    y[:, 0] = 1.0 if labels is None else labels
+    slot = 1 + torch.arange(rows.numel(), device=device) - (counts.cumsum(0) - counts)[rows]
+    label_index[rows, slot] = cols
+    return y, label_index
+
+
+# ---------------------------------------------------------------------------------------------
+# Across ranks
+# ---------------------------------------------------------------------------------------------
+
+class _MeanGradAcrossRanks(torch.autograd.Function):
+    """Identity whose backward averages the gradient over ranks: the loss's own parameters live
+    outside the DDP-wrapped model, so nothing else would keep them equal on every rank."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / dist.get_world_size()
+
+
+def _require_distributed():
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gather_across_devices=True scores each rank's queries against every rank's "
+                           "documents through torch.distributed, which is not initialised in this process; "
+                           "launch with torchrun / accelerate launch, or set gather_across_devices=False")
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses
+# ---------------------------------------------------------------------------------------------
+
+class PairRelevanceLoss(nn.Module):
+    """Sigmoid BCE over every (anchor, document) pair of the batch, on prcl's fused op.
+
+    Args:
+        model: the SentenceTransformer. Similarity is cosine: embeddings are L2-normalised here.
+        scale: logit scale t > 0 (SigLIP's t; 10 suits cosine similarity).
+        bias: logit bias b; None means −log(N−1), the prior of one positive among N documents
+            (N counts every rank's documents when gathering).
+        learnable_scale: make t a parameter, stored as `logit_scale` = log t so it stays positive.
+        learnable_bias: make b a parameter `logit_bias`. With bias=None it is an offset on −log(N−1),
+            starting at 0, so it keeps its meaning when N changes (a short last batch, more ranks).
+            Both parameters are in `loss.parameters()`, which SentenceTransformerTrainer optimises
+            with the model; give them their own learning rate with
+            `learning_rate_mapping={r"logit_(scale|bias)": 1e-3}` in the training arguments.
+        gather_across_devices: score the local anchors against the documents of every rank
+            (prcl's process_group path). Needs torch.distributed initialised.
+
+    Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
+    optional float `label` column in [0, 1]: the graded relevance of the positive (< 0 leaves the
+    pair out). A document whose text repeats one the anchor lists, or the positive of a repeated
+    anchor, is left out for that anchor rather than counted as a negative (padded token inputs only).
+    """
+
+    def __init__(self, model, scale=10.0, bias=None, learnable_scale=False, learnable_bias=False,
+                 gather_across_devices=False):
+        super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+        if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))
+                                 or not math.isfinite(bias)):
+            raise ValueError(f"bias: expected None or a finite float, got {bias!r}")
+        self.model = model
+        self.learnable_scale = learnable_scale
+        self.learnable_bias = learnable_bias
+        self.gather_across_devices = gather_across_devices
+        self.fixed_scale = float(scale)
+        self.fixed_bias = None if bias is None else float(bias)
+        if learnable_scale:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        if learnable_bias:
+            self.logit_bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)))
+
+    # -- labels ---------------------------------------------------------------------------------
+
+    def targets(self, sentence_features, labels=None):
+        """(labels, label_index) for the batch: the positive's relevance, and the excluded pairs."""
+        if len(sentence_features) < 2:
+            raise ValueError(f"sentence_features: expected (anchor, positive[, negative_1, …]) columns, "
+                             f"got {len(sentence_features)} column(s)")
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_complex():
+                raise ValueError(f"labels: expected the float `label` column, one relevance per row, got "
+                                 f"{getattr(labels, 'shape', type(labels).__name__)}")
+            labels = labels.float()
+        groups = text_groups(sentence_features)
+        if groups is None:
+            return labels, None
+        batch_size = groups.shape[0] // len(sentence_features)
+        if labels is not None and labels.shape[0] != batch_size:
+            raise ValueError(f"labels: expected ({batch_size},), one per anchor, got {tuple(labels.shape)}")
+        rows, cols = excluded_pairs(groups[:batch_size], groups[batch_size:])
+        return pair_targets(labels, rows, cols, batch_size)
+
+    # -- the loss -------------------------------------------------------------------------------
+
+    def scale_and_bias(self, n_docs):
+        """(t, b) as prcl takes them: floats, or 0-dim tensors when learnable. n_docs: global N."""
+        t = self.logit_scale.exp() if self.learnable_scale else self.fixed_scale
+        if not self.learnable_bias:
+            return t, self.fixed_bias
+        if self.fixed_bias is None:
+            return t, self.logit_bias + default_bias(n_docs)
+        return t, self.logit_bias
+
+    def compute_loss_from_embeddings(self, embeddings, targets):
+        """The loss from the column embeddings [anchor (B, D), positive (B, D), negative_1, …]."""
+        labels, label_index = targets
+        q = F.normalize(embeddings[0], dim=-1)
+        d = F.normalize(torch.cat(embeddings[1:]), dim=-1)
+        if q.dtype not in DTYPES:  # e.g. a float64 model: prcl computes in fp32 at most
+            q, d = q.float(), d.float()
+        if labels is not None and labels.shape[0] != q.shape[0]:
+            raise ValueError(f"labels: expected ({q.shape[0]},), one per anchor, got {tuple(labels.shape)}")
+        if not self.gather_across_devices:
+            t, b = self.scale_and_bias(d.shape[0])
+            return fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b)
+        _require_distributed()
+        from prcl.distributed import ddp_loss_scale
+
+        n_docs = d.shape[0]
+        if self.learnable_bias and self.fixed_bias is None:
+            total = torch.tensor(n_docs, device=d.device)
+            dist.all_reduce(total)  # the prior needs the global N, and local batches may differ in size
+            n_docs = int(total)
+        t, b = self.scale_and_bias(n_docs)
+        t, b = (_MeanGradAcrossRanks.apply(x) if isinstance(x, Tensor) and x.requires_grad else x for x in (t, b))
+        loss = fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b,
+                              process_group=dist.group.WORLD)
+        # The ranks' values sum to the loss of the global batch, and DDP averages gradients over
+        # ranks: returning world × the local share makes that average the global loss's gradient
+        # (and the trainer's logged mean over ranks the global loss).
+        return loss * ddp_loss_scale(dist.group.WORLD)
+
+    def forward(self, sentence_features, labels=None):
+        sentence_features = list(sentence_features)
+        targets = self.targets(sentence_features, labels)
+        return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), targets)
+
+    def get_config_dict(self):
+        if not self.learnable_bias:
+            bias = self.fixed_bias
+        elif self.fixed_bias is None:
+            bias = f"-log(N-1) + {self.logit_bias.item():.4g}"
+        else:
+            bias = self.logit_bias.item()
+        scale = self.logit_scale.exp().item() if self.learnable_scale else self.fixed_scale
+        return {"scale": scale, "bias": bias, "learnable_scale": self.learnable_scale,
+                "learnable_bias": self.learnable_bias, "gather_across_devices": self.gather_across_devices}
+
+    @property
+    def citation(self):
+        return SIGLIP_CITATION
+
+
+class _CachedBatch:
+    """What one cached forward hands its loss step: the targets in, the scale/bias gradients out.
+    Per call, so a second forward before the first backward cannot mix them up."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.param_grads = []
+
+
+class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
+    """PairRelevanceLoss with GradCache: batches far beyond memory, gradients equal to the plain loss.
+
+    Embeds the batch `mini_batch_size` rows at a time without a graph, computes the loss and its
+    gradient w.r.t. every embedding (and scale/bias) once, then re-embeds each mini-batch with a
+    graph during backward and pushes the cached gradients through it (sentence-transformers'
+    CachedLossMixin). prcl's fused op never materialises B×N, so the loss step is not chunked.
+    Arguments as PairRelevanceLoss, plus `mini_batch_size`, `mini_batch_num_tokens` (a token
+    budget per mini-batch instead of a row count) and `show_progress_bar`.
+    """
+
+    def __init__(self, model, scale=10.0, bias=None, learnable_scale=False, learnable_bias=False,
+                 gather_across_devices=False, mini_batch_size=32, mini_batch_num_tokens=None,
+                 show_progress_bar=False):
+        super().__init__(model, scale=scale, bias=bias, learnable_scale=learnable_scale,
+                         learnable_bias=learnable_bias, gather_across_devices=gather_across_devices)
+        if has_static_embedding_input(model):
+            raise ValueError("model: a StaticEmbedding's inputs cannot be split into mini-batches; "
+                             "use PairRelevanceLoss instead")
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size: expected a positive int, got {mini_batch_size!r}")
+        if mini_batch_num_tokens is not None and (not isinstance(mini_batch_num_tokens, int)
+                                                  or mini_batch_num_tokens < 1):
+            raise ValueError(f"mini_batch_num_tokens: expected None or a positive int, got {mini_batch_num_tokens!r}")
+        self.mini_batch_size = mini_batch_size
+        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.show_progress_bar = show_progress_bar
+
+    def calculate_loss(self, reps, labels=None, *, with_backward=False):
+        """The mixin's loss step. `labels` is this call's _CachedBatch (see forward)."""
+        batch = labels
+        loss = self.compute_loss_from_embeddings([torch.cat(column) for column in reps], batch.targets)
+        if not with_backward:
+            return loss
+        leaves = [mb for column in reps for mb in column]
+        params = [p for p in (getattr(self, "logit_scale", None), getattr(self, "logit_bias", None))
+                  if p is not None and p.requires_grad]
+        # autograd.grad, not backward(): backward would also add the scale/bias gradients to .grad
+        # right now, before the trainer's loss scaling and 1/accumulation_steps have been applied.
+        grads = torch.autograd.grad(loss, leaves + params)
+        for mb, grad in zip(leaves, grads):
+            mb.grad = grad  # the mixin caches rep.grad
+        batch.param_grads = list(zip(params, grads[len(leaves):]))
+        return loss.detach()
+
+    def forward(self, sentence_features, labels=None):
+        sentence_features = list(sentence_features)
+        batch = _CachedBatch(self.targets(sentence_features, labels))
+        loss = self.forward_cached(sentence_features, batch)
+        # Attach the cached scale/bias gradients with a term that is 0 in value and has gradient g
+        # w.r.t. p: they then get multiplied by whatever the outer backward hands down (fp16 loss
+        # scale, 1/accumulation_steps), exactly like the mixin's cached embedding gradients.
+        for p, g in batch.param_grads:
+            pg = (p * g).sum()
+            loss = loss + (pg - pg.detach())
+        return loss
+
+    def get_config_dict(self):
+        return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size,
+                "mini_batch_num_tokens": self.mini_batch_num_tokens}
+
+    @property
+    def citation(self):
+        return SIGLIP_CITATION + GRADCACHE_CITATION

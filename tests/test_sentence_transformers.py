@@ -1,0 +1,415 @@
+"""prcl.integrations.sentence_transformers: losses checked against an eager float64 oracle, cached ==
+plain under loss scaling and accumulation, and a few SentenceTransformerTrainer steps per variant.
+
+Everything is offline: a 2-layer BERT and a word-level tokenizer are built here and saved to a temp dir.
+"""
+import copy
+import functools
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("sentence_transformers")
+
+from sentence_transformers import (  # noqa: E402
+    SentenceTransformer,
+    SentenceTransformerTrainer,
+    SentenceTransformerTrainingArguments,
+)
+from sentence_transformers.sentence_transformer.modules import Pooling, Transformer  # noqa: E402
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast  # noqa: E402
+
+import prcl  # noqa: E402
+from prcl.integrations.sentence_transformers import (  # noqa: E402
+    CachedPairRelevanceLoss,
+    PairRelevanceLoss,
+    excluded_pairs,
+    text_groups,
+)
+
+WORDS = ("cat dog bird fish sat ran flew swam on in under near mat park tree lake red blue green small "
+         "bank rates fell rose market shares python code model data cake oven bread flour team goal "
+         "match season rain sun wind snow the a").split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model is tiny: a second intra-op thread only adds contention on a busy 2-core CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden 32, dropout off so two forwards agree) and a word-level tokenizer."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]")
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_model(model_dir):
+    return SentenceTransformer(modules=[Transformer(model_dir), Pooling(32, "mean")], device="cpu")
+
+
+def sentence(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
+
+
+def batch_texts(batch_size, seed):
+    """(anchors, [positives, negatives], labels) with the duplicates the loss must handle:
+    row 5 repeats row 0's positive, row 3's hard negative is row 7's positive, rows 9 and 10 share
+    an anchor (different positives)."""
+    rng = random.Random(seed)
+    anchors = [sentence(rng) for _ in range(batch_size)]
+    positives = [sentence(rng) for _ in range(batch_size)]
+    negatives = [sentence(rng) for _ in range(batch_size)]
+    positives[5] = positives[0]
+    negatives[3] = positives[7]
+    anchors[10] = anchors[9]
+    labels = [round(rng.uniform(0.3, 1.0), 2) for _ in range(batch_size)]
+    return anchors, [positives, negatives], labels
+
+
+def expected_labels(anchors, columns, labels):
+    """The (B, N) label matrix the loss should use, written out pair by pair (−1 = left out)."""
+    B = len(anchors)
+    docs = [text for column in columns for text in column]
+    y = torch.zeros(B, len(docs), dtype=torch.float64)
+    for i in range(B):
+        own = {docs[c * B + i] for c in range(len(columns))}
+        for j, doc in enumerate(docs):
+            if j == i:
+                y[i, j] = labels[i]
+            elif j % B == i:
+                y[i, j] = 0.0
+            elif doc in own or (j < B and anchors[j] == anchors[i]):
+                y[i, j] = -1.0
+    return y
+
+
+def eager_loss(q, d, y, t, b):
+    """SigLIP-style BCE over every pair, materialised: the oracle. b=None means −log(N−1)."""
+    q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+    b = -math.log(d.shape[0] - 1) if b is None else b
+    z = t * q @ d.T + b
+    per_pair = F.softplus(z) - y.clamp(min=0) * z
+    return torch.where(y >= 0, per_pair, 0.0).sum() / q.shape[0]
+
+
+def features(model, texts):
+    return model.preprocess(texts)
+
+
+def grads(model, *extra):
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra)
+    # BERT's pooler is never used by mean pooling, so it has no gradient
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params])
+
+
+def rel_err(x, gold):
+    return ((x.double() - gold).norm() / gold.norm()).item()
+
+
+FLOOR = 1e-5  # float32, normwise
+
+
+def run_eager(model, batches, factors, dtype, scale, bias, learnable):
+    """Gold (float64) or eager baseline (float32): Σ over micro-batches of factor·loss, backward.
+    Returns (losses, gradient of the model, then t's and b's parameters when learnable)."""
+    model = copy.deepcopy(model).to(dtype)
+    log_t = torch.tensor(math.log(scale), dtype=dtype, requires_grad=learnable)
+    b_param = torch.tensor(0.0 if bias is None else bias, dtype=dtype, requires_grad=learnable)
+    losses = []
+    for (anchors, columns, labels), factor in zip(batches, factors):
+        q = model(features(model, anchors))["sentence_embedding"]
+        d = torch.cat([model(features(model, col))["sentence_embedding"] for col in columns])
+        y = expected_labels(anchors, columns, labels).to(dtype)
+        if learnable:
+            b = b_param + (-math.log(d.shape[0] - 1) if bias is None else 0.0)
+            loss = eager_loss(q, d, y, log_t.exp(), b)
+        else:
+            loss = eager_loss(q, d, y, scale, bias)
+        (loss * factor).backward()
+        losses.append(loss.detach().double())
+    extra = [log_t, b_param] if learnable else []
+    return torch.stack(losses), grads(model, *extra).double()
+
+
+def run_loss(loss_fn, batches, factors):
+    losses = []
+    for (anchors, columns, labels), factor in zip(batches, factors):
+        feats = [features(loss_fn.model, anchors)] + [features(loss_fn.model, col) for col in columns]
+        loss = loss_fn(feats, torch.tensor(labels))
+        (loss * factor).backward()
+        losses.append(loss.detach().double())
+    extra = [loss_fn.logit_scale, loss_fn.logit_bias] if loss_fn.learnable_scale else []
+    return torch.stack(losses), grads(loss_fn.model, *extra).double()
+
+
+@functools.cache
+def oracle(model_dir, learnable, bias):
+    """(gold float64, eager float32) results for the oracle test, shared by its plain and cached cases."""
+    base = tiny_model(model_dir)
+    return tuple(run_eager(base, ORACLE_BATCHES, FACTORS, dtype, 10.0, bias, learnable)
+                 for dtype in (torch.float64, torch.float32))
+
+
+# fp16-style loss scale 2^10 times 1/accumulation_steps, over two accumulated micro-batches
+FACTORS = (1024 / 2, 1024 / 2)
+ORACLE_BATCHES = [batch_texts(12, seed) for seed in (0, 1)]
+
+
+@pytest.mark.parametrize("variant", ["plain", "cached"])
+@pytest.mark.parametrize("learnable,bias", [(False, None), (True, None), (True, -3.0)],
+                         ids=["fixed", "learnable-prior-offset", "learnable-bias"])
+def test_matches_eager_oracle_under_scaling_and_accumulation(model_dir, variant, learnable, bias):
+    """Loss values and every gradient (model, scale, bias) against a float64 eager oracle, over two
+    accumulated micro-batches (B = 12, mini-batches of 5: not a multiple) with graded labels and
+    duplicates; the error may be at most twice float32 eager's, plus a floor."""
+    gold, eager = oracle(model_dir, learnable, bias)
+    model = tiny_model(model_dir)
+    kw = dict(scale=10.0, bias=bias, learnable_scale=learnable, learnable_bias=learnable)
+    loss_fn = (PairRelevanceLoss(model, **kw) if variant == "plain"
+               else CachedPairRelevanceLoss(model, mini_batch_size=5, **kw))
+    ours = run_loss(loss_fn, ORACLE_BATCHES, FACTORS)
+    for got, want, base_err in zip(ours, gold, eager):
+        assert rel_err(got, want) <= 2 * rel_err(base_err, want) + FLOOR
+    if learnable:  # the scale and bias gradients on their own, not drowned in the model's
+        assert rel_err(ours[1][-2:], gold[1][-2:]) <= 2 * rel_err(eager[1][-2:], gold[1][-2:]) + FLOOR
+
+
+def test_cached_equals_plain(model_dir):
+    """Same loss and gradients, mini-batched or not (learnable scale and bias, accumulation)."""
+    batches = [batch_texts(12, seed) for seed in (2, 3)]
+    kw = dict(learnable_scale=True, learnable_bias=True)
+    plain = run_loss(PairRelevanceLoss(tiny_model(model_dir), **kw), batches, FACTORS)
+    cached = run_loss(CachedPairRelevanceLoss(tiny_model(model_dir), mini_batch_size=4, **kw), batches, FACTORS)
+    # float32 noise only: the mini-batches pad to their own widths and sum in another order
+    assert rel_err(cached[0], plain[0]) <= FLOOR
+    assert rel_err(cached[1], plain[1]) <= FLOOR
+    assert rel_err(cached[1][-2:], plain[1][-2:]) <= FLOOR  # scale and bias
+
+
+def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir):
+    """The module's loss and embedding gradients equal prcl.fused_pair_bce given the dense label
+    matrix written out by hand (the module itself builds sparse label_index rows)."""
+    model = tiny_model(model_dir)
+    anchors, columns, labels = batch_texts(12, 4)
+    loss_fn = PairRelevanceLoss(model)
+    feats = [features(model, anchors)] + [features(model, col) for col in columns]
+    with torch.no_grad():
+        embeddings = [model(f)["sentence_embedding"] for f in feats]
+    ours_in = [e.clone().requires_grad_() for e in embeddings]
+    ref_in = [e.clone().requires_grad_() for e in embeddings]
+    ours = loss_fn.compute_loss_from_embeddings(ours_in, loss_fn.targets(feats, torch.tensor(labels)))
+    ours.backward()
+    y = expected_labels(anchors, columns, labels).float()
+    ref = prcl.fused_pair_bce(F.normalize(ref_in[0], dim=-1), F.normalize(torch.cat(ref_in[1:]), dim=-1), y,
+                              scale=10.0)
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(ours_in, ref_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_excluded_pairs_by_hand():
+    # B = 3, one negative column. Documents: 0 "x", 1 "y", 2 "x" | 3 "y", 4 "z", 5 "w".
+    docs = torch.tensor([0, 1, 0, 1, 2, 3])
+    anchors = torch.tensor([0, 1, 2])
+    rows, cols = excluded_pairs(anchors, docs)
+    # query 0 lists x, y: leaves out 1 (y) and 2 (x); query 1 lists y, z: leaves out 3;
+    # query 2 lists x, w: leaves out 0
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (0, 2), (1, 3), (2, 0)]
+    rows, cols = excluded_pairs(torch.tensor([7, 8, 7]), torch.arange(6))  # queries 0 and 2 repeat
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 2), (2, 0)]
+
+
+def test_text_groups_ignore_padding_side_and_width():
+    right = {"input_ids": torch.tensor([[2, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])}
+    left = {"input_ids": torch.tensor([[0, 2, 7, 3], [2, 5, 6, 3]]),
+            "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])}
+    groups = text_groups([right, left]).tolist()
+    assert groups[0] == groups[3] and groups[1] == groups[2] and groups[0] != groups[1]
+
+
+def test_no_duplicates_uses_the_diagonal_form(model_dir):
+    model = tiny_model(model_dir)
+    feats = [features(model, ["the cat", "a dog"]), features(model, ["red mat", "blue lake"])]
+    assert PairRelevanceLoss(model).targets(feats) == (None, None)
+
+
+def test_bad_input(model_dir):
+    model = tiny_model(model_dir)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="scale"):
+            PairRelevanceLoss(model, scale=bad)
+    with pytest.raises(ValueError, match="bias"):
+        PairRelevanceLoss(model, bias=float("nan"))
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        CachedPairRelevanceLoss(model, mini_batch_size=0)
+    loss_fn = PairRelevanceLoss(model)
+    feats = [features(model, ["the cat", "a dog"]), features(model, ["red mat", "blue lake"])]
+    with pytest.raises(ValueError, match="sentence_features"):
+        loss_fn(feats[:1], None)
+    with pytest.raises(ValueError, match="labels"):
+        loss_fn(feats, torch.tensor([1.0, 0.5, 0.2]))
+    with pytest.raises(ValueError, match="labels"):
+        loss_fn(feats, torch.tensor([1.0, 2.0]))  # prcl's own check: relevance must lie in [0, 1]
+
+
+def test_gather_across_devices_needs_torch_distributed(model_dir):
+    model = tiny_model(model_dir)
+    feats = [features(model, ["the cat", "a dog"]), features(model, ["red mat", "blue lake"])]
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        PairRelevanceLoss(model, gather_across_devices=True)(feats, None)
+
+
+def test_config_and_citation(model_dir):
+    loss_fn = CachedPairRelevanceLoss(tiny_model(model_dir), learnable_bias=True, mini_batch_size=8)
+    config = loss_fn.get_config_dict()
+    assert config["scale"] == 10.0 and config["bias"].startswith("-log(N-1)") and config["mini_batch_size"] == 8
+    assert "Sigmoid Loss" in loss_fn.citation and "Memory Limited" in loss_fn.citation
+
+
+def test_import_prcl_does_not_need_sentence_transformers():
+    code = ("import sys, prcl; bad = [m for m in sys.modules if m.startswith(('sentence_transformers', "
+            "'prcl.integrations'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def train_dataset(rows=24, seed=5):
+    datasets = pytest.importorskip("datasets")  # SentenceTransformerTrainer needs it; the losses don't
+    rng = random.Random(seed)
+    data = {"anchor": [], "positive": [], "negative": [], "label": []}
+    for _ in range(rows):
+        data["anchor"].append(sentence(rng))
+        data["positive"].append(sentence(rng))
+        data["negative"].append(sentence(rng))
+        data["label"].append(round(rng.uniform(0.5, 1.0), 2))
+    data["positive"][4] = data["positive"][1]  # a duplicate inside the first batch
+    return datasets.Dataset.from_dict(data)
+
+
+@pytest.mark.parametrize("variant", ["plain", "cached", "learnable"])
+def test_trainer_steps(model_dir, tmp_path, variant):
+    model = tiny_model(model_dir)
+    before = [p.detach().clone() for p in model.parameters()]
+    mapping = {}
+    if variant == "plain":
+        loss_fn = PairRelevanceLoss(model)
+    elif variant == "cached":
+        loss_fn = CachedPairRelevanceLoss(model, mini_batch_size=3)
+    else:
+        loss_fn = PairRelevanceLoss(model, learnable_scale=True, learnable_bias=True)
+        mapping = {r"logit_(scale|bias)": 0.05}
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
+        gradient_accumulation_steps=2 if variant == "cached" else 1, learning_rate_mapping=mapping,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset(), loss=loss_fn)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if variant == "learnable":
+        optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        assert id(loss_fn.logit_scale) in optimised and id(loss_fn.logit_bias) in optimised
+        assert loss_fn.logit_scale.item() != pytest.approx(math.log(10.0))
+        assert loss_fn.logit_bias.item() != 0.0
+
+
+# --- gather_across_devices: 2 gloo ranks against one process on the whole batch -------------------
+
+def dist_batch():
+    """batch_texts(12) with every duplicate inside one rank's half (rows 0–5 | 6–11): duplicates are
+    found among the local documents only."""
+    anchors, (positives, negatives), labels = batch_texts(12, 6)
+    negatives[3] = positives[1]
+    return anchors, [positives, negatives], labels
+
+
+DIST_VARIANTS = ((PairRelevanceLoss, {}), (CachedPairRelevanceLoss, {"mini_batch_size": 4}))
+
+
+def _gather_worker(rank, world, store, model_dir, out):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    anchors, columns, labels = dist_batch()
+    rows = slice(rank * 6, rank * 6 + 6)
+    results = []
+    for cls, kw in DIST_VARIANTS:
+        model = tiny_model(model_dir)
+        loss_fn = cls(model, learnable_scale=True, learnable_bias=True, gather_across_devices=True, **kw)
+        feats = [features(model, anchors[rows])] + [features(model, col[rows]) for col in columns]
+        loss = loss_fn(feats, torch.tensor(labels[rows]))
+        loss.backward()
+        model_grads = grads(model)
+        dist.all_reduce(model_grads)  # what DDP does with the model's gradients: average over ranks
+        logged = loss.detach().clone()
+        dist.all_reduce(logged)  # the trainer logs the mean over ranks
+        results.append({"loss": logged / world, "model": model_grads / world,
+                        "scale_bias": torch.stack([loss_fn.logit_scale.grad, loss_fn.logit_bias.grad])})
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes each import sentence-transformers: ~25 s of CPU
+def test_gather_across_devices_two_gloo_ranks(model_dir, tmp_path):
+    """Each rank embeds half the batch; with DDP's gradient average (emulated), the loss, model
+    gradients and scale/bias gradients equal one process on the whole batch."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_gather_worker, args=(2, str(tmp_path / "store"), model_dir, str(tmp_path)), nprocs=2,
+                   join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=0.5):
+            assert time.monotonic() < deadline, "the 2-rank process group did not finish in 120 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    anchors, columns, labels = dist_batch()
+    for v, (cls, kw) in enumerate(DIST_VARIANTS):
+        model = tiny_model(model_dir)
+        loss_fn = cls(model, learnable_scale=True, learnable_bias=True, **kw)
+        feats = [features(model, anchors)] + [features(model, col) for col in columns]
+        loss = loss_fn(feats, torch.tensor(labels))
+        loss.backward()
+        for rank in ranks:
+            got = rank[v]
+            assert rel_err(got["loss"], loss.detach().double()) <= FLOOR
+            assert rel_err(got["model"], grads(model).double()) <= FLOOR
+            want = torch.stack([loss_fn.logit_scale.grad, loss_fn.logit_bias.grad]).double()
+            assert rel_err(got["scale_bias"], want) <= FLOOR
