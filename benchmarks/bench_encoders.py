@@ -4,6 +4,8 @@
 
 A small random Llama (tests/tiny_llm.py, widened to hidden 128) on texts of 4–120 words: long-tailed
 lengths are where padding wastes work and packing pays. tokens/s counts real tokens, not padding.
+On a busy 2-core machine OpenMP threads spin against other processes and wall times swing tenfold:
+`OMP_NUM_THREADS=1` gives stable figures there.
 """
 import platform
 import random

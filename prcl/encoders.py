@@ -224,7 +224,8 @@ class LLMEncoder:
     # ---- public ------------------------------------------------------------------------------------------
 
     def embed(self, texts, instruction=None, *, packed=False):
-        """(len(texts), hidden) float32 embeddings with autograd into the model: one forward for the batch."""
+        """(len(texts), hidden) float32 embeddings with autograd into the model: one forward for the batch,
+        in the model's current mode (call `.model.train()` for LoRA dropout and gradient checkpointing)."""
         texts = _as_list(texts)
         if not texts:
             return torch.zeros(0, self.hidden_size, device=self.device)
