@@ -123,7 +123,7 @@ def _handshake(q, d, error, want, strategy, reduction, group):
     failed = [r for r, row in enumerate(table) if not row[0]]
     if failed:
         raise ValueError(f"prcl.distributed: rank(s) {failed} of the process group rejected their inputs "
-                         "(their own ValueError says why); no collective was entered")
+                         "(their own ValueError says why); no documents were exchanged")
     for field in _AGREE:
         k = _FIELDS.index(field)
         if len({row[k] for row in table}) > 1:
