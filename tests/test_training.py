@@ -1,4 +1,5 @@
 """prcl.training on CPU with a tiny random Llama: data errors, batches, GradCache, the loop, resume, CLI."""
+import dataclasses
 import json
 import math
 import os
@@ -339,3 +340,49 @@ def train_main_in_process(argv):
     from prcl.training.cli import train_main
 
     return train_main(argv)
+
+
+# ---- torchrun --------------------------------------------------------------------------------------------
+
+def _rank_main(rank, world, port, cfg_kw, queue):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        s = train(TrainConfig(**cfg_kw), encoder=tiny_encoder(), log=lambda m: None)
+        queue.put((rank, s["losses"]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """torchrun semantics: each rank takes half of the global batch, the loss sums over ranks and so do
+    the gradients, so 2 ranks follow the 1-process run step for step (dropout off: per-rank seeds)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    # max_grad_norm (never reached) logs the gradient norm: Adam barely sees a mean-instead-of-sum bug
+    kw = dict(max_steps=4, batch_size=8, mini_batch_size=3, lr=1e-2, warmup_steps=0, learn_scale=True,
+              max_grad_norm=1e9)
+    single = train(config(tmp_path / "one", **kw), encoder=tiny_encoder(), log=lambda m: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = dataclasses.asdict(config(tmp_path / "two", **kw))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, cfg, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0] == results[1]  # the logged loss is the all-reduced global one
+    torch.testing.assert_close(torch.tensor(results[0]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5)
+    norms = [[json.loads(x)["grad_norm"] for x in (tmp_path / run / "out" / "metrics.jsonl").read_text().splitlines()]
+             for run in ("one", "two")]
+    torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-4, atol=1e-6)

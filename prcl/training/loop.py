@@ -51,6 +51,7 @@ class TrainConfig:
     lora_r: int = 16  # 0 = train every weight
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    lora_layers: int = 0  # LoRA on the last K transformer layers only (0 = all): backward stops below them
     pooling: str = "mean"
     max_length: int = 512
     dtype: str = None  # weights' dtype when loading: float32, bfloat16, float16 (None = the checkpoint's)
@@ -61,6 +62,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = evaluate before training and at the end only
     eval_k: tuple = (1, 5, 10)
     eval_batch_size: int = 32
+    eval_max_queries: int = None  # evaluate on the first M queries of --eval (and their documents) only
     checkpoint_every: int = 50
     keep_checkpoints: int = 1
     resume: bool = False
@@ -74,6 +76,9 @@ class TrainConfig:
         for name in ("data", "out"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required")
+        for name in ("data", "eval"):
+            if getattr(self, name) and not os.path.isfile(getattr(self, name)):
+                raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batch_size", "keep_checkpoints",
                      "shuffle_block", "max_length"):
             v = getattr(self, name)
@@ -93,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"lora_r: must be >= 0 (0 trains every weight), got {self.lora_r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.lora_layers < 0:
+            raise ValueError(f"lora_layers: must be >= 0 (0 = every layer), got {self.lora_layers}")
+        if self.eval_max_queries is not None and self.eval_max_queries < 1:
+            raise ValueError(f"eval_max_queries: must be >= 1, got {self.eval_max_queries}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every and checkpoint_every: must be >= 0 (0 = off)")
         if not self.eval_k or any(int(k) < 1 for k in self.eval_k):
@@ -224,7 +233,16 @@ def load_encoder(cfg):
                                      gguf_file=cfg.gguf_file, pooling=cfg.pooling, max_length=cfg.max_length,
                                      gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.lora_r > 0:
-        enc.add_lora(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        extra = {}
+        if cfg.lora_layers:
+            n = enc.model.config.num_hidden_layers
+            layers = "|".join(str(i) for i in range(max(0, n - cfg.lora_layers), n))
+            # a regex over module names: peft's layers_to_transform refuses target_modules="all-linear"
+            # and misses a base model's top-level "layers.N." prefix
+            linears = sorted({name.rsplit(".", 1)[-1] for name, m in enc.model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and "layers." in name})
+            extra["target_modules"] = rf"(.*\.)?layers\.({layers})\..*\.({'|'.join(linears)})"
+        enc.add_lora(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, **extra)
     else:
         enc.model.requires_grad_(True)
     return enc
@@ -302,7 +320,8 @@ def train(cfg, encoder=None, log=print):
         stream.skipped.count = state.get("skipped", 0)
         step = state["step"]
         rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)
-        log(f"resumed from {path} at step {step}") if rank == 0 else None
+        if rank == 0:
+            log(f"resumed from {path} at step {step}")
     else:
         if world > 1:  # same starting weights everywhere, whatever each rank's loader did
             for _, p in named:
@@ -311,11 +330,13 @@ def train(cfg, encoder=None, log=print):
         rng = _rng_states()
     if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        if step == 0:
+            (out / "eval.jsonl").unlink(missing_ok=True)
     metrics = _Metrics(out / "metrics.jsonl", step, enabled=rank == 0)
 
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    eval_examples = read_examples(cfg.eval) if cfg.eval else None
+    eval_examples = read_examples(cfg.eval)[: cfg.eval_max_queries] if cfg.eval else None
 
     def run_eval(at):
         result = None

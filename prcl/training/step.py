@@ -14,7 +14,6 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 
 import prcl
 
