@@ -1,9 +1,135 @@
-"""The native CPU kernel (kernels/*.cpp built by CMakeLists.txt); falls back to the PyTorch path."""
+"""The native CPU kernel (kernels/pair_bce_cpu.cpp, built by CMakeLists.txt into prcl/libprcl_cpu.so).
+
+    softplus_rows(q, d, t, b)     = [Σ_j softplus(t·q_i·d_j + b)]_i                    (B,) float32
+    softplus_grads(q, d, t, b, w) = rows, G·d, Gᵀ·q, Σ G∘S, Σ G  with G_ij = w_i σ(z_ij)  (prcl.panels)
+
+The same backend interface as prcl.torch_impl, served by the C++ ops `prcl::native_softplus_rows` and
+`prcl::native_softplus_grads`: one fused, tiled, multi-threaded pass that never allocates B×N.
+float64 inputs (gradcheck through the ops) go to the PyTorch twin; the C++ kernel computes in float32.
+
+The library is loaded on first use, from the package directory. When it is missing (built without
+torch or a compiler), was built against another torch, or fails to load, `available()` is False,
+`status()` says why, one log message says so, and prcl runs its PyTorch path instead.
+
+Environment:
+    PRCL_NATIVE=0        never load the library (tests of the fallback; debugging)
+    PRCL_NATIVE_LIB=path load this file instead of searching the package directory
+    PRCL_NATIVE_ISA=avx2|base    cap the instruction set of the kernel's vectorised epilogue
+    PRCL_NATIVE_TILES=TM,TN      tile shape override, for tuning
+"""
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from prcl import torch_impl
+
+_log = logging.getLogger(__name__)
+_LIB_GLOBS = ("libprcl_cpu*.so", "libprcl_cpu*.dylib", "prcl_cpu*.dll")
+_VERSION_FILE = "prcl_cpu.torch_version"
+_lock = threading.Lock()
+_state = None  # (loaded, human-readable status), set once by _load()
+
+
+def _search_dirs():
+    dirs = [Path(__file__).resolve().parent]
+    # an editable install may keep built files apart from the sources: the package path lists both
+    import prcl
+
+    dirs += [Path(p).resolve() for p in getattr(prcl, "__path__", ())]
+    return list(dict.fromkeys(dirs))
+
+
+def _find_library():
+    if os.environ.get("PRCL_NATIVE_LIB"):
+        return Path(os.environ["PRCL_NATIVE_LIB"])
+    for directory in _search_dirs():
+        for pattern in _LIB_GLOBS:
+            found = sorted(directory.glob(pattern))
+            if found:
+                return found[0]
+    return None
+
+
+def _built_against(lib):
+    stamp = lib.parent / _VERSION_FILE
+    return stamp.read_text().strip() if stamp.is_file() else None
+
+
+def _try_load():
+    if os.environ.get("PRCL_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False, "disabled by PRCL_NATIVE=0", logging.INFO
+    lib = _find_library()
+    if lib is None:
+        return False, (f"libprcl_cpu not found in {', '.join(map(str, _search_dirs()))} (build it with "
+                       "`pip install --no-build-isolation -e .`)"), logging.WARNING
+    built = _built_against(lib)
+    if built is not None and built != torch.__version__:
+        # a library built against another torch may load and then crash: refuse it up front
+        return False, f"{lib} was built against torch {built}, running {torch.__version__}", logging.WARNING
+    try:
+        torch.ops.load_library(str(lib))
+        info = torch.ops.prcl.native_info()
+        _register_fakes()
+    except (OSError, RuntimeError, AttributeError) as err:
+        return False, f"{lib} failed to load: {err}", logging.WARNING
+    return True, f"loaded from {lib} ({info})", logging.DEBUG
+
+
+def _load():
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                loaded, message, level = _try_load()
+                if not loaded:
+                    _log.log(level, "prcl: native CPU kernel unavailable, using the PyTorch path: %s", message)
+                _state = loaded, message
+    return _state
 
 
 def available():
-    return False
+    """True when the native library is built, matches this torch and loaded."""
+    return _load()[0]
 
 
 def status():
-    return "the native CPU kernel is not built yet"
+    """Where the native library was loaded from (and its ISA, tiles, threads), or why it was not."""
+    return _load()[1]
+
+
+def _require():
+    loaded, message = _load()
+    if not loaded:
+        raise RuntimeError(f"prcl native CPU kernel unavailable: {message}")
+
+
+def softplus_rows(q, d, scale, bias):
+    if q.dtype == torch.float64:
+        return torch_impl.softplus_rows(q, d, scale, bias)
+    _require()
+    return torch.ops.prcl.native_softplus_rows(q, d, scale, bias)
+
+
+def softplus_grads(q, d, scale, bias, w):
+    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij); see prcl.panels."""
+    if q.dtype == torch.float64:
+        return torch_impl.softplus_grads(q, d, scale, bias, w)
+    _require()
+    return torch.ops.prcl.native_softplus_grads(q, d, scale, bias, w)
+
+
+def _register_fakes():
+    # shapes for torch.compile / FakeTensor (opcheck): the C++ library registers only CPU kernels
+    f32 = torch.float32
+
+    @torch.library.register_fake("prcl::native_softplus_rows")
+    def _(q, d, scale, bias):
+        return q.new_empty(q.shape[0], dtype=f32)
+
+    @torch.library.register_fake("prcl::native_softplus_grads")
+    def _(q, d, scale, bias, w):
+        return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=f32),
+                d.new_empty(d.shape, dtype=f32), q.new_empty((), dtype=f32), q.new_empty((), dtype=f32))

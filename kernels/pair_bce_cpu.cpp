@@ -1,0 +1,382 @@
+// The native CPU kernel of prcl's label-free term (DESIGN §1, §3), without allocating q @ d.T:
+//
+//     rows_i = Σ_j softplus(z_ij),   z = t·q·dᵀ + b
+//     G_ij = w_i·σ(z_ij):   G·d (B, D),   Gᵀ·q (N, D),   Σ G∘S,   Σ G      (w = None means 1)
+//
+// the convention of prcl/panels.py: no factor t on G·d and Gᵀ·q (prcl/ops.py applies it), labels are
+// the caller's sparse correction. Float32 arithmetic; bf16/fp16 inputs are upcast once.
+//
+// 1. The pair matrix is cut into tiles of TM query rows × TN document columns. A tile's similarity
+//    block S = q_P·d_jᵀ comes from the BLAS GEMM behind at::mm_out (MKL in the torch wheels), written
+//    into a per-thread float32 buffer of TM×TN: workspace is tiles × threads, never B×N.
+// 2. One pass over the tile does the special functions; e = exp(−|z|) serves both of them:
+//        softplus(z) = max(z, 0) + log1p(e)        σ(z) = (z ≥ 0 ? 1 : e) / (1 + e)
+//    It is plain C++ the compiler vectorises, compiled three times (AVX-512, AVX2+FMA, baseline
+//    x86-64) and picked at load time from cpuid, so the library stays safe to move between machines.
+// 3. G overwrites S in place and feeds two more GEMMs: Gᵀ·q_P accumulates into the tile's rows of
+//    Gᵀ·q, G·d_j into a partial of G·d for the row tile.
+// 4. Ownership, never atomics, and results that do not depend on the thread count (up to kChunks
+//    threads): the document tiles are dealt into a fixed number of contiguous chunks, a function of
+//    N alone. Row tiles run one after another; inside one, threads take whole chunks. A chunk owns
+//    its rows of Gᵀ·q (each summed over row tiles in order) and its own partial of G·d, of the row
+//    sums and of Σ G∘S, Σ G; the partials are added in chunk order. Which thread ran a chunk
+//    changes nothing. The forward-only pass works the same way on (row tile, chunk) items.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace prcl_native {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Tile configuration (the one place for it), measured on a 2-core Xeon (AVX-512, MKL) in CPU time
+// of softplus_grads at B = N = 4096 and 8192: TM is the K of the Gᵀ·q GEMM and sets how often a
+// column tile's rows of Gᵀ·q travel through cache, so tall tiles pay most at small D (D = 32, 8192²:
+// TM 256 → 768 took 497 → 250 ms); at D ≥ 256 every shape tried was within 10% of three
+// whole-matrix GEMMs. TM = 1024 was as fast but made MKL block that K differently on one thread
+// than inside a parallel region, so 1 and 2 threads disagreed in the last bits of Gᵀ·q.
+// PRCL_NATIVE_TILES="TM,TN" overrides the shape, for tuning.
+constexpr int64_t kTileM = 768;      // query rows per tile
+constexpr int64_t kTileN = 256;      // document columns per tile, at most
+constexpr int64_t kMinTileN = 64;    // narrower tiles for small N, so that every thread finds work
+// Document tiles are dealt into this many chunks (fewer when N is small). Results do not depend on
+// the thread count as long as it is ≤ kChunks; more threads get one chunk each (chunks = threads),
+// and then the grouping of the partial sums, hence the last bits, follows the thread count.
+// Workspace: chunks·TM·D floats of G·d partials plus threads·TM·TN floats of S tiles.
+constexpr int64_t kChunks = 8;
+
+struct Plan {
+  int64_t tm, tn;      // tile shape
+  int64_t col_tiles;   // ceil(N / tn)
+  int64_t chunks;      // contiguous groups of column tiles; depends on N (and on threads > kChunks)
+  int64_t tile_begin(int64_t c) const { return c * col_tiles / chunks; }
+};
+
+Plan make_plan(int64_t B, int64_t N) {
+  int64_t tm = kTileM, tn_max = kTileN;
+  if (const char* env = std::getenv("PRCL_NATIVE_TILES")) {
+    long m = 0, n = 0;
+    if (std::sscanf(env, "%ld,%ld", &m, &n) == 2 && m > 0 && n > 0) {
+      tm = m;
+      tn_max = n;
+    }
+  }
+  const int64_t chunks = std::max<int64_t>(kChunks, at::get_num_threads());
+  Plan p;
+  p.tm = std::min(B, tm);
+  p.tn = std::min(N, std::min(tn_max, std::max(std::min(kMinTileN, tn_max), (N + chunks - 1) / chunks)));
+  p.col_tiles = (N + p.tn - 1) / p.tn;
+  p.chunks = std::min(p.col_tiles, chunks);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Special functions, branch-free so that the loops below vectorise.
+
+#define PRCL_INLINE inline __attribute__((always_inline))
+
+// exp(x) for x ≤ 0. exp(x) = 2^n·exp(r) with n = round(x/ln 2) and r = x − n·ln 2, |r| ≤ ln2/2;
+// ln 2 is split in a part with 8 trailing zero bits (n·LN2_HI is exact for |n| < 2^8) and the
+// remainder (Cody–Waite), so r keeps its digits. exp(r) by its Taylor polynomial to degree 7: the
+// truncation r⁸/8! < 5.3e-9 relative, below float32's 6e-8. Below −87, 2^n leaves the normal range:
+// return 0 (σ and log1p there are < 2e-38; eager gives subnormals, no test can tell).
+PRCL_INLINE float exp_nonpos(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;
+  constexpr float kLn2Lo = 1.42860682030941723212e-6f;
+  constexpr float kRound = 12582912.0f;  // 1.5·2^23: adding and subtracting it rounds to an integer
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float nf = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - nf * kLn2Hi) - nf * kLn2Lo;
+  float p = 1.0f / 5040 + r * (1.0f / 40320);
+  p = 1.0f / 720 + r * p;
+  p = 1.0f / 120 + r * p;
+  p = 1.0f / 24 + r * p;
+  p = 1.0f / 6 + r * p;
+  p = 0.5f + r * p;
+  p = 1.0f + r * p;
+  p = 1.0f + r * p;
+  const int32_t bits = (static_cast<int32_t>(nf) + 127) << 23;  // 2^n, n ∈ [−126, 0]
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// log1p(e) for e ∈ [0, 1]. log1p(e) = 2·atanh(s) with s = e/(2+e) ∈ [0, 1/3], and
+// 2·atanh(s) = 2s·(1 + s²/3 + s⁴/5 + … + s¹²/13) + O(s¹⁵/15): truncation < 1.4e-8 relative. Unlike
+// log(1 + e) it keeps full relative precision for tiny e — the softplus of the many far negatives.
+PRCL_INLINE float log1p_unit(float e) {
+  const float s = e / (2.0f + e);
+  const float s2 = s * s;
+  float p = 1.0f / 11 + s2 * (1.0f / 13);
+  p = 1.0f / 9 + s2 * p;
+  p = 1.0f / 7 + s2 * p;
+  p = 1.0f / 5 + s2 * p;
+  p = 1.0f / 3 + s2 * p;
+  p = 1.0f + s2 * p;
+  return 2.0f * s * p;
+}
+
+// Σ_c softplus(t·s_c + b) over one row of a tile.
+PRCL_INLINE float softplus_row_body(const float* __restrict s, int64_t n, float t, float b) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < n; ++c) {
+    const float z = t * s[c] + b;
+    const float e = exp_nonpos(-std::fabs(z));
+    acc += (z > 0.0f ? z : 0.0f) + log1p_unit(e);
+  }
+  return acc;
+}
+
+// One row of a tile: s_c ← G_c = w·σ(z_c) in place; returns Σ softplus(z_c), adds Σ G∘S, Σ G to sums.
+PRCL_INLINE float softplus_grad_row_body(float* __restrict s, int64_t n, float t, float b, float w,
+                                         float* __restrict sums) {
+  float acc = 0.0f, acc_gs = 0.0f, acc_g = 0.0f;
+#pragma omp simd reduction(+ : acc, acc_gs, acc_g)
+  for (int64_t c = 0; c < n; ++c) {
+    const float sv = s[c];
+    const float z = t * sv + b;
+    const float e = exp_nonpos(-std::fabs(z));
+    // l = softplus(z) − y·z ;  dl/dz = σ(z) − y ;  the −y part is the caller's sparse correction
+    const float g = w * ((z >= 0.0f ? 1.0f : e) / (1.0f + e));
+    acc += (z > 0.0f ? z : 0.0f) + log1p_unit(e);
+    acc_gs += g * sv;
+    acc_g += g;
+    s[c] = g;
+  }
+  sums[0] += acc_gs;
+  sums[1] += acc_g;
+  return acc;
+}
+
+using RowFn = float (*)(const float*, int64_t, float, float);
+using GradRowFn = float (*)(float*, int64_t, float, float, float, float*);
+
+#define PRCL_DEFINE_EPILOGUE(SUFFIX, ATTR)                                                        \
+  ATTR float softplus_row_##SUFFIX(const float* s, int64_t n, float t, float b) {                 \
+    return softplus_row_body(s, n, t, b);                                                         \
+  }                                                                                               \
+  ATTR float softplus_grad_row_##SUFFIX(float* s, int64_t n, float t, float b, float w,           \
+                                        float* sums) {                                            \
+    return softplus_grad_row_body(s, n, t, b, w, sums);                                           \
+  }
+
+PRCL_DEFINE_EPILOGUE(base, )
+
+// Runtime ISA dispatch: at::vec's wide types exist only inside ATen's own per-ISA builds, so an
+// extension compiled for generic x86-64 would get its scalar fallback. Compile the epilogue per ISA.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PRCL_HAVE_ISA_DISPATCH 1
+PRCL_DEFINE_EPILOGUE(avx2, __attribute__((target("avx2,fma"))))
+PRCL_DEFINE_EPILOGUE(avx512, __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,"
+                                                   "prefer-vector-width=512"))))
+#endif
+
+struct Epilogue {
+  RowFn row;
+  GradRowFn grad_row;
+  const char* isa;
+};
+
+Epilogue pick_epilogue() {
+  std::string want;
+  if (const char* env = std::getenv("PRCL_NATIVE_ISA")) want = env;  // "avx512", "avx2", "base"
+#ifdef PRCL_HAVE_ISA_DISPATCH
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && (want.empty() || want == "avx512"))
+    return {softplus_row_avx512, softplus_grad_row_avx512, "avx512"};
+  if (avx2 && (want.empty() || want == "avx512" || want == "avx2"))
+    return {softplus_row_avx2, softplus_grad_row_avx2, "avx2"};
+#endif
+  return {softplus_row_base, softplus_grad_row_base, "base"};
+}
+
+const Epilogue& epilogue() {
+  static const Epilogue e = pick_epilogue();
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch helpers.
+
+void check_inputs(const at::Tensor& q, const at::Tensor& d, const at::Tensor& scale,
+                  const at::Tensor& bias) {
+  TORCH_CHECK(q.dim() == 2 && d.dim() == 2 && q.size(1) == d.size(1),
+              "prcl native: q (B, D) and d (N, D) must be 2-D with the same D, got q", q.sizes(),
+              " and d", d.sizes());
+  TORCH_CHECK(q.is_cpu() && d.is_cpu() && scale.is_cpu() && bias.is_cpu(),
+              "prcl native: q, d, scale and bias must be CPU tensors");
+  TORCH_CHECK(q.is_floating_point() && d.is_floating_point(),
+              "prcl native: q and d must be floating point, got ", q.scalar_type(), " and ",
+              d.scalar_type());
+  TORCH_CHECK(scale.numel() == 1 && bias.numel() == 1,
+              "prcl native: scale and bias must hold one value each");
+}
+
+// The kernel sits below autograd: detached float32 rows, copied only when dtype or layout require it.
+at::Tensor fp32_rows(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
+
+// A (rows × cols) float32 matrix over a raw buffer of this thread's workspace.
+at::Tensor tile_view(float* p, int64_t rows, int64_t cols) {
+  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// ---------------------------------------------------------------------------------------------
+// rows_i = Σ_j softplus(t·q_i·d_j + b). Work items are (row tile, chunk) pairs, all independent:
+// each writes its own partial row sums, added in chunk order afterwards.
+at::Tensor softplus_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale,
+                         const at::Tensor& bias) {
+  check_inputs(q_in, d_in, scale, bias);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor q = fp32_rows(q_in), d = fp32_rows(d_in);
+  const int64_t B = q.size(0), N = d.size(0);
+  const float t = scale.item<float>(), b = bias.item<float>();
+  const Plan p = make_plan(B, N);
+  const int64_t row_tiles = (B + p.tm - 1) / p.tm;
+  const Epilogue& ep = epilogue();
+
+  std::vector<double> partial(static_cast<size_t>(p.chunks * B), 0.0);  // [chunk][row]
+  std::vector<float> workspace(static_cast<size_t>(at::get_num_threads() * p.tm * p.tn));
+  at::parallel_for(0, row_tiles * p.chunks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView worker_below_autograd;  // TLS: not inherited by workers
+    float* ws = workspace.data() + at::get_thread_num() * p.tm * p.tn;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i0 = (item / p.chunks) * p.tm, c = item % p.chunks;
+      const int64_t mt = std::min(p.tm, B - i0);
+      const at::Tensor q_i = q.narrow(0, i0, mt);
+      double* rows = partial.data() + c * B + i0;
+      for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
+        const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
+        at::Tensor s = tile_view(ws, mt, nt);
+        at::mm_out(s, q_i, d.narrow(0, j0, nt).t());  // S = q_i·d_jᵀ  (mt, nt)
+        for (int64_t r = 0; r < mt; ++r) rows[r] += ep.row(ws + r * nt, nt, t, b);
+      }
+    }
+  });
+  at::Tensor out = at::empty({B}, q.options());
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r) {
+    double acc = 0.0;
+    for (int64_t c = 0; c < p.chunks; ++c) acc += partial[c * B + r];
+    o[r] = static_cast<float>(acc);
+  }
+  return out;
+}
+
+// Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij) (prcl/panels.py's convention).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_grads(
+    const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale, const at::Tensor& bias,
+    const c10::optional<at::Tensor>& w_in) {
+  check_inputs(q_in, d_in, scale, bias);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor q = fp32_rows(q_in), d = fp32_rows(d_in);
+  const int64_t B = q.size(0), N = d.size(0), D = q.size(1);
+  at::Tensor w;
+  if (w_in.has_value()) {
+    TORCH_CHECK(w_in->dim() == 1 && w_in->size(0) == B, "prcl native: w must be (B,) = (", B,
+                ",), got ", w_in->sizes());
+    w = fp32_rows(*w_in);
+  }
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  const float t = scale.item<float>(), b = bias.item<float>();
+  const Plan p = make_plan(B, N);
+  const Epilogue& ep = epilogue();
+
+  at::Tensor rows_out = at::empty({B}, q.options());
+  at::Tensor gd = at::empty({B, D}, q.options());   // G·d: row tile P is written once, after its pass
+  at::Tensor gq = at::zeros({N, D}, q.options());   // Gᵀ·q: chunk-owned rows, summed over row tiles
+  at::Tensor gd_part = at::empty({p.chunks, p.tm, D}, q.options());
+  std::vector<double> rows_part(static_cast<size_t>(p.chunks * p.tm));
+  std::vector<double> sums_part(static_cast<size_t>(2 * p.chunks));
+  double gs_total = 0.0, g_total = 0.0;
+  std::vector<float> workspace(static_cast<size_t>(at::get_num_threads() * p.tm * p.tn));
+
+  for (int64_t i0 = 0; i0 < B; i0 += p.tm) {
+    const int64_t mt = std::min(p.tm, B - i0);
+    const at::Tensor q_i = q.narrow(0, i0, mt);
+    std::fill(rows_part.begin(), rows_part.end(), 0.0);
+    std::fill(sums_part.begin(), sums_part.end(), 0.0);
+    at::parallel_for(0, p.chunks, 1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView worker_below_autograd;  // TLS: not inherited by workers
+      float* ws = workspace.data() + at::get_thread_num() * p.tm * p.tn;
+      for (int64_t c = begin; c < end; ++c) {
+        at::Tensor gd_c = gd_part[c].narrow(0, 0, mt);
+        double* rows = rows_part.data() + c * p.tm;
+        for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
+          const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
+          const at::Tensor d_j = d.narrow(0, j0, nt);
+          at::Tensor s = tile_view(ws, mt, nt);
+          at::mm_out(s, q_i, d_j.t());  // S = q_i·d_jᵀ  (mt, nt)
+          for (int64_t r = 0; r < mt; ++r) {
+            float row_sums[2] = {0.0f, 0.0f};
+            rows[r] += ep.grad_row(ws + r * nt, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
+            sums_part[2 * c] += row_sums[0];
+            sums_part[2 * c + 1] += row_sums[1];
+          }
+          gq.narrow(0, j0, nt).addmm_(s.t(), q_i);                      // Gᵀ·q_i  (nt, D)
+          if (tile == p.tile_begin(c)) at::mm_out(gd_c, s, d_j);         // G·d_j   (mt, D)
+          else gd_c.addmm_(s, d_j);
+        }
+      }
+    });
+    // the chunks' partials, added in chunk order: the sums do not depend on who ran which chunk
+    const float* part = gd_part.data_ptr<float>();
+    float* out = gd.data_ptr<float>() + i0 * D;
+    at::parallel_for(0, mt, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* o = out + r * D;
+        std::memcpy(o, part + r * D, D * sizeof(float));
+        for (int64_t c = 1; c < p.chunks; ++c) {
+          const float* src = part + (c * p.tm + r) * D;
+          for (int64_t k = 0; k < D; ++k) o[k] += src[k];
+        }
+      }
+    });
+    float* rows = rows_out.data_ptr<float>() + i0;
+    for (int64_t r = 0; r < mt; ++r) {
+      double acc = 0.0;
+      for (int64_t c = 0; c < p.chunks; ++c) acc += rows_part[c * p.tm + r];
+      rows[r] = static_cast<float>(acc);
+    }
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      gs_total += sums_part[2 * c];
+      g_total += sums_part[2 * c + 1];
+    }
+  }
+  return {rows_out, gd, gq, at::scalar_tensor(gs_total, q.options()),
+          at::scalar_tensor(g_total, q.options())};
+}
+
+std::string info() {
+  return std::string("isa=") + epilogue().isa + " tiles=" + std::to_string(kTileM) + "x" +
+         std::to_string(kTileN) + " threads=" + std::to_string(at::get_num_threads()) +
+         " built-against-torch=" + PRCL_TORCH_VERSION;
+}
+
+}  // namespace
+}  // namespace prcl_native
+
+TORCH_LIBRARY_FRAGMENT(prcl, m) {
+  m.def("native_softplus_rows(Tensor q, Tensor d, Tensor scale, Tensor bias) -> Tensor");
+  m.def(
+      "native_softplus_grads(Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor? w) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_info() -> str", &prcl_native::info);
+}
+
+TORCH_LIBRARY_IMPL(prcl, CPU, m) {
+  m.impl("native_softplus_rows", &prcl_native::softplus_rows);
+  m.impl("native_softplus_grads", &prcl_native::softplus_grads);
+}
