@@ -1,0 +1,110 @@
+"""`python -m prcl bench` runs, prints a table with sane numbers, and says "n/a" with a reason when a
+column cannot be measured; the CPU memory meter sees what it should; benchmarks/report.py renders."""
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prcl import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["-B", "48", "-N", "61", "-D", "24", "--repeats", "2", "--device", "cpu"]
+
+
+def _rows(out):
+    """{implementation: [cells]} from the table under the dashed rule."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    rows = {}
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            break
+        name, cells = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        rows[name] = cells.split()
+    return rows
+
+
+def test_bench_prints_a_table_with_sane_numbers(capsys):
+    assert bench.main(TINY + ["--no-compile", "--no-peers"]) == 0
+    out = capsys.readouterr().out
+    assert "B=48 N=61 D=24 fp32" in out and "device: CPU" in out
+    rows = _rows(out)
+    prcl_row = next(v for k, v in rows.items() if k.startswith("prcl ("))
+    eager = rows["eager reference"]
+    for cells in (prcl_row, eager):
+        # fwd ms ±spread, TFLOP/s, fwd+bwd ms ±spread, TFLOP/s, x eager, peak fwd, peak f+b, errors
+        fwd_ms, fb_ms = float(cells[0]), float(cells[3])
+        assert 0 < fwd_ms < 5e3 and 0 < fb_ms < 5e3
+        assert float(cells[2]) > 0 and float(cells[5]) > 0
+        assert float(cells[7]) >= 0 and float(cells[8]) >= 0
+        assert float(cells[9]) < 1e-5 and float(cells[10]) < 1e-4  # fp32 vs float64
+    assert float(eager[6]) == 1.0
+
+
+def test_compile_failure_is_reported_not_raised(capsys, monkeypatch):
+    def broken():
+        def fn(*args):
+            raise RuntimeError("InductorError: no working C++ compiler\nlong traceback")
+
+        return fn
+
+    monkeypatch.setattr(bench, "compiled_reference", broken)
+    assert bench.main(TINY + ["--no-peers"]) == 0
+    out = capsys.readouterr().out
+    assert _rows(out)["torch.compile(reference)"] == ["n/a"]
+    assert "torch.compile(reference): n/a: RuntimeError: InductorError: no working C++ compiler" in out
+
+
+def test_bad_sizes_are_refused_with_the_shapes(capsys):
+    assert bench.main(["-B", "64", "-N", "32", "-D", "8", "--no-compile"]) == 2
+    assert "N >= B" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "prcl", "bench", *TINY, "--label-form", "sparse",
+                           "--no-compile", "--no-peers"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "labels=sparse" in done.stdout and "eager reference" in done.stdout
+
+
+@pytest.mark.skipif(bench.cpu_memory_problem() is not None, reason="needs Linux /proc/self/clear_refs")
+def test_cpu_memory_meter_sees_a_known_allocation_and_the_eager_matrix():
+    # 64 MiB is above glibc's largest dynamic mmap threshold, so even this process returns it on free
+    step = lambda: torch.ones(16 << 20).sum()  # noqa: E731
+    step()
+    assert 60 <= bench.peak_memory(step, "cpu") / 2**20 < 72
+    # the worker: the eager reference holds several 512×512 fp32 matrices, prcl a bounded workspace
+    case = bench.make_case(512, 512, 64)
+    eager, why = bench.measure_peak_memory("eager", bench.Step(bench.reference_loss, case, "fwd"), case)
+    assert why is None and eager >= 4 * 512 * 512 * 4
+    ours, why = bench.measure_peak_memory("prcl", bench.Step(bench.prcl_loss(), case, "fwd"), case)
+    assert why is None and ours < eager
+
+
+def test_report_renders_table_and_plot(tmp_path):
+    spec = importlib.util.spec_from_file_location("prcl_bench_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    benches = []
+    for impl, scale in (("prcl", 1.0), ("eager", 3.0)):
+        for B in (256, 512):
+            info = dict(impl=impl, impl_label=impl, B=B, N=B, D=64, dtype="fp32", label_form="diagonal",
+                        mode="fwd+bwd", tflops=0.1, peak_bytes=B * 1024 * scale, device="cpu",
+                        device_name="CPU test", prcl_version="0", torch_version="t", triton_version="x",
+                        threads=2, load_avg_1m=0.5)
+            stats = dict(median=1e-3 * scale * B / 256, iqr=1e-5, rounds=5)
+            benches.append(dict(group="g", name=f"{impl}-{B}", stats=stats, extra_info=info))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(dict(benchmarks=benches, datetime="2026-11-25T00:00:00",
+                                    machine_info={"python_version": "3.11"}, version="5.2.3")))
+    assert report.main([str(path), "--out", str(tmp_path / "out"), "--command", "pytest x"]) == 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| fp32 | 64 | diagonal | fwd+bwd | 512 | 512 | 2 ±0.005 ms · 0.5 MiB | 6 ±0.005 ms · 1.5 MiB | 3.00x |" in table
+    assert (tmp_path / "out" / "plot.png").stat().st_size > 1000
+    assert "`pytest x`" in (tmp_path / "out" / "README.md").read_text()
