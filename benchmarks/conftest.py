@@ -3,22 +3,8 @@
 tests/conftest.py is not loaded here, so nothing sets TRITON_INTERPRET: the interpreter is no speed
 measure, and on CPU prcl's automatic backend is the native kernel or the PyTorch path anyway.
 """
-from fnmatch import fnmatch
-
 import pytest
 import torch
-
-
-def pytest_collect_file(file_path, parent):
-    # The suites are named bench_*.py (they measure, they test nothing), and pyproject's pytest
-    # settings, which keep the default test_*.py pattern, are not ours to change.
-    # Files named on the command line are collected by pytest itself, whatever their name.
-    if parent.session.isinitpath(file_path):
-        return None
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not any(
-            fnmatch(file_path.name, pattern) for pattern in parent.config.getini("python_files")):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 def _csv(value, cast=str):
