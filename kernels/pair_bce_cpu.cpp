@@ -26,10 +26,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -228,9 +230,29 @@ void check_inputs(const at::Tensor& q, const at::Tensor& d, const at::Tensor& sc
 // The kernel sits below autograd: detached float32 rows, copied only when dtype or layout require it.
 at::Tensor fp32_rows(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
 
+// One S tile (TM×TN float32) per thread, uninitialised.
+std::unique_ptr<float[]> tile_workspace(const Plan& p) {
+  return std::unique_ptr<float[]>(new float[at::get_num_threads() * p.tm * p.tn]);
+}
+
 // A (rows × cols) float32 matrix over a raw buffer of this thread's workspace.
 at::Tensor tile_view(float* p, int64_t rows, int64_t cols) {
   return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// Runs work(item, workspace) for item in [0, n) on the intra-op threads, each thread taking the next
+// free item. at::parallel_for alone hands every thread a fixed share: on a shared machine a thread
+// that lost its core held the other at the barrier (wall time 5× the CPU time at 2 threads, load 4).
+// Who runs an item cannot change a result: every item writes only what it owns.
+template <typename Work>
+void for_each_item(int64_t n, float* workspace, int64_t workspace_floats, const Work& work) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by worker threads
+    float* ws = workspace + at::get_thread_num() * workspace_floats;
+    for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) work(item, ws);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -248,21 +270,17 @@ at::Tensor softplus_rows(const at::Tensor& q_in, const at::Tensor& d_in, const a
   const Epilogue& ep = epilogue();
 
   std::vector<double> partial(static_cast<size_t>(p.chunks * B), 0.0);  // [chunk][row]
-  std::vector<float> workspace(static_cast<size_t>(at::get_num_threads() * p.tm * p.tn));
-  at::parallel_for(0, row_tiles * p.chunks, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView worker_below_autograd;  // TLS: not inherited by workers
-    float* ws = workspace.data() + at::get_thread_num() * p.tm * p.tn;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t i0 = (item / p.chunks) * p.tm, c = item % p.chunks;
-      const int64_t mt = std::min(p.tm, B - i0);
-      const at::Tensor q_i = q.narrow(0, i0, mt);
-      double* rows = partial.data() + c * B + i0;
-      for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
-        const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
-        at::Tensor s = tile_view(ws, mt, nt);
-        at::mm_out(s, q_i, d.narrow(0, j0, nt).t());  // S = q_i·d_jᵀ  (mt, nt)
-        for (int64_t r = 0; r < mt; ++r) rows[r] += ep.row(ws + r * nt, nt, t, b);
-      }
+  const auto workspace = tile_workspace(p);
+  for_each_item(row_tiles * p.chunks, workspace.get(), p.tm * p.tn, [&](int64_t item, float* ws) {
+    const int64_t i0 = (item / p.chunks) * p.tm, c = item % p.chunks;
+    const int64_t mt = std::min(p.tm, B - i0);
+    const at::Tensor q_i = q.narrow(0, i0, mt);
+    double* rows = partial.data() + c * B + i0;
+    for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
+      const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
+      at::Tensor s = tile_view(ws, mt, nt);
+      at::mm_out(s, q_i, d.narrow(0, j0, nt).t());  // S = q_i·d_jᵀ  (mt, nt)
+      for (int64_t r = 0; r < mt; ++r) rows[r] += ep.row(ws + r * nt, nt, t, b);
     }
   });
   at::Tensor out = at::empty({B}, q.options());
@@ -301,49 +319,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_
   std::vector<double> rows_part(static_cast<size_t>(p.chunks * p.tm));
   std::vector<double> sums_part(static_cast<size_t>(2 * p.chunks));
   double gs_total = 0.0, g_total = 0.0;
-  std::vector<float> workspace(static_cast<size_t>(at::get_num_threads() * p.tm * p.tn));
+  const auto workspace = tile_workspace(p);
 
   for (int64_t i0 = 0; i0 < B; i0 += p.tm) {
     const int64_t mt = std::min(p.tm, B - i0);
     const at::Tensor q_i = q.narrow(0, i0, mt);
     std::fill(rows_part.begin(), rows_part.end(), 0.0);
     std::fill(sums_part.begin(), sums_part.end(), 0.0);
-    at::parallel_for(0, p.chunks, 1, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView worker_below_autograd;  // TLS: not inherited by workers
-      float* ws = workspace.data() + at::get_thread_num() * p.tm * p.tn;
-      for (int64_t c = begin; c < end; ++c) {
-        at::Tensor gd_c = gd_part[c].narrow(0, 0, mt);
-        double* rows = rows_part.data() + c * p.tm;
-        for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
-          const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
-          const at::Tensor d_j = d.narrow(0, j0, nt);
-          at::Tensor s = tile_view(ws, mt, nt);
-          at::mm_out(s, q_i, d_j.t());  // S = q_i·d_jᵀ  (mt, nt)
-          for (int64_t r = 0; r < mt; ++r) {
-            float row_sums[2] = {0.0f, 0.0f};
-            rows[r] += ep.grad_row(ws + r * nt, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
-            sums_part[2 * c] += row_sums[0];
-            sums_part[2 * c + 1] += row_sums[1];
-          }
-          gq.narrow(0, j0, nt).addmm_(s.t(), q_i);                      // Gᵀ·q_i  (nt, D)
-          if (tile == p.tile_begin(c)) at::mm_out(gd_c, s, d_j);         // G·d_j   (mt, D)
-          else gd_c.addmm_(s, d_j);
+    for_each_item(p.chunks, workspace.get(), p.tm * p.tn, [&](int64_t c, float* ws) {
+      at::Tensor gd_c = gd_part[c].narrow(0, 0, mt);
+      double* rows = rows_part.data() + c * p.tm;
+      for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
+        const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
+        const at::Tensor d_j = d.narrow(0, j0, nt);
+        at::Tensor s = tile_view(ws, mt, nt);
+        at::mm_out(s, q_i, d_j.t());  // S = q_i·d_jᵀ  (mt, nt)
+        for (int64_t r = 0; r < mt; ++r) {
+          float row_sums[2] = {0.0f, 0.0f};  // Σ G∘S, Σ G of the row
+          rows[r] += ep.grad_row(ws + r * nt, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
+          sums_part[2 * c] += row_sums[0];
+          sums_part[2 * c + 1] += row_sums[1];
         }
+        gq.narrow(0, j0, nt).addmm_(s.t(), q_i);              // Gᵀ·q_i  (nt, D)
+        if (tile == p.tile_begin(c)) at::mm_out(gd_c, s, d_j);  // G·d_j   (mt, D)
+        else gd_c.addmm_(s, d_j);
       }
     });
     // the chunks' partials, added in chunk order: the sums do not depend on who ran which chunk
+    // (on this thread: chunks·TM·D adds per row tile, next to 6·TM·N·D flops of GEMMs)
     const float* part = gd_part.data_ptr<float>();
     float* out = gd.data_ptr<float>() + i0 * D;
-    at::parallel_for(0, mt, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float* o = out + r * D;
-        std::memcpy(o, part + r * D, D * sizeof(float));
-        for (int64_t c = 1; c < p.chunks; ++c) {
-          const float* src = part + (c * p.tm + r) * D;
-          for (int64_t k = 0; k < D; ++k) o[k] += src[k];
-        }
-      }
-    });
+    std::memcpy(out, part, mt * D * sizeof(float));
+    for (int64_t c = 1; c < p.chunks; ++c) {
+      const float* src = part + c * p.tm * D;
+      for (int64_t k = 0; k < mt * D; ++k) out[k] += src[k];
+    }
     float* rows = rows_out.data_ptr<float>() + i0;
     for (int64_t r = 0; r < mt; ++r) {
       double acc = 0.0;
