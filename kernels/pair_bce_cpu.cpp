@@ -45,10 +45,14 @@ namespace {
 // TM 256 → 768 took 497 → 250 ms); at D ≥ 256 every shape tried was within 10% of three
 // whole-matrix GEMMs. TM = 1024 was as fast but made MKL block that K differently on one thread
 // than inside a parallel region, so 1 and 2 threads disagreed in the last bits of Gᵀ·q.
-// PRCL_NATIVE_TILES="TM,TN" overrides the shape, for tuning.
+// PRCL_NATIVE_TILES="TM,TN[,TN_MIN]" overrides the shape, for tuning.
 constexpr int64_t kTileM = 768;      // query rows per tile
 constexpr int64_t kTileN = 256;      // document columns per tile, at most
-constexpr int64_t kMinTileN = 64;    // narrower tiles for small N, so that every thread finds work
+// Narrower tiles for small N, so that every thread finds work, but not too narrow at large D: each
+// chunk writes a TM×D partial of G·d, with K = its columns. At B = N = 1024, D = 768, a minimum of 64
+// (8 chunks of 128 columns) took 21 ms, of 256 (4 chunks) 18 ms; three whole GEMMs take 15 ms.
+constexpr int64_t kMinTileN = 64;
+int64_t min_tile_n(int64_t D) { return std::min<int64_t>(kTileN, std::max<int64_t>(kMinTileN, D / 3)); }
 // Document tiles are dealt into this many chunks (fewer when N is small). Results do not depend on
 // the thread count as long as it is ≤ kChunks; more threads get one chunk each (chunks = threads),
 // and then the grouping of the partial sums, hence the last bits, follows the thread count.
@@ -62,19 +66,21 @@ struct Plan {
   int64_t tile_begin(int64_t c) const { return c * col_tiles / chunks; }
 };
 
-Plan make_plan(int64_t B, int64_t N) {
-  int64_t tm = kTileM, tn_max = kTileN;
-  if (const char* env = std::getenv("PRCL_NATIVE_TILES")) {
-    long m = 0, n = 0;
-    if (std::sscanf(env, "%ld,%ld", &m, &n) == 2 && m > 0 && n > 0) {
+Plan make_plan(int64_t B, int64_t N, int64_t D) {
+  int64_t tm = kTileM, tn_max = kTileN, tn_min = min_tile_n(D);
+  if (const char* env = std::getenv("PRCL_NATIVE_TILES")) {  // "TM,TN" or "TM,TN,TN_MIN"
+    long m = 0, n = 0, n_min = 0;
+    const int got = std::sscanf(env, "%ld,%ld,%ld", &m, &n, &n_min);
+    if (got >= 2 && m > 0 && n > 0) {
       tm = m;
       tn_max = n;
+      tn_min = got == 3 && n_min > 0 ? n_min : std::min(tn_min, tn_max);
     }
   }
   const int64_t chunks = std::max<int64_t>(kChunks, at::get_num_threads());
   Plan p;
   p.tm = std::min(B, tm);
-  p.tn = std::min(N, std::min(tn_max, std::max(std::min(kMinTileN, tn_max), (N + chunks - 1) / chunks)));
+  p.tn = std::min(N, std::min(tn_max, std::max(tn_min, (N + chunks - 1) / chunks)));
   p.col_tiles = (N + p.tn - 1) / p.tn;
   p.chunks = std::min(p.col_tiles, chunks);
   return p;
@@ -263,9 +269,9 @@ at::Tensor softplus_rows(const at::Tensor& q_in, const at::Tensor& d_in, const a
   check_inputs(q_in, d_in, scale, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor q = fp32_rows(q_in), d = fp32_rows(d_in);
-  const int64_t B = q.size(0), N = d.size(0);
+  const int64_t B = q.size(0), N = d.size(0), D = q.size(1);
   const float t = scale.item<float>(), b = bias.item<float>();
-  const Plan p = make_plan(B, N);
+  const Plan p = make_plan(B, N, D);
   const int64_t row_tiles = (B + p.tm - 1) / p.tm;
   const Epilogue& ep = epilogue();
 
@@ -309,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_
   }
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float t = scale.item<float>(), b = bias.item<float>();
-  const Plan p = make_plan(B, N);
+  const Plan p = make_plan(B, N, D);
   const Epilogue& ep = epilogue();
 
   at::Tensor rows_out = at::empty({B}, q.options());

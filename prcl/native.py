@@ -15,7 +15,7 @@ Environment:
     PRCL_NATIVE=0        never load the library (tests of the fallback; debugging)
     PRCL_NATIVE_LIB=path load this file instead of searching the package directory
     PRCL_NATIVE_ISA=avx2|base    cap the instruction set of the kernel's vectorised epilogue
-    PRCL_NATIVE_TILES=TM,TN      tile shape override, for tuning
+    PRCL_NATIVE_TILES=TM,TN[,TN_MIN]   tile shape override, for tuning
 """
 import logging
 import os
