@@ -47,12 +47,13 @@ namespace {
 // than inside a parallel region, so 1 and 2 threads disagreed in the last bits of Gᵀ·q.
 // PRCL_NATIVE_TILES="TM,TN[,TN_MIN]" overrides the shape, for tuning.
 constexpr int64_t kTileM = 768;      // query rows per tile
-constexpr int64_t kTileN = 256;      // document columns per tile, at most
+constexpr int64_t kTileN = 256;      // document columns per tile, at most, at small D
 // Narrower tiles for small N, so that every thread finds work, but not too narrow at large D: each
-// chunk writes a TM×D partial of G·d, with K = its columns. At B = N = 1024, D = 768, a minimum of 64
-// (8 chunks of 128 columns) took 21 ms, of 256 (4 chunks) 18 ms; three whole GEMMs take 15 ms.
+// chunk writes a TM×D partial of G·d whose K is its column count. Measured in CPU time at D = 768:
+// B = N = 1024, minimum width 64 (8 chunks of 128 columns) 38 ms, 512 (2 chunks) 33 ms, three
+// whole-matrix GEMMs 30 ms; at 4096², 256- vs 512-wide tiles 588 vs 561 ms (GEMMs: 594).
 constexpr int64_t kMinTileN = 64;
-int64_t min_tile_n(int64_t D) { return std::min<int64_t>(kTileN, std::max<int64_t>(kMinTileN, D / 3)); }
+int64_t min_tile_n(int64_t D) { return std::min<int64_t>(512, std::max<int64_t>(kMinTileN, 2 * D / 3)); }
 // Document tiles are dealt into this many chunks (fewer when N is small). Results do not depend on
 // the thread count as long as it is ≤ kChunks; more threads get one chunk each (chunks = threads),
 // and then the grouping of the partial sums, hence the last bits, follows the thread count.
@@ -67,7 +68,7 @@ struct Plan {
 };
 
 Plan make_plan(int64_t B, int64_t N, int64_t D) {
-  int64_t tm = kTileM, tn_max = kTileN, tn_min = min_tile_n(D);
+  int64_t tm = kTileM, tn_min = min_tile_n(D), tn_max = std::max(kTileN, tn_min);
   if (const char* env = std::getenv("PRCL_NATIVE_TILES")) {  // "TM,TN" or "TM,TN,TN_MIN"
     long m = 0, n = 0, n_min = 0;
     const int got = std::sscanf(env, "%ld,%ld,%ld", &m, &n, &n_min);
