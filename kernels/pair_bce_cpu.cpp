@@ -248,9 +248,9 @@ at::Tensor tile_view(float* p, int64_t rows, int64_t cols) {
 }
 
 // Runs work(item, workspace) for item in [0, n) on the intra-op threads, each thread taking the next
-// free item. at::parallel_for alone hands every thread a fixed share: on a shared machine a thread
-// that lost its core held the other at the barrier (wall time 5× the CPU time at 2 threads, load 4).
-// Who runs an item cannot change a result: every item writes only what it owns.
+// free item, where at::parallel_for alone would hand each a fixed share: on a shared machine (this
+// one ran at load 3–4 on 2 cores) a thread that loses its core would leave its share for the others
+// to wait on. Who runs an item cannot change a result: every item writes only what it owns.
 template <typename Work>
 void for_each_item(int64_t n, float* workspace, int64_t workspace_floats, const Work& work) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
@@ -272,6 +272,7 @@ at::Tensor softplus_rows(const at::Tensor& q_in, const at::Tensor& d_in, const a
   const at::Tensor q = fp32_rows(q_in), d = fp32_rows(d_in);
   const int64_t B = q.size(0), N = d.size(0), D = q.size(1);
   const float t = scale.item<float>(), b = bias.item<float>();
+  if (B == 0 || N == 0) return at::zeros({B}, q.options());
   const Plan p = make_plan(B, N, D);
   const int64_t row_tiles = (B + p.tm - 1) / p.tm;
   const Epilogue& ep = epilogue();
@@ -316,6 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_
   }
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float t = scale.item<float>(), b = bias.item<float>();
+  if (B == 0 || N == 0) {
+    return {at::zeros({B}, q.options()), at::zeros({B, D}, q.options()), at::zeros({N, D}, q.options()),
+            at::zeros({}, q.options()), at::zeros({}, q.options())};
+  }
   const Plan p = make_plan(B, N, D);
   const Epilogue& ep = epilogue();
 
@@ -377,8 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_
 }
 
 std::string info() {
-  return std::string("isa=") + epilogue().isa + " tiles=" + std::to_string(kTileM) + "x" +
-         std::to_string(kTileN) + " threads=" + std::to_string(at::get_num_threads()) +
+  return std::string("isa=") + epilogue().isa + " tile_rows=" + std::to_string(kTileM) + " threads=" + std::to_string(at::get_num_threads()) +
          " built-against-torch=" + PRCL_TORCH_VERSION;
 }
 
