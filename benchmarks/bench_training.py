@@ -43,10 +43,17 @@ def _batch(B):
 def encoder():
     from prcl.encoders import LLMEncoder
 
+    # one intra-op thread on CPU: with a tiny model, two threads on a shared 2-core machine spend more
+    # time waiting for each other than computing, and the timings swing by 10x between runs
+    threads = torch.get_num_threads()
+    if DEVICE == "cpu":
+        torch.set_num_threads(1)
+
     model, tok = tiny_model_and_tokenizer("llama", hidden_size=64, intermediate_size=128, head_dim=16)
     enc = LLMEncoder(model, tok).add_lora(r=8, alpha=16, dropout=0.05)
     enc.model.to(DEVICE).train()
-    return enc
+    yield enc
+    torch.set_num_threads(threads)
 
 
 def _step(enc, batch, cached):
@@ -87,7 +94,7 @@ def test_train_step(benchmark, encoder, B, cached):
     batch = _batch(B)
     B_, N = batch.shape
     peak = _peak_mib(lambda: _step(encoder, batch, cached))
-    benchmark.pedantic(_step, args=(encoder, batch, cached), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(_step, args=(encoder, batch, cached), rounds=5, warmup_rounds=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(B=B_, N=N, cached=cached, mini_batch_size=MINI if cached else None,
                                 peak_mib=round(peak, 2), steps_per_s=round(1 / median, 3),
