@@ -19,7 +19,7 @@ import torch
 
 import prcl
 from prcl import native
-from test_pair_bce import DTYPES, FORMS, check_against_oracle, make_inputs, make_labels, run
+from test_pair_bce import DTYPES, FORMS, _ids, check_against_oracle, make_inputs, make_labels, run
 
 if os.environ.get("PRCL_REQUIRE_NATIVE") == "1" and not native.available():
     raise RuntimeError(f"PRCL_REQUIRE_NATIVE=1 but the native CPU kernel is unavailable: {native.status()}")
@@ -36,10 +36,6 @@ LARGE = [(770, 900, 33), (300, 2100, 17)]  # past TM = 768 rows; 9 column tiles 
 
 def native_loss(*args, **kw):
     return prcl.fused_pair_bce(*args, backend="native", **kw)
-
-
-def _ids(v):
-    return "B{}-N{}-D{}".format(*v) if isinstance(v, tuple) else str(v)
 
 
 @pytest.fixture(params=list(TILES), ids=lambda k: f"tiles-{k}")
