@@ -316,10 +316,14 @@ def _ring(plan, q, d, t, b, grad_out, want):
     carry_dd = grads and want[1]
     D = d.shape[1]
     out, dq, dt, db = None, None, None, None
-    d_cur, acc_out, pending = d.detach().contiguous(), None, []
+    # Every message goes through batch_isend_irecv: NCCL matches batched and plain point-to-point
+    # calls on different communicators, so mixing them would hang where gloo (matching by tag) works.
+    d_cur, acc_send = d.detach().contiguous(), None
     for k in range(R):
         c = (r - k) % R
         ops, acc_in, d_next = [], None, None
+        if acc_send is not None:  # the accumulator finished last step follows its chunk, one hop behind
+            ops.append(dist.P2POp(dist.isend, acc_send, nxt, plan.group, tag=2 * k - 1))
         if carry_dd and k > 0:
             acc_in = d.new_empty(plan.n_sizes[c], D, dtype=torch.float32)
             ops.append(dist.P2POp(dist.irecv, acc_in, prv, plan.group, tag=2 * k - 1))
@@ -334,23 +338,15 @@ def _ring(plan, q, d, t, b, grad_out, want):
             dq, dt, db = (_add(acc, g) if g is not None else acc for acc, g in ((dq, gq), (dt, gt), (db, gb)))
         for w in works:
             w.wait()
-        for w in pending:  # the previous accumulator has left: its buffer may go
-            w.wait()
-        pending = []
         if carry_dd:
-            acc_out = gd.float() if acc_in is None else acc_in.add_(gd.float())
-            if R > 1:
-                pending = [dist.isend(acc_out, nxt, plan.group, tag=2 * k + 1)]
+            acc_send = gd.float() if acc_in is None else acc_in.add_(gd.float())
         if d_next is not None:
             d_cur = d_next
-    dd = None
-    if carry_dd:
-        if R > 1:
-            dd = d.new_empty(d.shape, dtype=torch.float32)
-            dist.irecv(dd, prv, plan.group, tag=2 * R - 1).wait()
-        else:
-            dd = acc_out
-        for w in pending:
+    dd = acc_send
+    if carry_dd and R > 1:  # the last hop brings each rank the finished gradient of its own documents
+        dd = d.new_empty(d.shape, dtype=torch.float32)
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, acc_send, nxt, plan.group, tag=2 * R - 1),
+                                         dist.P2POp(dist.irecv, dd, prv, plan.group, tag=2 * R - 1)]):
             w.wait()
     if not grads:
         return out, (None,) * 4
