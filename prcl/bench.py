@@ -52,15 +52,6 @@ def device_name(device):
     return f"CPU {model}, {threads} thread{'s' if threads != 1 else ''}"
 
 
-def device_slug(device):
-    """`nvidia-h100-80gb-hbm3`, `cpu-intel-xeon-processor-2t`: a folder-name form of device_name."""
-    name = device_name(device)
-    if torch.device(device).type == "cpu":
-        name = name.replace(" threads", "t")
-    name = re.sub(r"\((r|tm)\)", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
 def versions():
     out = {"prcl": prcl.__version__, "torch": torch.__version__, "python": platform.python_version()}
     try:

@@ -162,7 +162,7 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bia
     group, `None` for the default group, or `Ring(group)` / `Gather(group)`; `strategy` is "gather"
     (default) or "ring". Semantics, DDP/FSDP scaling and strategies: see the module docstring.
     """
-    from prcl.functional import fused_pair_bce
+    from prcl.functional import fused_pair_bce, scalar_tensor
 
     group, strategy = _unwrap(process_group, strategy)
     if not dist.is_initialized():
@@ -185,13 +185,9 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bia
         out = fused_pair_bce(q, d_all, y, label_index=index, scale=scale, bias=bias,
                              reduction="none" if plan.per_row else "sum", backend=backend)
     else:
-        t, b = _scalar(scale, q.device), _scalar(bias, q.device)
+        t, b = scalar_tensor(scale, q.device), scalar_tensor(bias, q.device)
         out = _RingLoss.apply(q, d, t, b, plan)
     return out / sum(b_sizes) if reduction == "mean" else out
-
-
-def _scalar(x, device):
-    return x.float() if isinstance(x, torch.Tensor) else torch.tensor(float(x), device=device)
 
 
 # --- strategy "gather" -----------------------------------------------------------------------------

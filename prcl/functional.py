@@ -6,17 +6,25 @@
 compute it. The labelled term Σ y_ij·z_ij and the excluded pairs' softplus touch only the listed
 pairs: gathered here in plain torch, O(nnz·D), with autograd for free (DESIGN §1).
 """
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from prcl import ops  # noqa: F401  (registers the prcl:: ops)
 from prcl import reference
 from prcl.contract import check_inputs, default_bias, triton_interpreting
 
 
+EXCLUSION_CHUNK = 1 << 22  # float32 elements of one row chunk of the dense exclusion term
+
+
 def _auto_backend(device):
     if device.type == "cuda":
-        return "triton"
+        # the kernel needs bf16 tensor cores and host tensor descriptors (sm_80+, triton>=3.4)
+        usable = torch.cuda.get_device_capability(device)[0] >= 8 and importlib.util.find_spec("triton")
+        return "triton" if usable else "torch"
     from prcl import native
 
     return "native" if native.available() else "torch"
@@ -34,7 +42,8 @@ def _check_backend(backend, device):
                              f"library ({native.status()})")
 
 
-def _scalar(x, device):
+def scalar_tensor(x, device):
+    """A float or 0-dim tensor as a float32 0-dim tensor (tensors keep their autograd history)."""
     if isinstance(x, torch.Tensor):
         return x.float()
     return torch.tensor(float(x), dtype=torch.float32, device=device)
@@ -50,17 +59,28 @@ def labelled_rows(q, d, labels, label_index, t, b):
     if labels is None or labels.dim() == 1:
         y = torch.ones(q.shape[0], device=q.device) if labels is None else labels.float()
         z = _pair_z(q, d[: q.shape[0]], t, b)
-        return torch.where(y >= 0, y * z, F.softplus(z))
+        return torch.where(y >= 0, y.clamp(min=0) * z, F.softplus(z))
     if label_index is not None:
         listed = label_index >= 0
         z = _pair_z(q[:, None, :], d[label_index.clamp(min=0)], t, b)  # (B, K)
         y = labels.float()
-        return torch.where(listed, torch.where(y >= 0, y * z, F.softplus(z)), 0.0).sum(1)
+        return torch.where(listed, torch.where(y >= 0, y.clamp(min=0) * z, F.softplus(z)), 0.0).sum(1)
     # dense labels: Σ_j y_ij·z_ij = t·q_i·(Y d)_i + b·Σ_j y_ij, one GEMM with the matrix the caller holds
     y = labels.float().clamp(min=0)
     rows = t * (q.float() * (y @ d.float())).sum(1) + b * y.sum(1)
-    r, c = torch.nonzero(labels < 0, as_tuple=True)
-    return rows.index_add(0, r, F.softplus(_pair_z(q[r], d[c], t, b)))
+    if not torch.compiler.is_compiling() and not (labels < 0).any():
+        return rows
+    # Excluded pairs of dense labels: gathering their rows would cost nnz·D, which can dwarf B×N.
+    # Instead recompute z over row chunks of ~EXCLUSION_CHUNK elements, again in backward (checkpoint).
+    step = max(1, EXCLUSION_CHUNK // d.shape[0])
+    excluded = [checkpoint(_excluded_softplus, q[i:i + step], d, labels[i:i + step], t, b, use_reentrant=False)
+                for i in range(0, q.shape[0], step)]
+    return rows + torch.cat(excluded)
+
+
+def _excluded_softplus(q, d, labels, t, b):
+    z = t * (q.float() @ d.float().T) + b
+    return torch.where(labels < 0, F.softplus(z), 0.0).sum(1)
 
 
 def fused_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bias=None, reduction="mean",
@@ -82,8 +102,8 @@ def fused_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bias=None
     check_inputs(q, d, labels, label_index, scale, bias, reduction, backend)
     backend = backend or _auto_backend(q.device)
     _check_backend(backend, q.device)
-    t = _scalar(scale, q.device)
-    b = _scalar(default_bias(d.shape[0]) if bias is None else bias, q.device)
+    t = scalar_tensor(scale, q.device)
+    b = scalar_tensor(default_bias(d.shape[0]) if bias is None else bias, q.device)
     labelled = labelled_rows(q, d, labels, label_index, t, b)
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (q, d, scale, bias))

@@ -4,6 +4,8 @@ Forward only (2·B·N·D): one launch over the whole B×N, no workspace.
 Gradient (6·B·N·D): per panel, one launch writes G = w_i σ(z_ij) in the input dtype, then the two
 gradient GEMMs G·d and Gᵀ·q run on cuBLAS; the workspace is one panel, whatever B·N is.
 """
+import contextlib
+
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -42,16 +44,27 @@ def _launch_config(q, write_g):
     return kernel_config(q.dtype, write_g, 10 * major + minor), 4 * sms
 
 
+def _padded_zeros(like, rows, cols):
+    """A (rows, cols) view of zeros whose row stride is padded to 16 bytes, as TMA needs.
+    Zeros, not garbage: CPU bf16 GEMMs on such a padded view were seen to read the padding (NaN·0)."""
+    per = ALIGN // like.element_size()
+    return like.new_zeros(rows, triton.cdiv(cols, per) * per)[:, :cols]
+
+
 def _aligned(x):
-    """x itself when TMA can read it, else a copy with the row stride padded to 16 bytes."""
+    """x itself when TMA can read it (rows apart, 16-byte strides and base), else an aligned copy."""
     per = ALIGN // x.element_size()
-    if x.stride(1) == 1 and x.stride(0) % per == 0 and x.data_ptr() % ALIGN == 0:
+    if (x.stride(1) == 1 and x.stride(0) >= x.shape[1] and x.stride(0) % per == 0
+            and x.data_ptr() % ALIGN == 0):
         return x
-    rows, cols = x.shape
-    # zeros, not garbage: CPU bf16 GEMMs on such a padded view were seen to read the padding (NaN·0)
-    padded = x.new_zeros(rows, triton.cdiv(cols, per) * per)
-    padded[:, :cols] = x
-    return padded[:, :cols]
+    padded = _padded_zeros(x, *x.shape)
+    padded.copy_(x)
+    return padded
+
+
+def _on(device):
+    """Triton launches on the current CUDA device, which need not be q's (DDP without set_device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _desc(x, block):
@@ -87,7 +100,8 @@ def _launch(q, d, scale, bias, w, G):
 
 
 def softplus_rows(q, d, scale, bias):
-    return _launch(_aligned(q), _aligned(d), scale, bias, None, None)[0]
+    with _on(q.device):
+        return _launch(_aligned(q), _aligned(d), scale, bias, None, None)[0]
 
 
 def softplus_grads(q, d, scale, bias, w):
@@ -97,9 +111,10 @@ def softplus_grads(q, d, scale, bias, w):
 
     def block(q_i, d_j, w_i):
         if not workspace:  # one panel of G, its row stride padded for TMA, reused by every panel
-            workspace.append(_aligned(q.new_empty(q_i.shape[0], d_j.shape[0])))
+            workspace.append(_padded_zeros(q, q_i.shape[0], d_j.shape[0]))
         G = workspace[0][: q_i.shape[0], : d_j.shape[0]]
         rows, gs, g = _launch(q_i, d_j, scale, bias, w_i, G)
         return rows, G, gs, g
 
-    return panel_grads(q, d, w, block, PANEL_ELEMS)
+    with _on(q.device):
+        return panel_grads(q, d, w, block, PANEL_ELEMS)

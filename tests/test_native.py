@@ -206,18 +206,6 @@ def test_bitwise_deterministic_for_a_thread_count(threads):
         assert torch.equal(a, b), f"output {i} differs between two runs on {threads} thread(s)"
 
 
-@needs_native
-def test_one_and_two_threads_agree_bitwise():
-    # By design: document tiles are dealt into a fixed number of chunks whatever the thread count,
-    # and partials are added in chunk order. What the design cannot promise is that the BLAS blocks a
-    # GEMM the same way on one thread as inside a parallel region: with TM = 1024, MKL did not.
-    one, two = _grads_at(1), _grads_at(2)
-    differs = [i for i, (a, b) in enumerate(zip(one, two)) if not torch.equal(a, b)]
-    if differs:
-        pytest.xfail(f"outputs {differs} differ between 1 and 2 threads (BLAS blocking); each is "
-                     "still deterministic for its own thread count")
-
-
 def _run_python(code, **env):
     full_env = {**os.environ, **env}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

@@ -380,12 +380,14 @@ def train(cfg, encoder=None, log=print):
                                     cached=cfg.mini_batch_size is not None, device=device, autocast=autocast,
                                     loss_weight=1.0 / cfg.grad_accum)
             loss_sum += loss.item() / cfg.grad_accum
-            pairs += len(batch.queries) * len(batch.docs)
+            # each query is scored against every rank's documents: count the global N
+            n_docs = len(batch.docs) if world == 1 else sum_scalar(len(batch.docs), process_group)
+            pairs += len(batch.queries) * n_docs
         trainable = [p for _, p in named] + ([log_scale] if log_scale is not None else [])
         if world > 1:
             # the ranks' losses SUM to the global loss, so its gradient is the SUM of theirs (DDP would average)
             sum_gradients(trainable, process_group)
-            loss_sum, pairs = sum_scalar(loss_sum, process_group), int(sum_scalar(pairs, process_group))
+            loss_sum, pairs = sum_scalar(loss_sum, process_group), sum_scalar(pairs, process_group)
         grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
