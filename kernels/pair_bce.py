@@ -1,4 +1,4 @@
-"""Tiles of z = t·q_i·d_j + b: per-row Σ_j softplus(z_ij), and optionally G_ij = w_i σ(z_ij).
+"""Tiles of z = t·q_i·d_j + b: per-row Σ_j softplus(z_ij), and optionally G_ij = σ(z_ij).
 
 1. A program owns BLOCK_M query rows and one contiguous split of the column tiles, so forward-only
    launches fill the GPU even when B is small (grid = row tiles × SPLIT_N).
@@ -8,7 +8,7 @@
    per thread and spilled at 128×128 tiles.
 3. The epilogue stays in registers; one e = exp(−|z|) serves both special functions:
        softplus(z) = max(z, 0) + log1p(e)        σ(z) = (z ≥ 0 ? 1 : e) / (1 + e)
-4. Row sums go to a (SPLIT_N, M) buffer and Σ G∘S, Σ G to one slot per program; the launcher sums
+4. Row sums go to a (SPLIT_N, M) buffer and Σ w_i·σ∘S, Σ w_i·σ to one slot per program; the launcher sums
    them in a fixed order, so results are deterministic (no atomics).
 5. WRITE_G stores G for one panel (the descriptor clips the edges); the two gradient GEMMs
    (G·d, Gᵀ·q) run on it afterwards.
@@ -62,15 +62,15 @@ def pair_tile_kernel(
         b_rows += tl.sum(tl.where(m_mn, tl.maximum(b_z, 0.0) + b_log1p, 0.0), 1)
         if WRITE_G:
             # l = softplus(z) − y·z ;  dl/dz = σ(z) − y ; the −y part is the caller's sparse correction
-            b_sig = tl.where(b_z >= 0, 1.0, b_e) / b_u
-            if HAS_W:
-                b_sig = b_sig * b_w[:, None]
-            b_sig = tl.where(m_mn, b_sig, 0.0)
+            b_sig = tl.where(m_mn, tl.where(b_z >= 0, 1.0, b_e) / b_u, 0.0)
             b_gs += tl.sum(b_sig * b_s, 1)
             b_g += tl.sum(b_sig, 1)
             g_desc.store([off_m, off_n], b_sig.to(g_desc.dtype))
     tl.store(rows_ptr + pid_s * M + o_m, b_rows, mask=m_m)
     if WRITE_G:
+        if HAS_W:  # per-row weights apply to the row sums only: G itself stays σ (see prcl/panels.py)
+            b_gs = b_gs * b_w
+            b_g = b_g * b_w
         pid = pid_s * tl.num_programs(0) + pid_m
         tl.store(stats_ptr + 2 * pid, tl.sum(b_gs, 0))
         tl.store(stats_ptr + 2 * pid + 1, tl.sum(b_g, 0))

@@ -1,10 +1,12 @@
 """The gradient of Σ_i w_i Σ_j softplus(t·q_i·d_j + b) over bounded panels of the B×N pair matrix.
 
-    G_ij = w_i σ(z_ij):   dq = t·G·d   dd = t·Gᵀ·q   dt = Σ G∘S   db = Σ G
+    G_ij = σ(z_ij), W = diag(w):   dq = t·W·G·d   dd = t·Gᵀ·(W·q)   dt = Σ W·G∘S   db = Σ W·G
 
-A backend supplies `block(q_rows, d_cols, w_rows) -> (softplus row sums, G, Σ G∘S, Σ G)` for one panel;
-this driver feeds each panel's G to the two gradient GEMMs, so memory stays one panel however large
-B·N grows. Panels are visited in a fixed order: results are deterministic.
+A backend supplies `block(q_rows, d_cols, w_rows) -> (softplus row sums, G, Σ W·G∘S, Σ W·G)` for one
+panel; this driver feeds each panel's G to the two gradient GEMMs, so memory stays one panel however
+large B·N grows. The weights go on the thin side (rows of q and of G·d), never into G: G = σ stays in
+[0, 1], where fp16 and bf16 panels hold it without underflow or overflow. Panels are visited in a
+fixed order: results are deterministic.
 """
 import math
 
@@ -33,12 +35,16 @@ def panel_grads(q, d, w, block, panel_elems):
     pm, pn = panel_shape(B, N, panel_elems)
     for i in range(0, B, pm):
         q_i, w_i = q[i:i + pm], None if w is None else w[i:i + pm]
+        q_w = q_i if w_i is None else (q_i * w_i[:, None]).to(q.dtype)
         for j in range(0, N, pn):
             d_j = d[j:j + pn]
             r, G, gs_ij, g_ij = block(q_i, d_j, w_i)
             rows[i:i + pm] += r
-            _accumulate_mm(gd[i:i + pm], G, d_j)
-            _accumulate_mm(gq[j:j + pn], G.T, q_i)
+            if w_i is None:
+                _accumulate_mm(gd[i:i + pm], G, d_j)
+            else:
+                gd[i:i + pm] += w_i[:, None] * (G @ d_j)
+            _accumulate_mm(gq[j:j + pn], G.T, q_w)
             gs += gs_ij
             g += g_ij
     return rows, gd, gq, gs, g

@@ -39,10 +39,11 @@ def softplus_grads(q, d, scale, bias, w):
         z = _logits(q_i, d_j, scale, bias)
         r = F.softplus(z).sum(1)
         G = torch.sigmoid(z)
-        if w_i is not None:
-            G *= w_i[:, None]
-        g = G.sum()
         # S is not kept: Σ G∘S = (Σ G∘z − b·Σ G) / t, since s = (z − b) / t
-        return r, G, (torch.dot(G.view(-1), z.view(-1)) - bias * g) / scale, g
+        if w_i is None:
+            g, gz = G.sum(), torch.dot(G.view(-1), z.view(-1))
+        else:
+            g, gz = w_i @ G.sum(1), w_i @ torch.bmm(G[:, None, :], z[:, :, None]).view(-1)
+        return r, G, (gz - bias * g) / scale, g
 
     return panel_grads(_acc(q), _acc(d), w, block, PANEL_ELEMS)

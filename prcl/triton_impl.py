@@ -1,7 +1,7 @@
 """Launchers for kernels/pair_bce.py: the forward-only row sums and the panel gradient.
 
 Forward only (2·B·N·D): one launch over the whole B×N, no workspace.
-Gradient (6·B·N·D): per panel, one launch writes G = w_i σ(z_ij) in the input dtype, then the two
+Gradient (6·B·N·D): per panel, one launch writes G = σ(z_ij) in the input dtype, then the two
 gradient GEMMs G·d and Gᵀ·q run on cuBLAS; the workspace is one panel, whatever B·N is.
 """
 import contextlib
