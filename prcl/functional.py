@@ -4,7 +4,8 @@
 
 Σ_ij softplus(z_ij) is label-free and is the only term that touches all B·N pairs: the fused ops
 compute it. The labelled term Σ y_ij·z_ij and the excluded pairs' softplus touch only the listed
-pairs: gathered here in plain torch, O(nnz·D), with autograd for free (DESIGN §1).
+pairs: gathered here in plain torch, O(nnz·D), with autograd for free (DESIGN §1). Dense (B, N)
+labels take one GEMM with the label matrix instead, and their excluded pairs a chunked recompute.
 """
 import importlib.util
 
@@ -15,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 from prcl import ops  # noqa: F401  (registers the prcl:: ops)
 from prcl import reference
 from prcl.contract import check_inputs, default_bias, triton_interpreting
-
 
 EXCLUSION_CHUNK = 1 << 22  # float32 elements of one row chunk of the dense exclusion term
 
