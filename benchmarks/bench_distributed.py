@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from prcl.bench import profiled_peak_bytes
+
 WORLDS = (1, 2, 3)
 STRATEGIES = ("gather", "ring")
 B_LOCAL, N_LOCAL, D = 512, 512, 128
@@ -32,29 +34,6 @@ def _step(q, d, strategy):
 
     group = Ring() if strategy == "ring" else Gather()
     prcl.fused_pair_bce(q, d, backend="torch", process_group=group).backward()
-
-
-def _peak_bytes(fn):
-    """Peak bytes allocated during fn() above the level before it (None if the profiler API moved)."""
-    try:
-        from torch._C._profiler import _EventType
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        return None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocs = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    level = peak = 0
-    for _, size in sorted(allocs):
-        level += size
-        peak = max(peak, level)
-    return peak
 
 
 def _serve(rank, world, store, commands, results):
@@ -70,7 +49,7 @@ def _serve(rank, world, store, commands, results):
     while (command := commands[rank].get()) is not None:
         strategy, profiled = command
         q.grad = d.grad = None
-        peak = _peak_bytes(lambda: _step(q, d, strategy)) if profiled else None
+        peak = profiled_peak_bytes(lambda: _step(q, d, strategy)) if profiled else None
         if not profiled:
             _step(q, d, strategy)
         results.put((rank, peak))

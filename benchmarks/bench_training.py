@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_llm import CORPUS, tiny_model_and_tokenizer  # noqa: E402
 
+from prcl.bench import profiled_peak_bytes  # noqa: E402
 from prcl.training import build_batch, forward_backward, parse_example  # noqa: E402
 from prcl.training.step import batch_loss  # noqa: E402
 
@@ -70,22 +71,8 @@ def _peak_mib(fn):
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:  # frees are allocations of negative size
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    level = peak = 0
-    for _, size in sorted(events):
-        level += size
-        peak = max(peak, level)
-    return peak / 2**20
+    peak = profiled_peak_bytes(fn)
+    return None if peak is None else peak / 2**20
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["uncached", f"cached-mini{MINI}"])

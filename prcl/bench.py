@@ -391,6 +391,30 @@ def summarize(times):
     return statistics.median(times), q3 - q1
 
 
+def profiled_peak_bytes(fn):
+    """Peak bytes torch's CPU allocator held during fn() above its level before, read from the
+    profiler's allocation events (frees are allocations of negative size). A private profiler API:
+    None if it moved."""
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    level = peak = 0
+    for _, size in sorted(events):
+        level += size
+        peak = max(peak, level)
+    return peak
+
+
 def _proc_status(key):
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
