@@ -1,4 +1,4 @@
-"""`python -m prcl` / `prcl`: bench | train | encode."""
+"""`python -m prcl` / `prcl`: bench | train | encode | eval."""
 import importlib
 import sys
 
@@ -6,6 +6,7 @@ COMMANDS = {
     "bench": ("prcl.bench", "main", "fused vs eager reference: time, peak memory, error vs float64"),
     "train": ("prcl.training", "train_main", "fine-tune a text encoder with PRCL"),
     "encode": ("prcl.training", "encode_main", "embed texts with a (LoRA-adapted) encoder"),
+    "eval": ("prcl.ir", "main", "retrieval metrics (nDCG@10, recall, MRR, MAP) on a BEIR/TREC set"),
 }
 
 
