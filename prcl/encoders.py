@@ -136,6 +136,11 @@ class LLMEncoder:
     def device(self):
         return next(self.model.parameters()).device
 
+    @property
+    def has_lora(self):
+        """True when the model carries a LoRA adapter (add_lora or load_adapter)."""
+        return self._is_peft()
+
     # ---- tokens ------------------------------------------------------------------------------------------
 
     def tokenize(self, texts, instruction=None):

@@ -13,16 +13,23 @@ import torch.distributed as dist
 from prcl.training.step import info_nce
 
 
-def setup():
-    """(process_group, rank, world_size): WORLD under torchrun (gloo on CPU, nccl on CUDA), else (None, 0, 1)."""
+def setup(timeout=None):
+    """(process_group, rank, world_size): WORLD under torchrun (gloo on CPU, nccl on CUDA), else (None, 0, 1).
+
+    timeout (a timedelta) bounds how long a collective waits for a rank that stopped answering."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, 0, 1
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 def sum_gradients(params, process_group):
