@@ -235,7 +235,7 @@ def config(tmp_path, **kw):
 
 def test_loss_falls_and_recall_rises(tmp_path):
     cfg = config(tmp_path, eval=str(tmp_path / "train.jsonl"), max_steps=25, lr=1e-2)
-    s = train(cfg, encoder=tiny_encoder(), log=lambda m: None)
+    s = train(cfg, encoder=tiny_encoder())
     first, last = sum(s["losses"][:5]) / 5, sum(s["losses"][-5:]) / 5
     assert last < 0.6 * first, s["losses"]
     assert s["eval_after"]["mrr"] > s["eval_before"]["mrr"] + 0.1
@@ -247,7 +247,7 @@ def test_loss_falls_and_recall_rises(tmp_path):
 
 
 def test_softmax_loss_trains(tmp_path):
-    s = train(config(tmp_path, loss="softmax", max_steps=15, lr=1e-2), encoder=tiny_encoder(), log=lambda m: None)
+    s = train(config(tmp_path, loss="softmax", max_steps=15, lr=1e-2), encoder=tiny_encoder())
     assert sum(s["losses"][-5:]) < 0.8 * sum(s["losses"][:5])
 
 
@@ -258,7 +258,7 @@ class Interrupt(Exception):
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     kw = dict(max_steps=8, checkpoint_every=3, grad_accum=2, learn_scale=True, lora_dropout=0.1,
               batch_size=6, mini_batch_size=4, schedule="cosine")
-    full = train(config(tmp_path / "a", **kw), encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+    full = train(config(tmp_path / "a", **kw), encoder=tiny_encoder(dropout=0.1))
 
     import prcl.training.loop as loop
 
@@ -274,13 +274,13 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "forward_backward", crash_in_step_5)
     cfg = config(tmp_path / "b", **kw)
     with pytest.raises(Interrupt):
-        train(cfg, encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+        train(cfg, encoder=tiny_encoder(dropout=0.1))
     monkeypatch.setattr(loop, "forward_backward", real)
     assert sorted(p.name for p in Path(cfg.out).glob("checkpoint-*")) == ["checkpoint-3"]
     with pytest.raises(ValueError, match="--resume"):
-        train(cfg, encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+        train(cfg, encoder=tiny_encoder(dropout=0.1))
     cfg.resume = True
-    resumed = train(cfg, encoder=tiny_encoder(dropout=0.1), log=lambda m: None)
+    resumed = train(cfg, encoder=tiny_encoder(dropout=0.1))
     assert len(resumed["losses"]) == 5
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][3:]), rtol=0, atol=1e-6)
     logged = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
@@ -351,7 +351,7 @@ def _rank_main(rank, world, port, cfg_kw, queue):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        s = train(TrainConfig(**cfg_kw), encoder=tiny_encoder(), log=lambda m: None)
+        s = train(TrainConfig(**cfg_kw), encoder=tiny_encoder())
         queue.put((rank, s["losses"]))
     finally:
         dist.destroy_process_group()
@@ -368,7 +368,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # max_grad_norm (never reached) logs the gradient norm: Adam barely sees a mean-instead-of-sum bug
     kw = dict(max_steps=4, batch_size=8, mini_batch_size=3, lr=1e-2, warmup_steps=0, learn_scale=True,
               max_grad_norm=1e9)
-    single = train(config(tmp_path / "one", **kw), encoder=tiny_encoder(), log=lambda m: None)
+    single = train(config(tmp_path / "one", **kw), encoder=tiny_encoder())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
