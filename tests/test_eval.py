@@ -1,0 +1,210 @@
+"""prcl.ir: BEIR/TREC readers, chunked exact search, trec_eval metrics, `prcl eval`."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prcl.ir import (compute_metrics, evaluate, examples_to_beir, main, read_corpus, read_qrels, read_queries,
+                     search)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_llm import tiny_model_and_tokenizer  # noqa: E402
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def jsonl(path, objs):
+    return write(path, [o if isinstance(o, str) else json.dumps(o) for o in objs])
+
+
+CORPUS = [{"_id": "d1", "title": "Cats", "text": "the cat sat on the mat"},
+          {"_id": "d2", "text": "a dog runs in the park"},
+          {"_id": "d3", "title": "", "text": "the stock market fell"}]
+QUERIES = [{"_id": "q1", "text": "cat"}, {"_id": "q2", "text": "market"}]
+
+
+def test_readers_beir_and_trec(tmp_path):
+    corpus = read_corpus(jsonl(tmp_path / "c.jsonl", CORPUS))
+    assert corpus == {"d1": "Cats the cat sat on the mat", "d2": "a dog runs in the park", "d3": "the stock market fell"}
+    queries = read_queries(jsonl(tmp_path / "q.jsonl", QUERIES + [""]))
+    assert queries == {"q1": "cat", "q2": "market"}
+    beir = read_qrels(write(tmp_path / "b.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t2", "q1\td2\t0", "",
+                                                  "q2\td3\t1"]), queries, corpus)
+    trec = read_qrels(write(tmp_path / "t.txt", ["q1 0 d1 2", "q1 0 d2 0", "q2 Q0 d3 1"]), queries, corpus)
+    assert beir == trec == {"q1": {"d1": 2, "d2": 0}, "q2": {"d3": 1}}
+
+
+BAD = [
+    ("corpus", ['{"_id": "d1", "text": "x"}', '{"_id": "d1", "text": "y"'], 2, "invalid JSON"),
+    ("corpus", ['["d1", "x"]'], 1, "expected a JSON object"),
+    ("corpus", ['{"text": "x"}'], 1, '"_id" must be a non-empty string'),
+    ("corpus", ['{"_id": 7, "text": "x"}'], 1, '"_id" must be a non-empty string'),
+    ("corpus", ['{"_id": "d1", "text": "x"}', '{"_id": "d1", "text": "y"}'], 2, "duplicate _id 'd1' \\(first on line 1\\)"),
+    ("corpus", ['{"_id": "d1", "title": 3, "text": "x"}'], 1, '"title" must be a string'),
+    ("corpus", ['{"_id": "d1"}'], 1, '"text" must be a string'),
+    ("corpus", ['{"_id": "d1", "title": " ", "text": ""}'], 1, "empty document 'd1'"),
+    ("queries", ['{"_id": "q1", "text": ["x"]}'], 1, '"text" must be a string'),
+    ("queries", ['{"_id": "q1", "text": "x"}', '{"_id": "q2", "text": "  "}'], 2, "empty query 'q2'"),
+    ("qrels", ["query-id corpus-id"], 1, "expected the BEIR header"),
+    ("qrels", ["query-id\tcorpus-id\tscore", "q1\td1"], 2, "expected 3 fields"),
+    ("qrels", ["q1 0 d1 1", "q1 d2 1"], 2, "expected 4 fields"),
+    ("qrels", ["q1 0 d1 high"], 1, "grade must be an integer, got 'high'"),
+    ("qrels", ["q1 0 d1 1", "q1 0 d1 2"], 2, "pair \\(q1, d1\\) judged twice \\(first on line 1\\)"),
+    ("qrels", ["q1 0 d1 1", "q9 0 d1 1"], 2, "query-id 'q9' is not in the queries file"),
+    ("qrels", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q2\td9\t1"], 3, "corpus-id 'd9' is not in the corpus"),
+]
+
+
+@pytest.mark.parametrize("kind,lines,lineno,reason", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_files_name_file_and_line(tmp_path, kind, lines, lineno, reason):
+    path = write(tmp_path / f"{kind}.bad", lines)
+    good_q, good_c = {"q1": "a", "q2": "b"}, {"d1": "x", "d2": "y"}
+    read = {"corpus": read_corpus, "queries": read_queries,
+            "qrels": lambda p: read_qrels(p, good_q, good_c)}[kind]
+    with pytest.raises(ValueError, match=f"^{path}:{lineno}: {reason}"):
+        read(path)
+
+
+def test_bad_encoding_and_empty_files(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"_id": "d1", "text": "x"}\n{"_id": "d2", "text": "\xff"}\n')
+    with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
+        read_corpus(path)
+    for read in (read_corpus, read_queries, read_qrels):
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'empty'}: no "):
+            read(write(tmp_path / "empty", ["", "  "]))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_chunked_search_equals_full_ranking(chunk_size, k):
+    g = torch.Generator().manual_seed(chunk_size * 100 + k)
+    q, d = torch.randn(9, 8, generator=g), torch.randn(23, 8, generator=g)
+    calls = []
+
+    def encode_documents(texts):
+        calls.append(len(texts))
+        return d[[int(t) for t in texts]]
+
+    scores, idx = search(q, [str(i) for i in range(23)], encode_documents, k=k, chunk_size=chunk_size)
+    want_s, want_i = (q @ d.T).topk(min(k, 23), dim=1)
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(scores, want_s)
+    assert max(calls) <= chunk_size and sum(calls) == 23  # the corpus is embedded once, a chunk at a time
+
+
+def oracle(qrels, run, ks):
+    """trec_eval's definitions, written out: gains = grades in nDCG, relevant = grade >= 1 elsewhere."""
+    out = {}
+    for qid, judged in qrels.items():
+        ranked = sorted(run[qid], key=lambda d: -run[qid][d])
+        rel = [judged.get(d, 0) for d in ranked]
+        n_rel = sum(g > 0 for g in judged.values())
+        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(rel[:10]))
+        ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(judged.values(), reverse=True)[:10]))
+        hits = [i for i, g in enumerate(rel) if g > 0]
+        m = {"ndcg@10": dcg / ideal, "mrr@10": next((1 / (i + 1) for i in hits if i < 10), 0.0),
+             f"map@{max(max(ks), 10)}": sum((n + 1) / (i + 1) for n, i in enumerate(hits)) / n_rel}
+        m.update({f"recall@{k}": sum(i < k for i in hits) / n_rel for k in ks})
+        for key, v in m.items():
+            out[key] = out.get(key, 0.0) + v / len(qrels)
+    return out
+
+
+def test_metrics_match_trec_eval_definitions():
+    qrels = {"q1": {"a": 2, "b": 1, "c": 0, "z": 1}, "q2": {"c": 1}, "q3": {"e": 3, "a": 1}}
+    run = {"q1": {"b": 0.9, "c": 0.8, "a": 0.7, "d": 0.1}, "q2": {"a": 0.5, "b": 0.4, "c": 0.3},
+           "q3": {"a": 0.3, "b": 0.2, "c": 0.1}}
+    got = compute_metrics(qrels, run, ks=(1, 2, 3))
+    want = oracle(qrels, run, ks=(1, 2, 3))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-4), key
+
+
+def test_evaluate_end_to_end_with_instructions():
+    """Queries are embedded with their own instruction, documents without; unjudged queries are skipped."""
+    g = torch.Generator().manual_seed(0)
+    texts = [f"doc {i}" for i in range(30)] + ["q a", "q b", "q c"]
+    table = dict(zip(texts, torch.nn.functional.normalize(torch.randn(len(texts), 6, generator=g), dim=1)))
+    seen = []
+
+    def encode(batch, instruction):
+        seen.append((instruction, tuple(batch)))
+        sign = -1.0 if instruction == "flip" else 1.0
+        return torch.stack([sign * table[t] for t in batch])
+
+    corpus = {f"d{i}": f"doc {i}" for i in range(30)}
+    queries = {"qa": "q a", "qb": "q b", "qc": "q c"}
+    qrels = {"qa": {"d3": 2, "d7": 1}, "qb": {"d1": 1, "d2": 0}, "qc": {"d5": 0}}
+    metrics, run = evaluate(encode, queries, corpus, qrels, instructions={"qb": "flip"}, ks=(1, 5), chunk_size=8)
+    assert set(run) == {"qa", "qb"} and metrics["queries"] == 2 and metrics["documents"] == 30
+    assert all(len(docs) == 10 for docs in run.values())  # depth max(ks, 10)
+    assert (None, ("q a",)) in seen and ("flip", ("q b",)) in seen
+    assert all(ins is None for ins, batch in seen if batch[0].startswith("doc"))
+    full = {}
+    for qid, sign in (("qa", 1.0), ("qb", -1.0)):
+        s = {d: float(sign * table[queries[qid]] @ table[t]) for d, t in corpus.items()}
+        full[qid] = dict(sorted(s.items(), key=lambda x: -x[1])[:10])
+        assert run[qid].keys() == full[qid].keys()
+    want = oracle({q: qrels[q] for q in full}, full, ks=(1, 5))
+    for key in want:
+        assert metrics[key] == pytest.approx(want[key], abs=1e-4), key
+
+    with pytest.raises(ValueError, match="no query has a relevant"):
+        evaluate(encode, queries, corpus, {"qc": {"d5": 0}})
+
+
+def test_examples_to_beir():
+    from prcl.training.data import Example
+
+    exs = [Example("q one", ("p1", "p2"), ("n1",), "ins", (("g1", 0.5),)), Example("q two", ("n1",))]
+    queries, instructions, corpus, qrels = examples_to_beir(exs)
+    assert queries == {"q0": "q one", "q1": "q two"} and instructions == {"q0": "ins", "q1": None}
+    assert sorted(corpus.values()) == ["g1", "n1", "p1", "p2"]
+    assert {corpus[d] for d in qrels["q0"]} == {"p1", "p2"} and [corpus[d] for d in qrels["q1"]] == ["n1"]
+    assert set(qrels["q0"].values()) == {1}
+
+
+def test_prcl_eval_cli_writes_run_and_metrics(tmp_path):
+    model, tok = tiny_model_and_tokenizer("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    corpus = jsonl(tmp_path / "corpus.jsonl", CORPUS + [{"_id": f"x{i}", "text": f"one two {i}"} for i in range(12)])
+    queries = jsonl(tmp_path / "queries.jsonl", QUERIES)
+    qrels = write(tmp_path / "qrels.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t2", "q1\td2\t1", "q2\td3\t1"])
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "model"), "--corpus", str(corpus), "--queries", str(queries),
+            "--qrels", str(qrels), "--out", str(out), "--chunk-size", "4", "--k", "1", "10"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    run = {}
+    for line in (out / "run.trec").read_text().splitlines():
+        qid, q0, did, rank, score, name = line.split()
+        assert q0 == "Q0" and name == "prcl" and int(rank) == len(run.setdefault(qid, {})) + 1
+        run[qid][did] = float(score)
+    assert {q: len(d) for q, d in run.items()} == {"q1": 10, "q2": 10}
+    assert all(list(d.values()) == sorted(d.values(), reverse=True) for d in run.values())
+    recomputed = compute_metrics(read_qrels(qrels), run, ks=(1, 10))
+    for key, value in recomputed.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-5)
+    assert metrics["queries"] == 2 and metrics["documents"] == 15
+
+    write(qrels, ["query-id\tcorpus-id\tscore", "q1\tnope\t1"])
+    assert main(argv) == 1
+
+
+def test_cli_parser_needs_no_torch():
+    import subprocess
+
+    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('ir', 'prcl/ir.py'); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.parser().parse_args("
+            "['--model', 'm', '--corpus', 'c', '--queries', 'q', '--qrels', 'r', '--out', 'o']); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
