@@ -44,7 +44,7 @@ def _jsonl(path, kind):
         yield lineno, obj
 
 
-def _read_texts(path, kind, with_title):
+def _read_texts(path, kind, with_title, keep=None):
     out, first = {}, {}
     for lineno, obj in _jsonl(path, kind):
         _id = obj.get("_id")
@@ -62,15 +62,17 @@ def _read_texts(path, kind, with_title):
         text = " ".join(p for p in parts if p)  # title and text joined as BEIR's dense models do
         if not text:
             raise ValueError(f"{path}:{lineno}: empty {kind} {_id!r}")
-        out[_id], first[_id] = text, lineno
-    if not out:
+        first[_id] = lineno
+        if keep is None or _id in keep:
+            out[_id] = text
+    if not first:
         raise ValueError(f"{path}: no {kind}s in the file")
     return out
 
 
-def read_corpus(path):
-    """{doc id: "title text"} from a BEIR corpus.jsonl."""
-    return _read_texts(path, "document", with_title=True)
+def read_corpus(path, keep=None):
+    """{doc id: "title text"} from a BEIR corpus.jsonl; with `keep`, only those ids (every line is checked)."""
+    return _read_texts(path, "document", with_title=True, keep=keep)
 
 
 def read_queries(path):

@@ -208,3 +208,67 @@ def test_cli_parser_needs_no_torch():
             "['--model', 'm', '--corpus', 'c', '--queries', 'q', '--qrels', 'r', '--out', 'o']); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ---- BEIR-layout training data for `prcl train` (prcl.training.data) ---------------------------------------
+
+def beir_dir(tmp_path, qrels_lines):
+    jsonl(tmp_path / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(6)])
+    jsonl(tmp_path / "queries.jsonl", [{"_id": f"q{i}", "text": f"query {i}"} for i in range(4)])
+    (tmp_path / "qrels").mkdir()
+    return write(tmp_path / "qrels" / "train.tsv", ["query-id\tcorpus-id\tscore"] + qrels_lines)
+
+
+def test_beir_train_qrels_give_the_jsonl_readers_examples(tmp_path):
+    from prcl.training.data import parse_example, read_beir, read_examples
+
+    qrels = beir_dir(tmp_path, ["q0\td0\t3", "q0\td1\t2", "q0\td2\t0", "q0\td3\t1", "q1\td4\t3",
+                                "q1\td5\t3", "q2\td1\t2", "q2\td0\t-1"])
+    want = [parse_example(json.dumps(o)) for o in (
+        {"query": "query 0", "positive": ["doc 0"], "negatives": ["doc 2"],
+         "graded": [{"text": "doc 1", "relevance": 2 / 3}, {"text": "doc 3", "relevance": 1 / 3}]},
+        {"query": "query 1", "positive": ["doc 4", "doc 5"]})]
+    got = read_beir(qrels)
+    assert got[:2] == want
+    # a query whose best document is below the file's top grade: graded documents, no positive
+    assert (got[2].positives, got[2].graded, got[2].negatives) == ((), (("doc 1", 2 / 3),), ("doc 0",))
+    assert read_examples(qrels) == got  # the path `prcl train --data` takes
+    trec = write(tmp_path / "qrels" / "trec.tsv", ["q1 0 d4 1", "q1 0 d5 1"])
+    assert read_beir(trec) == [want[1]]
+
+
+def test_beir_stream_resumes(tmp_path):
+    from prcl.training.data import ExampleStream
+
+    qrels = beir_dir(tmp_path, [f"q{i}\td{i}\t1" for i in range(4)])
+    stream = ExampleStream(str(qrels), block_size=3, seed=1)
+    it = iter(stream)
+    taken = [next(it).query for _ in range(5)]
+    assert sorted(taken[:4]) == [f"query {i}" for i in range(4)]  # one epoch holds every query once
+    state = stream.state_dict()
+    rest = [next(it).query for _ in range(6)]
+    resumed = ExampleStream(str(qrels), block_size=3, seed=1)
+    resumed.load_state_dict(state)
+    it2 = iter(resumed)
+    assert [next(it2).query for _ in range(6)] == rest
+
+
+@pytest.mark.parametrize("lines,lineno,reason", [
+    (["q9\td0\t1"], 2, "query-id 'q9' is not in"),
+    (["q0\td0\t1", "q0\td9\t1"], 3, "corpus-id 'd9' is not in"),
+    (["q0\td0\t1", "q0\td1\tx"], 3, "grade must be an integer"),
+])
+def test_beir_train_bad_lines(tmp_path, lines, lineno, reason):
+    from prcl.training.data import read_beir
+
+    qrels = beir_dir(tmp_path, lines)
+    with pytest.raises(ValueError, match=f"^{qrels}:{lineno}: {reason}"):
+        read_beir(qrels)
+
+
+def test_beir_train_needs_a_relevant_pair(tmp_path):
+    from prcl.training.data import read_beir
+
+    qrels = beir_dir(tmp_path, ["q0\td0\t0"])
+    with pytest.raises(ValueError, match="no pair has a grade above 0"):
+        read_beir(qrels)

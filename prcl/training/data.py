@@ -4,12 +4,18 @@
 
 "negatives", "instruction" and "graded" are optional; other keys are ignored. A bad line is reported as
 `FILE:LINE: reason`; the stream stops on it unless skip_bad_lines, which counts and reports it instead.
+
+A data path ending in .tsv is a BEIR-layout qrels file instead (DIR/qrels/SPLIT.tsv beside
+DIR/corpus.jsonl and DIR/queries.jsonl): see read_beir.
 """
+import functools
 import json
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class DataError(ValueError):
@@ -108,11 +114,58 @@ def _stderr(msg):
     print(msg, file=sys.stderr)
 
 
+def is_beir(path):
+    return str(path).endswith(".tsv")
+
+
+def read_beir(qrels, corpus=None, queries=None):
+    """Training examples from BEIR-layout qrels (`query-id corpus-id score`, or TREC `qid 0 docid grade`),
+    in the order queries first appear in the file.
+
+    corpus / queries default to corpus.jsonl / queries.jsonl in the qrels folder's parent (the BEIR
+    layout). Relevance = grade / the file's highest grade: documents at the highest grade are positives,
+    those in between graded documents, grade <= 0 hard negatives. A query whose best document is below
+    the highest grade has no positive, only graded documents. Bad lines raise `FILE:LINE: reason`.
+    """
+    from prcl.ir import iter_qrels, read_corpus, read_queries
+
+    root = Path(qrels).resolve().parent.parent
+    corpus, queries = corpus or root / "corpus.jsonl", queries or root / "queries.jsonl"
+    judged = list(iter_qrels(qrels))
+    query_text = read_queries(queries)
+    doc_text = read_corpus(corpus, keep={did for _, _, did, _ in judged})
+    for lineno, qid, did, _ in judged:
+        if qid not in query_text:
+            raise DataError(qrels, lineno, f"query-id {qid!r} is not in {queries}")
+        if did not in doc_text:
+            raise DataError(qrels, lineno, f"corpus-id {did!r} is not in {corpus}")
+    top = max(grade for *_, grade in judged)
+    if top <= 0:
+        raise ValueError(f"{qrels}: no pair has a grade above 0, so nothing is relevant")
+    by_query = {}
+    for _, qid, did, grade in judged:
+        by_query.setdefault(qid, []).append((doc_text[did], grade))
+    return [Example(query_text[qid], tuple(t for t, g in docs if g == top), tuple(t for t, g in docs if g <= 0),
+                    None, tuple((t, g / top) for t, g in docs if 0 < g < top))
+            for qid, docs in by_query.items()]
+
+
+@functools.lru_cache(maxsize=1)
+def _beir_examples(path, mtime):
+    return read_beir(path)
+
+
 def iter_file(path, *, skip_bad_lines=False, skipped=None, start=(0, 0)):
     """Yields (byte offset after the line, line number, Example) from `start` = (byte offset, lines before it).
 
     Blank lines are allowed (and skipped). A bad line raises DataError, or goes to `skipped`.
+    BEIR qrels (is_beir) are read whole (and cached); their positions count queries.
     """
+    if is_beir(path):
+        examples = _beir_examples(os.path.abspath(path), os.path.getmtime(path))
+        for k in range(start[0], len(examples)):
+            yield k + 1, k + 1, examples[k]
+        return
     offset, lineno = start
     with open(path, "rb") as f:
         f.seek(offset)
