@@ -1,17 +1,51 @@
-"""Compile the Triton kernel for Ampere and Hopper without a GPU and report what ptxas says.
+"""Compile the Triton kernel for Ampere, Hopper and Blackwell without a GPU and measure the machine code.
 
-    python -m prcl.compile_report [--json]   # a row per (arch, dtype, mode): shared memory, registers, spills
+    python -m prcl.compile_report [--json] [--arch 80 90 ...]   # a row per (arch, dtype, fwd/grad)
+    /tmp/t36/bin/python -m prcl.compile_report                   # the same with another triton (a venv)
 
-triton.compile with an explicit GPUTarget needs no driver; `ptxas -v` on the PTX gives registers
-and spills. The launch configuration is the launcher's own (`kernel_config`), so this reports what
-runs. Pointer and stride arguments get the 16-byte divisibility the JIT would specialise on.
-Run it without TRITON_INTERPRET: the interpreter's kernels cannot be compiled.
+triton.compile with an explicit GPUTarget needs no driver. Each row is read from the cubin that triton
+itself builds for the launcher's own configuration (`prcl.triton_impl.kernel_config`), with the
+cuobjdump and nvdisasm that triton bundles:
+
+- registers: `cuobjdump -res-usage`; spill_stores: STL instructions in the SASS (the kernel has no
+  local arrays, so every local store is a spill); stack: the stack frame in bytes.
+- blocks_per_sm: resident blocks per SM for this arch, the least of what registers (rounded up to 8
+  per thread), shared memory (triton's dynamic allocation plus the cubin's static shared memory plus
+  the 1 KiB the runtime reserves per block) and warps allow.
+- mma: the PTX matrix instruction, tcgen05.mma, wgmma (wgmma.mma_async), mma.sync, or FMA;
+  tma: whether the PTX uses TMA (cp.async.bulk.tensor).
+- epilogue_per_pair: SASS instructions of the per-tile epilogue per pair a thread owns. Defined as:
+  loops are the address ranges [target, branch] of backward branches in the SASS; the MMA loop is the
+  smallest loop holding an instruction that the line table attributes to the kernel's `tl.dot` call;
+  the tile loop is the smallest loop strictly containing it. The epilogue is every instruction of
+  the tile loop outside the MMA loop, except those the line table attributes to the source lines of
+  the `for` statement around `tl.dot` (the software pipeline's loads and waits peeled out of the K
+  loop). It is divided by the pairs per thread per tile, BLOCK_M·BLOCK_N / (32·num_warps).
+
+Limits of that measure: it is a static count, each instruction once. A branch inside the epilogue
+(an edge-tile path beside an interior one) counts both sides; a loop inside it (the sparse label
+columns) counts one iteration, i.e. the K = 1 of diagonal labels; code that ptxas moves out of the
+tile loop's address range (cold paths after EXIT, the IEEE division's slow path behind CALL) is not
+counted; loop bookkeeping of the tile loop is. Instructions are not weighted by issue cost or
+latency (MUFU, conversions and FFMA count alike).
+
+The kernel's signature is read from the JIT function: constexprs from kernel_config where it names
+them, WRITE_G and INPUT_PRECISION from the row, every other constexpr flag off (the plain case:
+no weights, sparse labels, as the diagonal default runs). Tensor descriptors get the blocks of
+DESC_BLOCKS, pointers `*fp32` unless POINTER_TYPES says otherwise, other arguments i32; pointers and
+D get the 16-byte divisibility the JIT would specialise on. Run it without TRITON_INTERPRET: the
+interpreter's kernels cannot be compiled.
 """
+import argparse
+import ast
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
+import textwrap
 
 import torch
 import triton
@@ -22,69 +56,202 @@ from prcl.kernels.pair_bce import pair_tile_kernel
 from prcl.triton_impl import kernel_config
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+ARCHS = (80, 90, 100, 120)
+OPTIONAL_ARCHS = (100, 120)  # reported when the installed triton and ptxas can target them
+DESC_BLOCKS = {"q_desc": ("BLOCK_M", "BLOCK_K"), "d_desc": ("BLOCK_N", "BLOCK_K"), "g_desc": ("BLOCK_M", "BLOCK_N")}
+POINTER_TYPES = {"idx_ptr": "*i64"}
+# Per SM: 32-bit registers, shared memory bytes, resident warps, resident blocks (CUDA occupancy tables)
+SM_LIMITS = {80: (65536, 167936, 64, 32), 90: (65536, 233472, 64, 32),
+             100: (65536, 233472, 64, 32), 120: (65536, 102400, 48, 32)}
+RESERVED_SHARED = 1024  # per block, held back by the CUDA runtime on sm_80 and later
 
 
 def compile_kernel(arch, dtype, write_g):
     cfg = kernel_config(dtype, write_g, arch)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     ty = TRITON_TYPES[dtype]
-    constexprs = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, WRITE_G=write_g, HAS_W=False, UPCAST=False,
-                      INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    signature = {"q_desc": f"tensordesc<{ty}[{BM},{BK}]>", "d_desc": f"tensordesc<{ty}[{BN},{BK}]>",
-                 "g_desc": f"tensordesc<{ty}[{BM},{BN}]>"}
-    names = pair_tile_kernel.arg_names
-    for name in names:
-        signature.setdefault(name, "constexpr" if name in constexprs else "*fp32" if name.endswith("_ptr") else "i32")
+    known = dict(cfg, WRITE_G=write_g, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    params = pair_tile_kernel.params
+    names = [p.name for p in params]
+    constexprs, signature = {}, {}
+    for p in params:
+        if p.is_constexpr:
+            constexprs[p.name] = known.get(p.name, False)
+            signature[p.name] = "constexpr"
+        elif p.name.endswith("_desc"):
+            if p.name not in DESC_BLOCKS:
+                raise ValueError(f"pair_tile_kernel argument {p.name!r}: no block shape in DESC_BLOCKS")
+            rows, cols = (cfg[b] for b in DESC_BLOCKS[p.name])
+            signature[p.name] = f"tensordesc<{ty}[{rows},{cols}]>"
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = POINTER_TYPES.get(p.name, "*fp32")
+        else:
+            signature[p.name] = "i32"
     aligned = [n for n in names if n.endswith("_ptr") or n == "D"]
     src = ASTSource(fn=pair_tile_kernel, signature=signature,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])), cfg
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return kernel, cfg
 
 
-def ptxas_report(ptx, arch):
-    """(registers, spill store bytes) from `ptxas -v`, using the newest ptxas bundled with triton."""
-    bin_dir = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
-    ptxas = max((os.path.join(bin_dir, f) for f in os.listdir(bin_dir) if f.startswith("ptxas")), key=_ptxas_version)
-    path = f"/tmp/prcl_sm{arch}_{os.getpid()}.ptx"
-    with open(path, "w") as f:
-        f.write(ptx)
-    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    out = subprocess.run([ptxas, "-v", "--gpu-name", gpu, path, "-o", os.devnull], capture_output=True, text=True)
-    os.remove(path)
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", name)
+
+
+def _run(args):
+    out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(out.stderr)
-    return int(re.search(r"Used (\d+) registers", out.stderr)[1]), int(re.search(r"(\d+) bytes spill stores", out.stderr)[1])
+        raise RuntimeError(f"{os.path.basename(args[0])} failed: {out.stderr.strip()}")
+    return out.stdout
 
 
-def _ptxas_version(path):
-    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
-    return tuple(int(x) for x in re.search(r"release (\d+)\.(\d+)", out).groups())
+def cubin_tools(cubin):
+    """(SASS listing with line info, resource usage text) of a cubin, from triton's own tools."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return _run([_tool("nvdisasm"), "-c", "-g", f.name]), _run([_tool("cuobjdump"), "-res-usage", f.name])
+
+
+INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;?\s*$")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
+BRANCH_TARGET = re.compile(r"\bBRA\S*\s.*?(\.L_x_\d+)")
+
+
+def parse_sass(text):
+    """[(address, instruction text, source file, source line)] and {label: address} of an nvdisasm -g
+    listing; an instruction carries the last line-info comment above it."""
+    instructions, labels, pending, where = [], {}, [], (None, None)
+    for line in text.splitlines():
+        if m := LINE_INFO.search(line):
+            where = (os.path.realpath(m[1]), int(m[2]))
+        elif m := LABEL.match(line):
+            pending.append(m[1])
+        elif m := INSTRUCTION.match(line):
+            address = int(m[1], 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            instructions.append((address, m[2], *where))
+    return instructions, labels
+
+
+def loops(instructions, labels):
+    """Address ranges [start, end] closed by a backward branch. A range across an unconditional EXIT
+    is not a loop: it is out-of-line code (an mbarrier wait) branching back to where it was called."""
+    exits = [a for a, text, _, _ in instructions if text.split()[0] == "EXIT"]
+    found = []
+    for address, text, _, _ in instructions:
+        if (m := BRANCH_TARGET.search(text)) and labels.get(m[1], address + 1) <= address:
+            start = labels[m[1]]
+            if not any(start <= e <= address for e in exits):
+                found.append((start, address))
+    return found
+
+
+def mma_source_lines(fn):
+    """(file, lines of the tl.dot calls, lines of the `for` statement around them) of a JIT kernel."""
+    lines, start = inspect.getsourcelines(fn)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    dots, loop_lines = set(), set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.For):
+            continue
+        calls = [c for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+                 and c.func.attr == "dot"]
+        inner = [f for f in ast.walk(node) if isinstance(f, ast.For) and f is not node]
+        if calls and not any(c in ast.walk(f) for f in inner for c in calls):  # the innermost dot loop
+            dots.update(start + c.lineno - 1 for c in calls)
+            loop_lines.update(range(start + node.lineno - 1, start + node.end_lineno))
+    if not dots:
+        raise ValueError(f"{fn.__name__}: no tl.dot inside a for loop")
+    return os.path.realpath(inspect.getsourcefile(fn)), dots, loop_lines
+
+
+def epilogue_instructions(instructions, labels, source_file, dot_lines, mma_loop_lines):
+    """Number of SASS instructions in the per-tile epilogue (module docstring: the definition)."""
+    ranges = loops(instructions, labels)
+
+    def smallest(candidates):
+        return min(candidates, key=lambda r: r[1] - r[0], default=None)
+
+    dot_addresses = [a for a, _, f, line in instructions if f == source_file and line in dot_lines]
+    mma = smallest([r for r in ranges if any(r[0] <= a <= r[1] for a in dot_addresses)])
+    if mma is None:
+        raise ValueError("no SASS loop holds the tl.dot instructions")
+    tile = smallest([r for r in ranges if r[0] <= mma[0] and mma[1] <= r[1] and r != mma])
+    if tile is None:
+        raise ValueError("no SASS loop around the MMA loop (the per-tile loop)")
+    return sum(1 for a, _, f, line in instructions
+               if tile[0] <= a <= tile[1] and not mma[0] <= a <= mma[1]
+               and not (f == source_file and line in mma_loop_lines))
+
+
+def blocks_per_sm(arch, registers, shared, warps):
+    regs, smem, max_warps, max_blocks = SM_LIMITS[arch]
+    by_regs = regs // (-(-registers // 8) * 8 * 32 * warps)
+    by_smem = smem // (shared + RESERVED_SHARED)
+    return min(by_regs, by_smem, max_warps // warps, max_blocks)
 
 
 def report(arch, dtype, write_g):
     kernel, cfg = compile_kernel(arch, dtype, write_g)
     ptx = kernel.asm["ptx"]
-    regs, spills = ptxas_report(ptx, arch)
+    sass, usage = cubin_tools(kernel.asm["cubin"])
+    registers = int(re.search(r"REG:(\d+)", usage)[1])
+    stack = int(re.search(r"STACK:(\d+)", usage)[1])
+    static_shared = int(re.search(r"SHARED:(\d+)", usage)[1])
+    instructions, labels = parse_sass(sass)
+    spill_stores = sum(1 for _, text, _, _ in instructions if re.search(r"(^|\s)STL(\.|\s)", text))
+    epilogue = epilogue_instructions(instructions, labels, *mma_source_lines(pair_tile_kernel.fn))
+    warps = cfg["num_warps"]
+    pairs_per_thread = cfg["BLOCK_M"] * cfg["BLOCK_N"] / (32 * warps)
+    shared = kernel.metadata.shared + static_shared
+    mma = next((name for name, ptx_op in (("tcgen05.mma", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"),
+                                          ("mma.sync", "mma.sync")) if ptx_op in ptx), "FMA")
     return dict(arch=f"sm_{arch}", dtype=TRITON_TYPES[dtype], mode="grad" if write_g else "fwd",
-                tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", warps=cfg["num_warps"],
-                stages=cfg["num_stages"], shared=kernel.metadata.shared, registers=regs, spill_bytes=spills,
-                mma=next((m for m in ("wgmma.mma_async", "mma.sync") if m in ptx), "none (FMA)"),
-                tma="cp.async.bulk.tensor" in ptx)
+                tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", warps=warps,
+                stages=cfg["num_stages"], shared=shared, registers=registers, spill_stores=spill_stores,
+                stack=stack, blocks_per_sm=blocks_per_sm(arch, registers, shared, warps),
+                epilogue_per_pair=round(epilogue / pairs_per_thread, 1), mma=mma, tma="cp.async.bulk.tensor" in ptx)
+
+
+def rows_for(arch):
+    """The rows of one arch; an optional arch the toolchain cannot target gives (None, reason)."""
+    try:
+        return [report(arch, dtype, write_g) for dtype in TRITON_TYPES for write_g in (False, True)], None
+    except Exception as e:  # noqa: BLE001 (only for OPTIONAL_ARCHS: the caller re-raises the others)
+        if arch not in OPTIONAL_ARCHS:
+            raise
+        return None, f"sm_{arch}: not compiled with triton {triton.__version__} ({type(e).__name__}: " \
+                     f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m prcl.compile_report", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="one JSON object: triton version, rows, skipped archs")
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    return p
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    rows = [report(arch, dtype, write_g) for arch in (80, 90) for dtype in TRITON_TYPES for write_g in (False, True)]
-    if "--json" in argv:
-        print(json.dumps(rows))
+    args = _parser().parse_args(argv)
+    rows, skipped = [], []
+    for arch in args.arch:
+        got, reason = rows_for(arch)
+        rows.extend(got or [])
+        skipped.extend([reason] if reason else [])
+    if args.json:
+        print(json.dumps(dict(triton=triton.__version__, rows=rows, skipped=skipped)))
         return 0
     print(f"triton {triton.__version__}, pair_tile_kernel")
     print("| " + " | ".join(rows[0]) + " |")
     print("|" + "---|" * len(rows[0]))
     for r in rows:
         print("| " + " | ".join(str(v) for v in r.values()) + " |")
+    for reason in skipped:
+        print(reason)
     return 0
 
 
