@@ -107,8 +107,9 @@ class TrainConfig:
             raise ValueError("convert_checkpoint: only with --resume")
 
     def weight_settings(self):
-        """The WEIGHT_SETTINGS as a dict, the model's path made absolute (a resume may run elsewhere)."""
+        """The WEIGHT_SETTINGS as a dict; the model by its directory's or file's name, so that a run and
+        its model copied elsewhere still resume."""
         settings = {name: getattr(self, name) for name in WEIGHT_SETTINGS}
         if settings["model"]:
-            settings["model"] = os.path.abspath(settings["model"])
+            settings["model"] = os.path.basename(os.path.normpath(settings["model"]))
         return settings
