@@ -183,8 +183,8 @@ def train(cfg, encoder=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = _prepare_out(cfg, rank)
     eval_examples = read_eval_set(cfg.eval, cfg.eval_max_queries) if cfg.eval else None
+    out = _prepare_out(cfg, rank)
     barrier(world)
 
     torch.manual_seed(cfg.seed)  # LoRA's initialisation: identical on every rank
