@@ -1,0 +1,123 @@
+"""Fine-tune all-MiniLM-L6-v2 on the man-pages train split and measure nDCG@10 on a held-out split.
+
+    python benchmarks/quality/build_manpages.py                     # the data, once
+    python benchmarks/quality/run_minilm.py --loss zero-shot
+    python benchmarks/quality/run_minilm.py --loss infonce --seed 0  # and prcl-binary, prcl-graded
+
+Training rows, from qrels/train.tsv (grade 2 = the page itself, 1 = a page in its SEE ALSO):
+  infonce      (query, grade-2 page) rows, sentence-transformers' MultipleNegativesRankingLoss (scale 20)
+  prcl-binary  the same rows, prcl's PairRelevanceLoss (t = 10, b = −log(N−1))
+  prcl-graded  the same rows with label 1, plus (query, grade-1 page) rows with label grade / max = 0.5
+Every loss trains for the same number of steps of the same batch size with the same learning rate,
+other rows' documents as in-batch negatives, no hard negatives, NoDuplicatesBatchSampler (a repeated
+query or page never shares a batch). Each run appends one JSON line to --results.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "examples"))
+from st_minilm_dpkg import minilm_path  # noqa: E402
+
+from prcl.ir import evaluate, read_corpus, read_qrels, read_queries  # noqa: E402
+
+LOSSES = ("zero-shot", "infonce", "prcl-binary", "prcl-graded")
+
+
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def train_rows(queries, corpus, qrels, graded):
+    rows = {"anchor": [], "positive": [], "label": []}
+    for qid, judged in qrels.items():
+        top = max(judged.values())
+        for did, grade in judged.items():
+            if grade == top or (graded and grade > 0):
+                rows["anchor"].append(queries[qid])
+                rows["positive"].append(corpus[did])
+                rows["label"].append(grade / top)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loss", choices=LOSSES, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=str(HERE / "data" / "manpages"))
+    ap.add_argument("--split", default="test", help="evaluation split (dev for tuning, test for reporting)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--max-seq-length", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=str(HERE / "results" / "minilm.jsonl"))
+    args = ap.parse_args()
+
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from prcl.integrations.sentence_transformers import PairRelevanceLoss
+
+    torch.set_num_threads(args.threads)
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    data = Path(args.data)
+    corpus, queries = read_corpus(data / "corpus.jsonl"), read_queries(data / "queries.jsonl")
+    torch.manual_seed(args.seed)
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    model.max_seq_length = args.max_seq_length
+
+    record = {"loss": args.loss, "seed": args.seed, "split": args.split}
+    if args.loss != "zero-shot":
+        from datasets import Dataset
+
+        rows = train_rows(queries, corpus, read_qrels(data / "qrels" / "train.tsv", queries, corpus),
+                          graded=args.loss == "prcl-graded")
+        if args.loss == "infonce":
+            del rows["label"]
+            loss = MultipleNegativesRankingLoss(model)
+        else:
+            loss = PairRelevanceLoss(model)
+        training_args = SentenceTransformerTrainingArguments(
+            output_dir=str(HERE / "runs" / f"{args.loss}-{args.seed}"), max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=0.1,
+            lr_scheduler_type="linear", seed=args.seed, batch_sampler="no_duplicates", logging_steps=10,
+            save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+        trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=Dataset.from_dict(rows),
+                                             loss=loss)
+        t0 = time.perf_counter()
+        result = trainer.train()
+        record.update(train_rows=len(rows["anchor"]), steps=result.global_step, batch_size=args.batch_size,
+                      lr=args.lr, train_loss=result.training_loss, train_s=round(time.perf_counter() - t0, 1))
+
+    def encode(texts, instruction):
+        return model.encode(texts, prompt=instruction, batch_size=64, convert_to_tensor=True,
+                            normalize_embeddings=True, show_progress_bar=False)
+
+    qrels = read_qrels(data / "qrels" / f"{args.split}.tsv", queries, corpus)
+    metrics, _ = evaluate(encode, {q: queries[q] for q in qrels}, corpus, qrels)
+    record.update(metrics)
+    record.update(max_seq_length=args.max_seq_length, wall_s=round(time.perf_counter() - t_start, 1),
+                  cpu_s=round(time.process_time() - cpu_start, 1), threads=args.threads, cpu=cpu_name(),
+                  torch=torch.__version__, command="python " + " ".join(sys.argv))
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
