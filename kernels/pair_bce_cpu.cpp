@@ -1,16 +1,20 @@
-// The native CPU kernel of prcl's label-free term (DESIGN §1, §3), without allocating q @ d.T:
+// The native CPU kernel of prcl's loss (docs/design.md), without allocating q @ d.T:
 //
-//     rows_i = Σ_j softplus(z_ij),   z = t·q·dᵀ + b
-//     G_ij = w_i·σ(z_ij):   G·d (B, D),   Gᵀ·q (N, D),   Σ G∘S,   Σ G      (w = None means 1)
+//     rows_i = Σ_j l_ij,   l = softplus(z) − y·z,   z = t·q·dᵀ + b,   pairs with y < 0 excluded
+//     G_ij = w_i·(σ(z_ij) − y_ij):   G·d (B, D),   Gᵀ·q (N, D),   Σ G∘S,   Σ G      (w = None means 1)
 //
-// the convention of prcl/panels.py: no factor t on G·d and Gᵀ·q (prcl/ops.py applies it), labels are
-// the caller's sparse correction. Float32 arithmetic; bf16/fp16 inputs are upcast once.
+// the convention of prcl/panels.py: no factor t on G·d and Gᵀ·q (prcl/ops.py applies it). Labels come
+// in the ops' layout (prcl/ops.py): a dense (B, N) matrix, or K (index, label) columns per row.
+// Float32 arithmetic; bf16/fp16 inputs are upcast once.
 //
 // 1. The pair matrix is cut into tiles of TM query rows × TN document columns. A tile's similarity
 //    block S = q_P·d_jᵀ comes from the BLAS GEMM behind at::mm_out (MKL in the torch wheels), written
 //    into a per-thread float32 buffer of TM×TN: workspace is tiles × threads, never B×N.
-// 2. One pass over the tile does the special functions; e = exp(−|z|) serves both of them:
-//        softplus(z) = max(z, 0) + log1p(e)        σ(z) = (z ≥ 0 ? 1 : e) / (1 + e)
+// 2. One pass over the tile does the special functions, with the tile row's labels beside it (a row
+//    of the dense matrix, or a zeroed scratch row where the sparse columns are set and reset);
+//    e = exp(−|z|) serves everything; with r = e/(1 + e) = σ(−|z|):
+//        l = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e)       (no cancellation of y·z)
+//        G = (1 − y) − r  if z ≥ 0  else  r − y                 (σ − y without forming σ ≈ 1)
 //    It is plain C++ the compiler vectorises, compiled three times (AVX-512, AVX2+FMA, baseline
 //    x86-64) and picked at load time from cpuid, so the library stays safe to move between machines.
 // 3. G overwrites S in place and feeds two more GEMMs: Gᵀ·q_P accumulates into the tile's rows of
@@ -134,30 +138,37 @@ PRCL_INLINE float log1p_unit(float e) {
   return 2.0f * s * p;
 }
 
-// Σ_c softplus(t·s_c + b) over one row of a tile.
-PRCL_INLINE float softplus_row_body(const float* __restrict s, int64_t n, float t, float b) {
+// Σ_c l_c over one row of a tile, with labels y_c (y < 0: excluded pair).
+PRCL_INLINE float loss_row_body(const float* __restrict s, const float* __restrict y, int64_t n, float t,
+                                float b) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t c = 0; c < n; ++c) {
     const float z = t * s[c] + b;
+    const bool keep = y[c] >= 0.0f;
+    const float yc = keep ? y[c] : 0.0f;  // −inf labels must not reach a product
     const float e = exp_nonpos(-std::fabs(z));
-    acc += (z > 0.0f ? z : 0.0f) + log1p_unit(e);
+    const float l = (1.0f - yc) * (z > 0.0f ? z : 0.0f) + yc * (z < 0.0f ? -z : 0.0f) + log1p_unit(e);
+    acc += keep ? l : 0.0f;
   }
   return acc;
 }
 
-// One row of a tile: s_c ← G_c = w·σ(z_c) in place; returns Σ softplus(z_c), adds Σ G∘S, Σ G to sums.
-PRCL_INLINE float softplus_grad_row_body(float* __restrict s, int64_t n, float t, float b, float w,
-                                         float* __restrict sums) {
+// One row of a tile: s_c ← G_c = w·(σ(z_c) − y_c) in place; returns Σ l_c, adds Σ G∘S, Σ G to sums.
+PRCL_INLINE float loss_grad_row_body(float* __restrict s, const float* __restrict y, int64_t n, float t,
+                                     float b, float w, float* __restrict sums) {
   float acc = 0.0f, acc_gs = 0.0f, acc_g = 0.0f;
 #pragma omp simd reduction(+ : acc, acc_gs, acc_g)
   for (int64_t c = 0; c < n; ++c) {
     const float sv = s[c];
     const float z = t * sv + b;
+    const bool keep = y[c] >= 0.0f;
+    const float yc = keep ? y[c] : 0.0f;
     const float e = exp_nonpos(-std::fabs(z));
-    // l = softplus(z) − y·z ;  dl/dz = σ(z) − y ;  the −y part is the caller's sparse correction
-    const float g = w * ((z >= 0.0f ? 1.0f : e) / (1.0f + e));
-    acc += (z > 0.0f ? z : 0.0f) + log1p_unit(e);
+    const float r = e / (1.0f + e);
+    const float l = (1.0f - yc) * (z > 0.0f ? z : 0.0f) + yc * (z < 0.0f ? -z : 0.0f) + log1p_unit(e);
+    const float g = keep ? w * (z >= 0.0f ? (1.0f - yc) - r : r - yc) : 0.0f;
+    acc += keep ? l : 0.0f;
     acc_gs += g * sv;
     acc_g += g;
     s[c] = g;
@@ -167,16 +178,16 @@ PRCL_INLINE float softplus_grad_row_body(float* __restrict s, int64_t n, float t
   return acc;
 }
 
-using RowFn = float (*)(const float*, int64_t, float, float);
-using GradRowFn = float (*)(float*, int64_t, float, float, float, float*);
+using RowFn = float (*)(const float*, const float*, int64_t, float, float);
+using GradRowFn = float (*)(float*, const float*, int64_t, float, float, float, float*);
 
 #define PRCL_DEFINE_EPILOGUE(SUFFIX, ATTR)                                                        \
-  ATTR float softplus_row_##SUFFIX(const float* s, int64_t n, float t, float b) {                 \
-    return softplus_row_body(s, n, t, b);                                                         \
+  ATTR float loss_row_##SUFFIX(const float* s, const float* y, int64_t n, float t, float b) {     \
+    return loss_row_body(s, y, n, t, b);                                                          \
   }                                                                                               \
-  ATTR float softplus_grad_row_##SUFFIX(float* s, int64_t n, float t, float b, float w,           \
-                                        float* sums) {                                            \
-    return softplus_grad_row_body(s, n, t, b, w, sums);                                           \
+  ATTR float loss_grad_row_##SUFFIX(float* s, const float* y, int64_t n, float t, float b,        \
+                                    float w, float* sums) {                                       \
+    return loss_grad_row_body(s, y, n, t, b, w, sums);                                            \
   }
 
 PRCL_DEFINE_EPILOGUE(base, )
@@ -205,11 +216,11 @@ Epilogue pick_epilogue() {
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx512 && (want.empty() || want == "avx512"))
-    return {softplus_row_avx512, softplus_grad_row_avx512, "avx512"};
+    return {loss_row_avx512, loss_grad_row_avx512, "avx512"};
   if (avx2 && (want.empty() || want == "avx512" || want == "avx2"))
-    return {softplus_row_avx2, softplus_grad_row_avx2, "avx2"};
+    return {loss_row_avx2, loss_grad_row_avx2, "avx2"};
 #endif
-  return {softplus_row_base, softplus_grad_row_base, "base"};
+  return {loss_row_base, loss_grad_row_base, "base"};
 }
 
 const Epilogue& epilogue() {
@@ -237,10 +248,55 @@ void check_inputs(const at::Tensor& q, const at::Tensor& d, const at::Tensor& sc
 // The kernel sits below autograd: detached float32 rows, copied only when dtype or layout require it.
 at::Tensor fp32_rows(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
 
-// One S tile (TM×TN float32) per thread, uninitialised.
+// Per thread: one S tile (TM×TN float32, uninitialised), then one row of TN zeroed label scratch.
+int64_t workspace_floats(const Plan& p) { return p.tm * p.tn + p.tn; }
+
 std::unique_ptr<float[]> tile_workspace(const Plan& p) {
-  return std::unique_ptr<float[]>(new float[at::get_num_threads() * p.tm * p.tn]);
+  const int64_t per = workspace_floats(p), threads = at::get_num_threads();
+  std::unique_ptr<float[]> ws(new float[threads * per]);
+  for (int64_t i = 0; i < threads; ++i) std::fill_n(ws.get() + i * per + p.tm * p.tn, p.tn, 0.0f);
+  return ws;
 }
+
+// The labels in the ops' layout: dense (B, N), or K (index, label) columns per row (index: int64,
+// outside [0, N) lists nothing). row() hands the epilogue a tile row's labels: a row of the dense
+// matrix, or the thread's zeroed scratch with the row's listed pairs set; clear() zeroes them again.
+struct Labels {
+  at::Tensor y, idx;  // float32 contiguous; idx undefined for dense labels
+  int64_t N, K;
+
+  Labels(const at::Tensor& labels, const c10::optional<at::Tensor>& index, int64_t B, int64_t N_)
+      : y(labels.detach().to(at::kFloat).contiguous()), N(N_), K(0) {
+    if (index.has_value()) {
+      idx = index->detach().contiguous();
+      K = idx.size(1);
+      TORCH_CHECK(idx.scalar_type() == at::kLong && y.sizes() == idx.sizes() && y.size(0) == B,
+                  "prcl native: labels and label_index must both be (B, K) with int64 indices, got ",
+                  y.sizes(), " and ", idx.sizes());
+    } else {
+      TORCH_CHECK(y.dim() == 2 && y.size(0) == B && y.size(1) == N,
+                  "prcl native: dense labels must be (B, N) = (", B, ", ", N, "), got ", y.sizes());
+    }
+  }
+
+  const float* row(int64_t i, int64_t j0, int64_t nt, float* scratch) const {
+    if (!idx.defined()) return y.data_ptr<float>() + i * N + j0;
+    for_listed(i, j0, nt, [&](int64_t c, float v) { scratch[c] = v; });
+    return scratch;
+  }
+
+  void clear(int64_t i, int64_t j0, int64_t nt, float* scratch) const {
+    if (idx.defined()) for_listed(i, j0, nt, [&](int64_t c, float) { scratch[c] = 0.0f; });
+  }
+
+  template <typename F>
+  void for_listed(int64_t i, int64_t j0, int64_t nt, const F& f) const {
+    const int64_t* ix = idx.data_ptr<int64_t>() + i * K;
+    const float* yv = y.data_ptr<float>() + i * K;
+    for (int64_t k = 0; k < K; ++k)
+      if (ix[k] >= j0 && ix[k] < j0 + nt) f(ix[k] - j0, yv[k]);
+  }
+};
 
 // A (rows × cols) float32 matrix over a raw buffer of this thread's workspace.
 at::Tensor tile_view(float* p, int64_t rows, int64_t cols) {
@@ -263,23 +319,25 @@ void for_each_item(int64_t n, float* workspace, int64_t workspace_floats, const 
 }
 
 // ---------------------------------------------------------------------------------------------
-// rows_i = Σ_j softplus(t·q_i·d_j + b). Work items are (row tile, chunk) pairs, all independent:
-// each writes its own partial row sums, added in chunk order afterwards.
-at::Tensor softplus_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale,
-                         const at::Tensor& bias) {
+// rows_i = Σ_j l_ij. Work items are (row tile, chunk) pairs, all independent: each writes its own
+// partial row sums, added in chunk order afterwards.
+at::Tensor loss_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale,
+                     const at::Tensor& bias, const at::Tensor& labels,
+                     const c10::optional<at::Tensor>& label_index) {
   check_inputs(q_in, d_in, scale, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor q = fp32_rows(q_in), d = fp32_rows(d_in);
   const int64_t B = q.size(0), N = d.size(0), D = q.size(1);
   const float t = scale.item<float>(), b = bias.item<float>();
   if (B == 0 || N == 0) return at::zeros({B}, q.options());
+  const Labels Y(labels, label_index, B, N);
   const Plan p = make_plan(B, N, D);
   const int64_t row_tiles = (B + p.tm - 1) / p.tm;
   const Epilogue& ep = epilogue();
 
   std::vector<double> partial(static_cast<size_t>(p.chunks * B), 0.0);  // [chunk][row]
   const auto workspace = tile_workspace(p);
-  for_each_item(row_tiles * p.chunks, workspace.get(), p.tm * p.tn, [&](int64_t item, float* ws) {
+  for_each_item(row_tiles * p.chunks, workspace.get(), workspace_floats(p), [&](int64_t item, float* ws) {
     const int64_t i0 = (item / p.chunks) * p.tm, c = item % p.chunks;
     const int64_t mt = std::min(p.tm, B - i0);
     const at::Tensor q_i = q.narrow(0, i0, mt);
@@ -288,7 +346,11 @@ at::Tensor softplus_rows(const at::Tensor& q_in, const at::Tensor& d_in, const a
       const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
       at::Tensor s = tile_view(ws, mt, nt);
       at::mm_out(s, q_i, d.narrow(0, j0, nt).t());  // S = q_i·d_jᵀ  (mt, nt)
-      for (int64_t r = 0; r < mt; ++r) rows[r] += ep.row(ws + r * nt, nt, t, b);
+      float* scratch = ws + p.tm * p.tn;
+      for (int64_t r = 0; r < mt; ++r) {
+        rows[r] += ep.row(ws + r * nt, Y.row(i0 + r, j0, nt, scratch), nt, t, b);
+        Y.clear(i0 + r, j0, nt, scratch);
+      }
     }
   });
   at::Tensor out = at::empty({B}, q.options());
@@ -301,9 +363,10 @@ at::Tensor softplus_rows(const at::Tensor& q_in, const at::Tensor& d_in, const a
   return out;
 }
 
-// Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij) (prcl/panels.py's convention).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_grads(
+// Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij (prcl/panels.py's convention).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_grads(
     const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& labels, const c10::optional<at::Tensor>& label_index,
     const c10::optional<at::Tensor>& w_in) {
   check_inputs(q_in, d_in, scale, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -321,6 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_
     return {at::zeros({B}, q.options()), at::zeros({B, D}, q.options()), at::zeros({N, D}, q.options()),
             at::zeros({}, q.options()), at::zeros({}, q.options())};
   }
+  const Labels Y(labels, label_index, B, N);
   const Plan p = make_plan(B, N, D);
   const Epilogue& ep = epilogue();
 
@@ -338,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_
     const at::Tensor q_i = q.narrow(0, i0, mt);
     std::fill(rows_part.begin(), rows_part.end(), 0.0);
     std::fill(sums_part.begin(), sums_part.end(), 0.0);
-    for_each_item(p.chunks, workspace.get(), p.tm * p.tn, [&](int64_t c, float* ws) {
+    for_each_item(p.chunks, workspace.get(), workspace_floats(p), [&](int64_t c, float* ws) {
       at::Tensor gd_c = gd_part[c].narrow(0, 0, mt);
       double* rows = rows_part.data() + c * p.tm;
       for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
@@ -346,9 +410,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_
         const at::Tensor d_j = d.narrow(0, j0, nt);
         at::Tensor s = tile_view(ws, mt, nt);
         at::mm_out(s, q_i, d_j.t());  // S = q_i·d_jᵀ  (mt, nt)
+        float* scratch = ws + p.tm * p.tn;
         for (int64_t r = 0; r < mt; ++r) {
           float row_sums[2] = {0.0f, 0.0f};  // Σ G∘S, Σ G of the row
-          rows[r] += ep.grad_row(ws + r * nt, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
+          const float* y = Y.row(i0 + r, j0, nt, scratch);
+          rows[r] += ep.grad_row(ws + r * nt, y, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
+          Y.clear(i0 + r, j0, nt, scratch);
           sums_part[2 * c] += row_sums[0];
           sums_part[2 * c + 1] += row_sums[1];
         }
@@ -390,14 +457,16 @@ std::string info() {
 }  // namespace prcl_native
 
 TORCH_LIBRARY_FRAGMENT(prcl, m) {
-  m.def("native_softplus_rows(Tensor q, Tensor d, Tensor scale, Tensor bias) -> Tensor");
   m.def(
-      "native_softplus_grads(Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor? w) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "native_loss_rows(Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor labels, "
+      "Tensor? label_index) -> Tensor");
+  m.def(
+      "native_loss_grads(Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor labels, "
+      "Tensor? label_index, Tensor? w) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("native_info() -> str", &prcl_native::info);
 }
 
 TORCH_LIBRARY_IMPL(prcl, CPU, m) {
-  m.impl("native_softplus_rows", &prcl_native::softplus_rows);
-  m.impl("native_softplus_grads", &prcl_native::softplus_grads);
+  m.impl("native_loss_rows", &prcl_native::loss_rows);
+  m.impl("native_loss_grads", &prcl_native::loss_grads);
 }

@@ -1,7 +1,10 @@
-"""Input checks for the public contract (DESIGN §2), shared by every backend and the reference.
+"""Input checks for the public contract (docs/design.md, "Contract"), shared by every backend and the
+reference.
 
-Shape, dtype and device checks run always (they are static under torch.compile); checks that read
-label values run only in eager mode, so compiling a training step never breaks the graph.
+Shape, dtype and device checks run always (they are static under torch.compile). Checks of label
+values read them on the host only for CPU tensors; on a GPU they are device-side asserts, so a call
+never waits for the device. They are skipped while torch.compile traces, so that compiling a training
+step never breaks the graph.
 """
 import math
 import os
@@ -99,6 +102,19 @@ def _check_labels(q, d, labels, label_index):
                          f"{_shapes(q=q, d=d, labels=labels)}")
     if torch.compiler.is_compiling():
         return
+    if labels.device.type == "cpu":
+        _check_label_values(labels, label_index, N)
+    else:
+        _assert_label_values(labels, label_index, N)
+
+
+def _duplicate_index(label_index):
+    ordered = label_index.sort(dim=1).values
+    return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
+
+
+def _check_label_values(labels, label_index, N):
+    """CPU tensors: reading values costs no device sync, so check them and say what was found."""
     if torch.isnan(labels).any() or (labels > 1).any():
         raise ValueError(f"labels: values must lie in [0, 1] (or < 0 to exclude a pair); found "
                          f"{'NaN' if torch.isnan(labels).any() else f'max {labels.max().item():.4g}'}")
@@ -106,6 +122,17 @@ def _check_labels(q, d, labels, label_index):
         if ((label_index < -1) | (label_index >= N)).any():
             raise ValueError(f"label_index: values must lie in [-1, N) = [-1, {N}); found "
                              f"[{label_index.min().item()}, {label_index.max().item()}]")
-        ordered = label_index.sort(dim=1).values
-        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+        if _duplicate_index(label_index):
             raise ValueError("label_index: a document index appears twice in one row; list each pair once")
+
+
+def _assert_label_values(labels, label_index, N):
+    """Device tensors: the same checks as asserts that the device raises on its own, without the host
+    waiting for a value (a CUDA error surfaces at the next synchronising call)."""
+    torch._assert_async(~(torch.isnan(labels) | (labels > 1)).any(),
+                        "prcl: labels: values must lie in [0, 1] (or < 0 to exclude a pair)")
+    if label_index is not None:
+        torch._assert_async(((label_index >= -1) & (label_index < N)).all(),
+                            f"prcl: label_index: values must lie in [-1, N) = [-1, {N})")
+        torch._assert_async(~_duplicate_index(label_index),
+                            "prcl: label_index: a document index appears twice in one row")

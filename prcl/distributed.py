@@ -18,9 +18,13 @@ Semantics (rank r of R holds q_r (B_r, D), d_r (N_r, D); off_r = N_0 + … + N_{
   are exactly the single-process gradient rows of rank r's data: the gradient that other ranks'
   queries send to d_r comes back through the collective. A scale/bias tensor gets only rank r's share;
   the sum over ranks is the single-process gradient (all-reduce with SUM if it is not in DDP/FSDP).
-- Every rank must make the same call (strategy, reduction, D, dtype, grad mode, d.requires_grad). A
-  rank whose inputs fail the checks raises its ValueError and every other rank raises a ValueError
-  naming it, after one small all-gather: bad input never leaves ranks waiting in a collective.
+- Every rank must make the same call (strategy, reduction, D, dtype, grad mode, d.requires_grad,
+  scale and bias values). A rank whose inputs fail the checks raises its ValueError and every other
+  rank raises a ValueError naming it, after one small all-gather: bad input never leaves ranks
+  waiting in a collective. Inputs are checked once per call, not per chunk.
+- A rank that fails *outside* this call (an exception caught and survived, a crashed process) leaves
+  its peers blocked in their next collective until the process group's timeout: gloo's default is
+  30 minutes. Pass `timeout=datetime.timedelta(minutes=...)` to `init_process_group` to bound it.
 
 DDP and FSDP. Both average gradients over the data-parallel ranks (DDP's all-reduce divides by its
 world size W; FSDP1 pre/post-divides by W in total; FSDP2's reduce-scatter averages over the shard
@@ -58,7 +62,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from prcl import loss
 from prcl.contract import DTYPES, REDUCTIONS, check_inputs, default_bias
+from prcl.ops import auto_backend, check_backend
 
 STRATEGIES = ("gather", "ring")
 
@@ -97,24 +103,37 @@ def ddp_loss_scale(process_group=None):
 
 # --- handshake: sizes and agreement, one small all-gather ------------------------------------------
 
-_FIELDS = ("ok", "B", "N", "D", "dtype", "needs_grad", "d_grad", "strategy", "reduction")
-_AGREE = ("D", "dtype", "needs_grad", "d_grad", "strategy", "reduction")
+_FIELDS = ("ok", "B", "N", "D", "dtype", "needs_grad", "d_grad", "strategy", "reduction", "scale",
+           "bias_given", "bias")
+_AGREE = ("D", "dtype", "needs_grad", "d_grad", "strategy", "reduction", "scale", "bias_given", "bias")
 _WHAT = {"D": "embedding dim", "dtype": "dtype", "needs_grad": "grad mode / requires_grad",
-         "d_grad": "d.requires_grad", "strategy": "strategy", "reduction": "reduction"}
+         "d_grad": "d.requires_grad", "strategy": "strategy", "reduction": "reduction", "scale": "scale",
+         "bias_given": "bias (None on some ranks only)", "bias": "bias"}
 
 
 def _code(table, value):
     return table.index(value) if value in table else -1
 
 
-def _handshake(q, d, error, want, strategy, reduction, group):
-    """All-gathers each rank's sizes and call settings; raises on every rank if any rank failed."""
+def _value(x, device):
+    """A scale or bias as a float64 0-dim tensor on `device`, read on the host only with the table."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point():
+        return x.detach().to(device, torch.float64)
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool)
+    return torch.full((), float(x) if ok else 0.0, dtype=torch.float64, device=device)
+
+
+def _handshake(q, d, error, want, strategy, reduction, scale, bias, group):
+    """All-gathers each rank's sizes and call settings (one float64 row per rank; the integers in it
+    are exact); raises on every rank if any rank failed or the ranks disagree."""
     shape_ok = isinstance(q, torch.Tensor) and isinstance(d, torch.Tensor) and q.dim() == 2 and d.dim() == 2
     mine = [error is None, q.shape[0] if shape_ok else 0, d.shape[0] if shape_ok else 0,
             q.shape[1] if shape_ok else 0, _code(DTYPES, getattr(q, "dtype", None)), any(want), want[1],
             _code(STRATEGIES, strategy), _code(REDUCTIONS, reduction)]
     device = q.device if isinstance(q, torch.Tensor) else "cpu"
-    local = torch.tensor([int(v) for v in mine], dtype=torch.int64, device=device)
+    local = torch.cat([torch.tensor([float(v) for v in mine], dtype=torch.float64).to(device),
+                       torch.stack([_value(scale, device), _value(bias is not None, device),
+                                    _value(0.0 if bias is None else bias, device)])])
     rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, local, group=group)
     table = torch.stack(rows).tolist()
@@ -129,7 +148,7 @@ def _handshake(q, d, error, want, strategy, reduction, group):
         if len({row[k] for row in table}) > 1:
             raise ValueError(f"prcl.distributed: ranks disagree on {_WHAT[field]} "
                              f"({field} per rank: {[row[k] for row in table]}); every rank must make the same call")
-    return [row[1] for row in table], [row[2] for row in table]
+    return [int(row[1]) for row in table], [int(row[2]) for row in table]
 
 
 @dataclass
@@ -162,8 +181,6 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bia
     group, `None` for the default group, or `Ring(group)` / `Gather(group)`; `strategy` is "gather"
     (default) or "ring". Semantics, DDP/FSDP scaling and strategies: see the module docstring.
     """
-    from prcl.functional import fused_pair_bce, scalar_tensor
-
     group, strategy = _unwrap(process_group, strategy)
     if not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
@@ -174,7 +191,11 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bia
         error = e
     want = tuple(torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
                  for x in (q, d, scale, bias))
-    b_sizes, n_sizes = _handshake(q, d, error, want, strategy, reduction, group)
+    b_sizes, n_sizes = _handshake(q, d, error, want, strategy, reduction, scale, bias, group)
+    backend = backend or auto_backend(q.device)
+    check_backend(backend, q.device)
+    # labels=None/(B_r,) become one listed pair per query, (i, off_r + i), before either strategy
+    labels, label_index = loss.kernel_labels(labels, label_index, q.shape[0], q.device)
     plan = _Plan(group, dist.get_rank(group), dist.get_world_size(group), b_sizes, n_sizes, labels,
                  label_index, backend, reduction == "none", want)
     if bias is None:
@@ -182,10 +203,9 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bia
     if strategy == "gather":
         d_all = _GatherRows.apply(d, plan) if want[1] else _gather_rows(d, plan)
         y, index = _global_labels(plan, q, d.shape[0], sum(n_sizes))
-        out = fused_pair_bce(q, d_all, y, label_index=index, scale=scale, bias=bias,
-                             reduction="none" if plan.per_row else "sum", backend=backend)
+        out = loss.pair_bce(q, d_all, y, index, scale, bias, "none" if plan.per_row else "sum", backend)
     else:
-        t, b = scalar_tensor(scale, q.device), scalar_tensor(bias, q.device)
+        t, b = loss.scalar(scale, q.device), loss.scalar(bias, q.device)
         out = _RingLoss.apply(q, d, t, b, plan)
     return out / sum(b_sizes) if reduction == "mean" else out
 
@@ -196,10 +216,6 @@ def _global_labels(plan, q, N, n_total):
     """Rank-local labels as labels over the gathered documents (global rows off_r … off_r + N_r − 1)."""
     labels, index, off = plan.labels, plan.label_index, plan.offset
     B = q.shape[0]
-    if labels is None or labels.dim() == 1:
-        # the diagonal moves off the global diagonal: list it as one sparse pair per query
-        y = q.new_ones(B, 1, dtype=torch.float32) if labels is None else labels[:, None]
-        return y, torch.arange(off, off + B, device=q.device)[:, None]
     if index is not None:
         return labels, torch.where(index >= 0, index + off, -1)
     # dense (B_r, N_r): the other ranks' documents are negatives. This zero-pads to (B_r, N) floats.
@@ -250,6 +266,7 @@ class _RingLoss(torch.autograd.Function):
     def forward(ctx, q, d, t, b, plan):
         want = plan.want
         ctx.plan = plan
+        ctx.dtypes = q.dtype, d.dtype, t.dtype, b.dtype
         if any(want) and not plan.per_row:
             # scalar loss: compute the gradient in the same trip; backward only rescales it
             total, grads = _ring(plan, q, d, t, b, q.new_ones((), dtype=torch.float32), want)
@@ -263,38 +280,36 @@ class _RingLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.precomputed:
-            grads = [None if g is None else (grad_out * g).to(g.dtype) for g in ctx.saved_tensors]
+            grads = [None if g is None else grad_out * g for g in ctx.saved_tensors]
         else:
             q, d, t, b = ctx.saved_tensors
             grads = _ring(ctx.plan, q, d, t, b, grad_out.float().contiguous(), ctx.plan.want)[1]
-        return (*grads, None)
+        # float32 until here: rounded once to the inputs' dtypes
+        return (*(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None)
 
 
-def _chunk_loss(plan, q, d_c, own, t, b, grad_out, want):
-    """The loss of the local queries against one document chunk, and optionally its gradients.
+def _chunk_loss(plan, q, d_c, own, t, b, grad_out):
+    """The loss of the local queries against one document chunk, and optionally its float32
+    gradients (q, d, t, b), unrounded so that the ring sums them before the one rounding at the end.
 
-    The rank's own chunk carries its labels as given (local rows); any other rank's chunk holds only
-    negatives: a (B, 1) label with index −1 lists no pair."""
-    from prcl.functional import fused_pair_bce
-
+    The rank's own chunk carries its labels (local rows); any other rank's chunk holds only
+    negatives: an empty (B, 0) list of pairs."""
     if own:
         labels, index = plan.labels, plan.label_index
     else:
-        labels = q.new_zeros(q.shape[0], 1, dtype=torch.float32)
-        index = torch.full((q.shape[0], 1), -1, dtype=torch.int64, device=q.device)
-    kw = dict(label_index=index, reduction="none" if plan.per_row else "sum", backend=plan.backend)
+        labels = q.new_zeros(q.shape[0], 0, dtype=torch.float32)
+        index = torch.zeros(q.shape[0], 0, dtype=torch.int64, device=q.device)
     if grad_out is None:
+        reduction = "none" if plan.per_row else "sum"
         with torch.no_grad():
-            return fused_pair_bce(q, d_c, labels, scale=t, bias=b, **kw), (None,) * 4
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(w) for x, w in zip((q, d_c, t, b), want)]
-        out = fused_pair_bce(leaves[0], leaves[1], labels, scale=leaves[2], bias=leaves[3], **kw)
-        got = iter(torch.autograd.grad(out, [x for x in leaves if x.requires_grad], grad_out))
-    return out.detach(), tuple(next(got) if w else None for w in want)
+            return loss.pair_bce(q, d_c, labels, index, t, b, reduction, plan.backend), (None,) * 4
+    out, *grads = loss.pair_bce_grads(q.detach(), d_c, labels, index, t.detach(), b.detach(),
+                                      grad_out if plan.per_row else None, plan.backend)
+    return out, tuple(grads)
 
 
 def _add(acc, x):
-    return x.float() if acc is None else acc.add_(x.float())
+    return x if acc is None else acc.add_(x)
 
 
 def _ring(plan, q, d, t, b, grad_out, want):
@@ -305,7 +320,7 @@ def _ring(plan, q, d, t, b, grad_out, want):
     adds its contribution, then sends it on; it reaches rank c after the last step. On each link the
     messages alternate d_0, acc_0, d_1, acc_1, …, acc_{R−1}, and the receives are posted in the same
     order, so backends that match messages by order (NCCL) and by tag (gloo) agree.
-    Returns (loss, (dq, dd, dt, db)) with gradients in the inputs' dtypes (None where not wanted).
+    Returns (loss, (dq, dd, dt, db)) with float32 gradients (None where not wanted).
     """
     R, r, grads = plan.world, plan.rank, grad_out is not None
     nxt, prv = plan.peer(r + 1), plan.peer(r - 1)
@@ -328,14 +343,14 @@ def _ring(plan, q, d, t, b, grad_out, want):
             ops.append(dist.P2POp(dist.isend, d_cur, nxt, plan.group, tag=2 * k))
             ops.append(dist.P2POp(dist.irecv, d_next, prv, plan.group, tag=2 * k))
         works = dist.batch_isend_irecv(ops) if ops else []
-        o, (gq, gd, gt, gb) = _chunk_loss(plan, q, d_cur, k == 0, t, b, grad_out, want)
+        o, (gq, gd, gt, gb) = _chunk_loss(plan, q, d_cur, k == 0, t, b, grad_out)
         out = o if out is None else out + o
         if grads:
-            dq, dt, db = (_add(acc, g) if g is not None else acc for acc, g in ((dq, gq), (dt, gt), (db, gb)))
+            dq, dt, db = (_add(acc, g) for acc, g in ((dq, gq), (dt, gt), (db, gb)))
         for w in works:
             w.wait()
         if carry_dd:
-            acc_send = gd.float() if acc_in is None else acc_in.add_(gd.float())
+            acc_send = gd if acc_in is None else acc_in.add_(gd)
         if d_next is not None:
             d_cur = d_next
     dd = acc_send
@@ -346,5 +361,4 @@ def _ring(plan, q, d, t, b, grad_out, want):
             w.wait()
     if not grads:
         return out, (None,) * 4
-    cast = [(dq, q), (dd, d), (dt, t), (db, b)]
-    return out, tuple(None if g is None else g.to(x.dtype) for g, x in cast)
+    return out, tuple(g if w else None for w, g in zip(want, (dq, dd, dt, db)))

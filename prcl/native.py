@@ -1,10 +1,11 @@
 """The native CPU kernel (kernels/pair_bce_cpu.cpp, built by CMakeLists.txt into prcl/libprcl_cpu.so).
 
-    softplus_rows(q, d, t, b)     = [Σ_j softplus(t·q_i·d_j + b)]_i                    (B,) float32
-    softplus_grads(q, d, t, b, w) = rows, G·d, Gᵀ·q, Σ G∘S, Σ G  with G_ij = w_i σ(z_ij)  (prcl.panels)
+    rows(q, d, t, b, Y)     = [Σ_j l_ij]_i,  l = softplus(z) − y·z                          (B,) float32
+    grads(q, d, t, b, Y, w) = rows, G·d, Gᵀ·q, Σ G∘S, Σ G  with G_ij = w_i (σ(z_ij) − y_ij)  (prcl.panels)
 
-The same backend interface as prcl.torch_impl, served by the C++ ops `prcl::native_softplus_rows` and
-`prcl::native_softplus_grads`: one fused, tiled, multi-threaded pass that never allocates B×N.
+The same backend interface as prcl.torch_impl (labels Y in the layout of prcl.ops), served by the C++
+ops `prcl::native_loss_rows` and `prcl::native_loss_grads`: one fused, tiled, multi-threaded pass
+that never allocates B×N.
 float64 inputs (gradcheck through the ops) go to the PyTorch twin; the C++ kernel computes in float32.
 
 The library is loaded on first use, from the package directory. When it is missing (built without
@@ -106,30 +107,30 @@ def _require():
         raise RuntimeError(f"prcl native CPU kernel unavailable: {message}")
 
 
-def softplus_rows(q, d, scale, bias):
+def rows(q, d, scale, bias, labels, label_index):
     if q.dtype == torch.float64:
-        return torch_impl.softplus_rows(q, d, scale, bias)
+        return torch_impl.rows(q, d, scale, bias, labels, label_index)
     _require()
-    return torch.ops.prcl.native_softplus_rows(q, d, scale, bias)
+    return torch.ops.prcl.native_loss_rows(q, d, scale, bias, labels, label_index)
 
 
-def softplus_grads(q, d, scale, bias, w):
-    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij); see prcl.panels."""
+def grads(q, d, scale, bias, labels, label_index, w):
+    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
     if q.dtype == torch.float64:
-        return torch_impl.softplus_grads(q, d, scale, bias, w)
+        return torch_impl.grads(q, d, scale, bias, labels, label_index, w)
     _require()
-    return torch.ops.prcl.native_softplus_grads(q, d, scale, bias, w)
+    return torch.ops.prcl.native_loss_grads(q, d, scale, bias, labels, label_index, w)
 
 
 def _register_fakes():
     # shapes for torch.compile / FakeTensor (opcheck): the C++ library registers only CPU kernels
     f32 = torch.float32
 
-    @torch.library.register_fake("prcl::native_softplus_rows")
-    def _(q, d, scale, bias):
+    @torch.library.register_fake("prcl::native_loss_rows")
+    def _(q, d, scale, bias, labels, label_index):
         return q.new_empty(q.shape[0], dtype=f32)
 
-    @torch.library.register_fake("prcl::native_softplus_grads")
-    def _(q, d, scale, bias, w):
+    @torch.library.register_fake("prcl::native_loss_grads")
+    def _(q, d, scale, bias, labels, label_index, w):
         return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=f32),
                 d.new_empty(d.shape, dtype=f32), q.new_empty((), dtype=f32), q.new_empty((), dtype=f32))

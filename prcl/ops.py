@@ -1,95 +1,147 @@
-"""The one door into the kernels: `prcl::` ops registered with torch.library.
+"""The one door into the kernels: `prcl::` ops registered with torch.library, and the backend registry.
 
-    pair_softplus_rows(q, d, t, b)  = [Σ_j softplus(t·q_i·d_j + b)]_i                  (B,)
-    pair_softplus_total(q, d, t, b) = (Σ_ij softplus(t·q_i·d_j + b), and its gradients)
+    pair_bce_rows(q, d, t, b, Y)  = [Σ_j l_ij]_i     l_ij = softplus(z_ij) − y_ij·z_ij,  z = t·q·dᵀ + b   (B,)
+    pair_bce_total(q, d, t, b, Y) = (Σ_ij l_ij, and its gradients)
+
+Y reaches the kernels in one of two label-light layouts (prcl.loss builds them from the public forms):
+`labels (B, N), label_index None` is a dense label tile; `labels (B, K), label_index (B, K)` lists
+y for pairs (i, label_index[i, k]), every other pair has y = 0 and an index outside [0, N) lists
+nothing. A pair with y < 0 is excluded: no loss, no gradient. Each kernel forms σ(z) − y in float32
+inside its epilogue, before anything is rounded to 16 bits, so that the gradient of a converged
+positive (σ → 1, y = 1) keeps its digits (see docs/design.md, "Labels inside the kernels").
 
 `rows` is the forward-only pass (2·B·N·D); its backward recomputes with per-row upstream gradients
-(`rows_backward`, 6·B·N·D). `total` computes the gradient inside the forward (6·B·N·D) and returns
-it as extra outputs, so its backward only rescales: the path for scalar losses.
-Each op takes the backend name ("triton", "torch", "native") and runs on CPU and CUDA tensors.
+(`rows_backward`, 6·B·N·D). `total` computes the gradient inside the forward (6·B·N·D) and returns it
+as extra outputs, so its backward only rescales: the path for scalar losses. Gradients leave the ops
+in float32 and are rounded once, to the inputs' dtypes, by autograd.
+
+Backends ("triton", "torch", "native") implement `rows(q, d, t, b, labels, label_index)` and
+`grads(q, d, t, b, labels, label_index, w)` -> (rows, G·d, Gᵀ·q, Σ G∘S, Σ G) with
+G_ij = w_i·(σ(z_ij) − y_ij) (prcl.panels); all run on CPU tensors, triton through its interpreter.
 """
+import functools
+import importlib.util
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from prcl import torch_impl
+from prcl.contract import triton_interpreting
 from prcl.panels import acc_dtype
 
+BACKENDS = ("triton", "torch", "native")
 
-def _backend(name):
-    if name == "torch":
-        return torch_impl
-    if name == "triton":
-        from prcl import triton_impl
 
-        return triton_impl
+@functools.cache
+def _cuda_kernel_usable(device):
+    # the kernel needs bf16 tensor cores and host tensor descriptors (sm_80+, triton>=3.4)
+    return torch.cuda.get_device_capability(device)[0] >= 8 and importlib.util.find_spec("triton") is not None
+
+
+def auto_backend(device: torch.device) -> str:
+    """backend=None: Triton on CUDA (sm_80+), the native C++ kernel on CPU when built, else PyTorch."""
+    if device.type == "cuda":
+        return "triton" if _cuda_kernel_usable(device) else "torch"
+    if device.type == "cpu":
+        from prcl import native
+
+        return "native" if native.available() else "torch"
+    return "torch"  # any other device (meta, mps, …): the PyTorch twin runs wherever torch does
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """ValueError when backend `name` cannot run on tensors of `device`."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if name == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"backend='triton' needs CUDA tensors (q is on {device}), or TRITON_INTERPRET=1 "
+                         "set before triton is imported to run the kernels in Triton's interpreter")
     if name == "native":
         from prcl import native
 
-        return native
-    raise ValueError(f"backend: unknown kernel backend {name!r}")
+        if device.type != "cpu" or not native.available():
+            raise ValueError(f"backend='native' needs CPU tensors (q is on {device}) and the built native "
+                             f"library ({native.status()})")
 
 
-def _grads(q, d, scale, bias, w, backend):
-    rows, gd, gq, gs, g = _backend(backend).softplus_grads(q, d, scale, bias, w)
+def _impl(name):
+    return importlib.import_module({"torch": "prcl.torch_impl", "triton": "prcl.triton_impl",
+                                    "native": "prcl.native"}[name])
+
+
+def _grads(q, d, scale, bias, labels, label_index, w, backend):
+    rows, gd, gq, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w)
     t = scale.to(acc_dtype(q.dtype))
     return rows, gd * t, gq * t, gs, g
 
 
-@torch.library.custom_op("prcl::pair_softplus_rows", mutates_args=())
-def pair_softplus_rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
-    return _backend(backend).softplus_rows(q, d, scale, bias)
+def _no_double_backward():
+    # The ops' backward is not itself differentiable. Returning it would make autograd treat the
+    # second derivative as zero, a plausible wrong number: refuse instead.
+    if torch.is_grad_enabled():
+        raise NotImplementedError("prcl.fused_pair_bce: double backward (create_graph=True, hessians) is not "
+                                  "supported; use backend='reference' for higher-order gradients")
 
 
-@pair_softplus_rows.register_fake
-def _(q, d, scale, bias, backend):
+@torch.library.custom_op("prcl::pair_bce_rows", mutates_args=())
+def pair_bce_rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
+                  label_index: Optional[Tensor], backend: str) -> Tensor:
+    return _impl(backend).rows(q, d, scale, bias, labels, label_index)
+
+
+@pair_bce_rows.register_fake
+def _(q, d, scale, bias, labels, label_index, backend):
     return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
 
 
-@torch.library.custom_op("prcl::pair_softplus_rows_backward", mutates_args=())
-def pair_softplus_rows_backward(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, grad_rows: Tensor,
-                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, dq, dd, dt, db = _grads(q, d, scale, bias, grad_rows.to(acc_dtype(q.dtype)).contiguous(), backend)
+@torch.library.custom_op("prcl::pair_bce_rows_backward", mutates_args=())
+def pair_bce_rows_backward(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
+                           label_index: Optional[Tensor], grad_rows: Tensor,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w = grad_rows.to(acc_dtype(q.dtype)).contiguous()
+    _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend)
     return dq, dd, dt, db
 
 
-@pair_softplus_rows_backward.register_fake
-def _(q, d, scale, bias, grad_rows, backend):
-    f32 = acc_dtype(q.dtype)
-    return (q.new_empty(q.shape, dtype=f32), d.new_empty(d.shape, dtype=f32),
-            q.new_empty((), dtype=f32), q.new_empty((), dtype=f32))
+@pair_bce_rows_backward.register_fake
+def _(q, d, scale, bias, labels, label_index, grad_rows, backend):
+    acc = acc_dtype(q.dtype)
+    return (q.new_empty(q.shape, dtype=acc), d.new_empty(d.shape, dtype=acc),
+            q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
 def _rows_setup(ctx, inputs, output):
-    q, d, scale, bias, backend = inputs
-    ctx.save_for_backward(q, d, scale, bias)
+    q, d, scale, bias, labels, label_index, backend = inputs
+    ctx.save_for_backward(q, d, scale, bias, labels, label_index)
     ctx.backend = backend
 
 
 def _rows_backward(ctx, grad_rows):
-    q, d, scale, bias = ctx.saved_tensors
-    dq, dd, dt, db = pair_softplus_rows_backward(q, d, scale, bias, grad_rows, ctx.backend)
-    return dq.to(q.dtype), dd.to(d.dtype), dt.to(scale.dtype), db.to(bias.dtype), None
+    _no_double_backward()
+    q, d, scale, bias, labels, label_index = ctx.saved_tensors
+    dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend)
+    return dq.to(q.dtype), dd.to(d.dtype), dt.to(scale.dtype), db.to(bias.dtype), None, None, None
 
 
-pair_softplus_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+pair_bce_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
-@torch.library.custom_op("prcl::pair_softplus_total", mutates_args=())
-def pair_softplus_total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor,
-                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dq, dd, dt, db = _grads(q, d, scale, bias, None, backend)
+@torch.library.custom_op("prcl::pair_bce_total", mutates_args=())
+def pair_bce_total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
+                   label_index: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend)
     return rows.sum(), dq, dd, dt, db
 
 
-@pair_softplus_total.register_fake
-def _(q, d, scale, bias, backend):
-    f32 = acc_dtype(q.dtype)
-    return (q.new_empty((), dtype=f32), q.new_empty(q.shape, dtype=f32), d.new_empty(d.shape, dtype=f32),
-            q.new_empty((), dtype=f32), q.new_empty((), dtype=f32))
+@pair_bce_total.register_fake
+def _(q, d, scale, bias, labels, label_index, backend):
+    acc = acc_dtype(q.dtype)
+    return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=acc), d.new_empty(d.shape, dtype=acc),
+            q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
 def _total_setup(ctx, inputs, output):
-    q, d, scale, bias, _ = inputs
+    q, d, scale, bias = inputs[:4]
     _, dq, dd, dt, db = output
     ctx.mark_non_differentiable(dq, dd, dt, db)
     ctx.save_for_backward(dq, dd, dt, db)
@@ -97,8 +149,10 @@ def _total_setup(ctx, inputs, output):
 
 
 def _total_backward(ctx, grad_total, *_):
+    _no_double_backward()
     # the gradient was computed in the forward; backward only scales it by the upstream gradient
-    return (*((grad_total * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)), None)
+    grads = ((grad_total * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+    return (*grads, None, None, None)
 
 
-pair_softplus_total.register_autograd(_total_backward, setup_context=_total_setup)
+pair_bce_total.register_autograd(_total_backward, setup_context=_total_setup)

@@ -1,12 +1,15 @@
-"""The gradient of Σ_i w_i Σ_j softplus(t·q_i·d_j + b) over bounded panels of the B×N pair matrix.
+"""The gradient of Σ_i w_i Σ_j l_ij over bounded panels of the B×N pair matrix.
 
-    G_ij = σ(z_ij), W = diag(w):   dq = t·W·G·d   dd = t·Gᵀ·(W·q)   dt = Σ W·G∘S   db = Σ W·G
+    G_ij = σ(z_ij) − y_ij  (0 for excluded pairs),  W = diag(w):
+    dq = t·W·G·d      dd = t·Gᵀ·(W·q)      dt = Σ W·G∘S      db = Σ W·G
 
-A backend supplies `block(q_rows, d_cols, w_rows) -> (softplus row sums, G, Σ W·G∘S, Σ W·G)` for one
-panel; this driver feeds each panel's G to the two gradient GEMMs, so memory stays one panel however
-large B·N grows. The weights go on the thin side (rows of q and of G·d), never into G: G = σ stays in
-[0, 1], where fp16 and bf16 panels hold it without underflow or overflow. Panels are visited in a
-fixed order: results are deterministic.
+A backend supplies `block(q_rows, d_cols, labels, label_index, col, w_rows) -> (loss row sums, G,
+Σ W·G∘S, Σ W·G)` for one panel, whose labels are the panel's rows of the kernel label layout (prcl.ops)
+and whose first document is `col`; this driver feeds each panel's G to the two gradient GEMMs, so
+memory stays one panel however large B·N grows. The weights go on the thin side (rows of q and of
+G·d), never into G: G = σ − y stays in [−1, 1], where fp16 and bf16 panels hold it without underflow
+or overflow. Every panel's G·d and Gᵀ·q is accumulated in float32, never rounded to 16 bits first.
+Panels are visited in a fixed order: results are deterministic.
 """
 import math
 
@@ -23,8 +26,16 @@ def panel_shape(B, N, panel_elems):
     return min(B, max(1, panel_elems // cols)), cols
 
 
-def panel_grads(q, d, w, block, panel_elems):
-    """Returns row sums of softplus (B,), G·d (B, D), Gᵀ·q (N, D), Σ G∘S and Σ G (0-dim) in acc_dtype."""
+def panel_labels(labels, label_index, i, j, rows, cols):
+    """The panel (rows i:i+rows, columns j:j+cols) of the kernel label layout: a dense tile, or the
+    rows' sparse lists (their indices still global: `block` compares them with col + c)."""
+    if label_index is None:
+        return labels[i:i + rows, j:j + cols], None
+    return labels[i:i + rows], label_index[i:i + rows]
+
+
+def panel_grads(q, d, labels, label_index, w, block, panel_elems):
+    """Returns row sums of l (B,), G·d (B, D), Gᵀ·q (N, D), Σ G∘S and Σ G (0-dim) in acc_dtype."""
     (B, D), N = q.shape, d.shape[0]
     acc = acc_dtype(q.dtype)
     rows = q.new_zeros(B, dtype=acc)
@@ -38,20 +49,30 @@ def panel_grads(q, d, w, block, panel_elems):
         q_w = q_i if w_i is None else (q_i * w_i[:, None]).to(q.dtype)
         for j in range(0, N, pn):
             d_j = d[j:j + pn]
-            r, G, gs_ij, g_ij = block(q_i, d_j, w_i)
+            y, index = panel_labels(labels, label_index, i, j, q_i.shape[0], d_j.shape[0])
+            r, G, gs_ij, g_ij = block(q_i, d_j, y, index, j, w_i)
             rows[i:i + pm] += r
             if w_i is None:
                 _accumulate_mm(gd[i:i + pm], G, d_j)
             else:
-                gd[i:i + pm] += w_i[:, None] * (G @ d_j)
+                gd[i:i + pm] += w_i[:, None] * _mm(G, d_j, acc)
             _accumulate_mm(gq[j:j + pn], G.T, q_w)
             gs += gs_ij
             g += g_ij
     return rows, gd, gq, gs, g
 
 
-def _accumulate_mm(acc, a, b):
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:  # a 16-bit GEMM (tensor cores) rounds its output once; accumulate panels in float32
-        acc += a @ b
+def _mm(a, b, acc):
+    """a @ b with an `acc`-typed result, however a and b are typed."""
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda:  # cuBLAS: 16-bit tensor-core GEMM with float32 output (torch >= 2.8)
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)  # no 16-bit→float32 GEMM on CPU (the interpreter tests)
+
+
+def _accumulate_mm(out, a, b):
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out += _mm(a, b, out.dtype)

@@ -1,13 +1,13 @@
-"""Σ_j softplus(t·q_i·d_j + b) per row and its gradient in plain PyTorch, one bounded panel at a time.
+"""Σ_j l_ij per row and its gradient in plain PyTorch, one bounded panel at a time.
 
-The PyTorch twin of the Triton kernels: same panels, same algebra, float32 throughout (float64 for
-float64 inputs, so that gradcheck can run through the ops). It never
-allocates B×N, only a few panel-sized buffers (PANEL_ELEMS float32 elements each).
+The PyTorch twin of the Triton kernels: same panels, same label layout, same per-pair algebra,
+float32 throughout (float64 for float64 inputs, so that gradcheck can run through the ops). It never
+allocates B×N, only a few panel-sized buffers (PANEL_ELEMS elements each), and reads no tensor value
+on the host: it runs on any device torch supports, meta included.
 """
 import torch
-import torch.nn.functional as F
 
-from prcl.panels import acc_dtype, panel_grads, panel_shape
+from prcl.panels import acc_dtype, panel_grads, panel_labels, panel_shape
 
 PANEL_ELEMS = 1 << 20
 
@@ -16,34 +16,61 @@ def _acc(x):
     return x.to(acc_dtype(x.dtype))
 
 
-def _logits(q, d, scale, bias):
-    """z = (t·q)·dᵀ + b, the bias added by the GEMM itself: one pass over the panel, not three."""
-    return torch.addmm(bias, q * scale, d.T)
+def label_tile(y, index, col, cols, dtype):
+    """The dense (rows, cols) labels of a panel starting at document `col`, from either layout."""
+    if index is None:
+        return y.to(dtype)
+    # scatter into one spare column that catches the indices outside the panel: no boolean indexing,
+    # which would read a count on the host
+    local = index - col
+    local = torch.where((local >= 0) & (local < cols), local, cols)
+    tile = y.new_zeros(y.shape[0], cols + 1, dtype=dtype)
+    return tile.scatter_(1, local, y.to(dtype))[:, :cols]
 
 
-def softplus_rows(q, d, scale, bias):
+def pair_terms(s, t, b, y):
+    """Per pair, from the similarity s, the label y (< 0: excluded) and z = t·s + b:
+    (l = softplus(z) − y·z, G = σ(z) − y), both 0 for excluded pairs.
+
+    With e = exp(−|z|) and r = e/(1 + e) = σ(−|z|):
+        l = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e)      no cancellation of y·z against softplus
+        G = (1 − y) − r  if z ≥ 0  else  r − y               σ − y without forming σ ≈ 1 first
+    """
+    z = s * t + b
+    keep = y >= 0
+    y = torch.where(keep, y, 0.0)  # −inf labels must not reach a product
+    e = torch.exp(-z.abs())
+    r = e / (1 + e)
+    loss = (1 - y) * z.clamp(min=0) + y * (-z).clamp(min=0) + torch.log1p(e)
+    grad = torch.where(z >= 0, (1 - y) - r, r - y)
+    return torch.where(keep, loss, 0.0), torch.where(keep, grad, 0.0)
+
+
+def rows(q, d, scale, bias, labels, label_index):
     q, d = _acc(q), _acc(d)
     B, N = q.shape[0], d.shape[0]
-    rows = q.new_zeros(B)
+    out = q.new_zeros(B)
     pm, pn = panel_shape(B, N, PANEL_ELEMS)
     for i in range(0, B, pm):
         for j in range(0, N, pn):
-            rows[i:i + pm] += F.softplus(_logits(q[i:i + pm], d[j:j + pn], scale, bias)).sum(1)
-    return rows
+            q_i, d_j = q[i:i + pm], d[j:j + pn]
+            y, index = panel_labels(labels, label_index, i, j, q_i.shape[0], d_j.shape[0])
+            loss, _ = pair_terms(q_i @ d_j.T, scale, bias, label_tile(y, index, j, d_j.shape[0], q.dtype))
+            out[i:i + pm] += loss.sum(1)
+    return out
 
 
-def softplus_grads(q, d, scale, bias, w):
-    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij); see prcl.panels."""
+def grads(q, d, scale, bias, labels, label_index, w):
+    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
 
-    def block(q_i, d_j, w_i):
-        z = _logits(q_i, d_j, scale, bias)
-        r = F.softplus(z).sum(1)
-        G = torch.sigmoid(z)
-        # S is not kept: Σ G∘S = (Σ G∘z − b·Σ G) / t, since s = (z − b) / t
+    def block(q_i, d_j, y, index, col, w_i):
+        s = q_i @ d_j.T
+        loss, G = pair_terms(s, scale, bias, label_tile(y, index, col, d_j.shape[0], s.dtype))
         if w_i is None:
-            g, gz = G.sum(), torch.dot(G.view(-1), z.view(-1))
+            g, gs = G.sum(), torch.dot(G.view(-1), s.view(-1))
         else:
-            g, gz = w_i @ G.sum(1), w_i @ torch.bmm(G[:, None, :], z[:, :, None]).view(-1)
-        return r, G, (gz - bias * g) / scale, g
+            g, gs = w_i @ G.sum(1), w_i @ (G * s).sum(1)
+        return loss.sum(1), G, gs, g
 
-    return panel_grads(_acc(q), _acc(d), w, block, PANEL_ELEMS)
+    return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, PANEL_ELEMS)
+

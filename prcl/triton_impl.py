@@ -1,8 +1,9 @@
 """Launchers for kernels/pair_bce.py: the forward-only row sums and the panel gradient.
 
 Forward only (2·B·N·D): one launch over the whole B×N, no workspace.
-Gradient (6·B·N·D): per panel, one launch writes G = σ(z_ij) in the input dtype, then the two
-gradient GEMMs G·d and Gᵀ·q run on cuBLAS; the workspace is one panel, whatever B·N is.
+Gradient (6·B·N·D): per panel, one launch writes G = σ(z_ij) − y_ij in the input dtype, then the
+two gradient GEMMs G·d and Gᵀ·q run on cuBLAS with float32 outputs; the workspace is one panel,
+whatever B·N is. Nothing here reads a tensor value on the host.
 """
 import contextlib
 
@@ -71,8 +72,22 @@ def _desc(x, block):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block)
 
 
-def _launch(q, d, scale, bias, w, G):
-    """Runs the tile kernel over q (M, D) × d (N, D). Returns (row sums (M,), Σ G∘S, Σ G)."""
+def fp32_matmul_allows_tf32():
+    """Whether float32 matmuls may use TF32, read through the current API. On torch >= 2.9 reading
+    the legacy `torch.backends.cuda.matmul.allow_tf32` raises once a user has set the new
+    `fp32_precision` settings; "none" defers to the global `torch.backends.fp32_precision`."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
+
+def _launch(q, d, scale, bias, y, index, col0, w, G):
+    """Runs the tile kernel over q (M, D) × d (N, D) with labels in the ops' layout (dense tile, or
+    (M, K) lists matched against documents col0 + j). Returns (loss row sums (M,), Σ G∘S, Σ G)."""
     (M, D), N = q.shape, d.shape[0]
     write_g = G is not None
     cfg, programs = _launch_config(q, write_g)
@@ -82,15 +97,17 @@ def _launch(q, d, scale, bias, w, G):
     split = triton.cdiv(n_tiles, tiles_per_split)
     rows = q.new_empty(split, M, dtype=torch.float32)
     stats = q.new_empty(m_tiles * split, 2, dtype=torch.float32) if write_g else rows
+    dense = index is None
     fp32 = q.dtype == torch.float32
     pair_tile_kernel[(m_tiles, split)](
         _desc(q, [BM, BK]), _desc(d, [BN, BK]), _desc(G if write_g else q, [BM, BN]),
-        scale, bias, w if w is not None else rows, rows, stats,
-        M, N, D, tiles_per_split,
-        WRITE_G=write_g, HAS_W=w is not None,
+        scale, bias, w if w is not None else rows, y, y if dense else index, rows, stats,
+        M, N, D, 0 if dense else index.shape[1], col0, *y.stride(), *((0, 0) if dense else index.stride()),
+        tiles_per_split,
+        WRITE_G=write_g, HAS_W=w is not None, DENSE_Y=dense,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         # fp32 inputs get fp32 products, as eager fp32 matmul does unless TF32 is switched on
-        INPUT_PRECISION="ieee" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        INPUT_PRECISION="tf32" if not fp32 or fp32_matmul_allows_tf32() else "ieee",
         **cfg,
     )
     if not write_g:
@@ -99,22 +116,22 @@ def _launch(q, d, scale, bias, w, G):
     return rows.sum(0), total[0], total[1]
 
 
-def softplus_rows(q, d, scale, bias):
+def rows(q, d, scale, bias, labels, label_index):
     with _on(q.device):
-        return _launch(_aligned(q), _aligned(d), scale, bias, None, None)[0]
+        return _launch(_aligned(q), _aligned(d), scale, bias, labels, label_index, 0, None, None)[0]
 
 
-def softplus_grads(q, d, scale, bias, w):
-    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j softplus(z_ij); see prcl.panels."""
+def grads(q, d, scale, bias, labels, label_index, w):
+    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
     q, d = _aligned(q), _aligned(d)
     workspace = []
 
-    def block(q_i, d_j, w_i):
+    def block(q_i, d_j, y, index, col, w_i):
         if not workspace:  # one panel of G, its row stride padded for TMA, reused by every panel
             workspace.append(_padded_zeros(q, q_i.shape[0], d_j.shape[0]))
         G = workspace[0][: q_i.shape[0], : d_j.shape[0]]
-        rows, gs, g = _launch(q_i, d_j, scale, bias, w_i, G)
+        rows, gs, g = _launch(q_i, d_j, scale, bias, y, index, col, w_i, G)
         return rows, G, gs, g
 
     with _on(q.device):
-        return panel_grads(q, d, w, block, PANEL_ELEMS)
+        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS)

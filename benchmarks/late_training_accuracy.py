@@ -1,0 +1,71 @@
+"""Late-training accuracy: relative error against float64 of prcl and of the eager formula in the
+same dtype, where positives sit at cosine ≈ 1 and σ(z_ii) → 1 (the README's accuracy table).
+
+    TRITON_INTERPRET=1 python benchmarks/late_training_accuracy.py [--size 512] [--dim 128]
+
+Errors are max |x − gold| / max |gold| per output (loss, dq, dd, dscale, dbias), gold = the eager
+reference in float64 on the same rounded inputs; one row per (dtype, labels, cosine, scale, bias).
+"""
+import argparse
+import math
+
+import torch
+
+import prcl
+from prcl.reference import pair_bce
+
+OUTPUTS = ("loss", "dq", "dd", "dscale", "dbias")
+
+
+def inputs(B, N, D, cos, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1)
+    u = torch.randn(N, D, generator=gen)
+    d = torch.nn.functional.normalize(u, dim=1)
+    ortho = torch.nn.functional.normalize(u[:B] - (u[:B] * q).sum(1, keepdim=True) * q, dim=1)
+    d[:B] = cos * q + math.sqrt(1 - cos ** 2) * ortho
+    return q, d
+
+
+def grads(fn, q, d, labels, dtype, scale, bias):
+    q = q.to(dtype).requires_grad_()
+    d = d.to(dtype).requires_grad_()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.tensor(scale, dtype=acc, requires_grad=True)
+    b = torch.tensor(bias, dtype=acc, requires_grad=True)
+    loss = fn(q, d, None if labels is None else labels.to(acc), scale=t, bias=b)
+    return [loss.detach(), *torch.autograd.grad(loss, (q, d, t, b))]
+
+
+def errors(out, gold):
+    return [((x.double() - g).abs().max() / g.abs().max()).item() for x, g in zip(out, gold)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512, help="B = N")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--backends", default="native,torch,triton")
+    args = ap.parse_args()
+    B = N = args.size
+    backends = args.backends.split(",")
+    print(f"B = N = {B}, D = {args.dim}; max error of (loss, dq, dd, dscale, dbias) relative to max |float64|")
+    print("| dtype | labels | cos | t | b | eager | " + " | ".join(f"prcl {b}" for b in backends) + " |")
+    print("|---" * (6 + len(backends)) + "|")
+    for dtype in (torch.bfloat16, torch.float16):
+        for cos, scale, bias in ((0.9, 10.0, -math.log(N - 1)), (0.95, 20.0, -10.0), (0.98, 30.0, -12.0)):
+            q, d = inputs(B, N, args.dim, cos)
+            for name, labels in (("diagonal", None), ("graded 1.0", torch.ones(B))):
+                q16, d16 = q.to(dtype).double(), d.to(dtype).double()
+                gold = grads(pair_bce, q16, d16, labels, torch.float64, scale, bias)
+                cells = [errors(grads(pair_bce, q, d, labels, dtype, scale, bias), gold)]
+                for backend in backends:
+                    fn = lambda *a, **k: prcl.fused_pair_bce(*a, backend=backend, **k)  # noqa: E731
+                    cells.append(errors(grads(fn, q, d, labels, dtype, scale, bias), gold))
+                fmt = [" / ".join(f"{e:.1e}" for e in c[:3]) for c in cells]
+                print(f"| {str(dtype)[6:]} | {name} | {cos} | {scale:g} | {bias:.3g} | " + " | ".join(fmt) + " |")
+    print("cells: loss / dq / dd errors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The checked single-process loss beneath prcl.fused_pair_bce and the distributed strategies.
+
+    loss = Σ_i Σ_j [softplus(z_ij) − y_ij·z_ij] / B,   z = t·q·dᵀ + b,   pairs with y < 0 left out
+
+Callers check their inputs once (prcl.contract.check_inputs) and pick the backend (prcl.ops); what
+is left here is device work. No tensor value is read on the host and no Python float is copied to
+the device (scalars are filled in place), so a CUDA call never waits for the GPU and can be captured
+in a CUDA graph.
+"""
+import torch
+from torch import Tensor
+
+from prcl import ops  # noqa: F401  (registers the prcl:: ops)
+from prcl.contract import default_bias
+
+
+def scalar(x, device) -> Tensor:
+    """A float or 0-dim tensor as a float32 0-dim tensor on `device` (tensors keep their autograd
+    history). Floats are filled on the device, not copied from the host: torch.tensor(x, device=cuda)
+    would be a blocking host-to-device copy on every call."""
+    if isinstance(x, Tensor):
+        return x.float()
+    return torch.full((), float(x), dtype=torch.float32, device=device)
+
+
+def kernel_labels(labels, label_index, B, device):
+    """Any public label form in the ops' layout (prcl.ops): dense (labels (B, N), None), or sparse
+    (labels (B, K), label_index (B, K)). The diagonal forms are one listed pair per row, (i, i)."""
+    if labels is None or labels.dim() == 1:
+        y = torch.ones(B, 1, device=device) if labels is None else labels[:, None]
+        return y, torch.arange(B, device=device)[:, None]
+    return labels, label_index
+
+
+def pair_bce(q, d, labels, label_index, scale, bias, reduction, backend):
+    """The loss of checked inputs on a named backend; bias=None is −log(N−1) of this call's N."""
+    t = scalar(scale, q.device)
+    b = scalar(default_bias(d.shape[0]) if bias is None else bias, q.device)
+    y, index = kernel_labels(labels, label_index, q.shape[0], q.device)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, d, t, b))
+    if reduction != "none" and needs_grad:
+        total = torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend)[0]
+    else:
+        rows = torch.ops.prcl.pair_bce_rows(q, d, t, b, y, index, backend)
+        if reduction == "none":
+            return rows
+        total = rows.sum()
+    return total / q.shape[0] if reduction == "mean" else total
+
+
+def pair_bce_grads(q, d, labels, label_index, t, b, grad_rows, backend):
+    """Without autograd, for callers that sum gradients over several calls (the ring strategy): the
+    row losses (B,) when grad_rows (B,) is given, else their sum, and the float32 gradients of
+    Σ_i grad_rows_i·loss_i (or of the sum) w.r.t. q, d, t, b, left unrounded for the caller to sum."""
+    y, index = kernel_labels(labels, label_index, q.shape[0], q.device)
+    if grad_rows is None:
+        return torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend)
+    rows = torch.ops.prcl.pair_bce_rows(q, d, t, b, y, index, backend)
+    return (rows, *torch.ops.prcl.pair_bce_rows_backward(q, d, t, b, y, index, grad_rows, backend))
