@@ -125,6 +125,19 @@ def read_qrels(path, queries=None, corpus=None):
     return qrels
 
 
+def beir_paths(qrels):
+    """(corpus.jsonl, queries.jsonl) of the BEIR layout DIR/qrels/SPLIT.tsv: both in DIR."""
+    root = Path(qrels).resolve().parent.parent
+    return root / "corpus.jsonl", root / "queries.jsonl"
+
+
+def read_split(qrels, corpus=None, queries=None):
+    """(queries, corpus, qrels) of one split; corpus/queries default to the BEIR layout's (beir_paths)."""
+    default_corpus, default_queries = beir_paths(qrels)
+    queries, corpus = read_queries(queries or default_queries), read_corpus(corpus or default_corpus)
+    return queries, corpus, read_qrels(qrels, queries, corpus)
+
+
 # ---- search ----------------------------------------------------------------------------------------------
 
 def search(query_emb, doc_texts, encode_documents, *, k=100, chunk_size=4096):
@@ -267,9 +280,10 @@ def parser():
     ap.add_argument("--model", required=True, help="sentence-transformers directory, LLM directory or .gguf")
     ap.add_argument("--adapter", help="LoRA adapter directory written by `prcl train` (OUT/adapter), LLMs only")
     ap.add_argument("--gguf-file")
-    ap.add_argument("--corpus", required=True, help="corpus.jsonl: {_id, title?, text} per line")
-    ap.add_argument("--queries", required=True, help="queries.jsonl: {_id, text} per line")
     ap.add_argument("--qrels", required=True, help="BEIR qrels TSV (header query-id corpus-id score) or TREC qrels")
+    ap.add_argument("--corpus", help="corpus.jsonl: {_id, title?, text} per line (default: the BEIR layout's, "
+                    "DIR/corpus.jsonl for DIR/qrels/SPLIT.tsv)")
+    ap.add_argument("--queries", help="queries.jsonl: {_id, text} per line (default: DIR/queries.jsonl)")
     ap.add_argument("--out", required=True, help="output directory: run.trec, metrics.json")
     ap.add_argument("--instruction", help="instruction (LLM) or prompt (sentence-transformers) for queries")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="recall cut-offs (default: 1 10 100)")
@@ -286,8 +300,7 @@ def main(argv=None):
     try:
         if any(k < 1 for k in args.k):
             raise ValueError(f"k: expected positive cut-offs, got {args.k}")
-        queries, corpus = read_queries(args.queries), read_corpus(args.corpus)
-        qrels = read_qrels(args.qrels, queries, corpus)
+        queries, corpus, qrels = read_split(args.qrels, args.corpus, args.queries)
         encode = load_encode(args.model, adapter=args.adapter, gguf_file=args.gguf_file,
                              batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling,
                              device=args.device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prcl.ir import (compute_metrics, evaluate, examples_to_beir, main, read_corpus, read_qrels, read_queries,
-                     search)
+                     read_split, search)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_llm import tiny_model_and_tokenizer  # noqa: E402
@@ -205,7 +205,7 @@ def test_cli_parser_needs_no_torch():
 
     code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('ir', 'prcl/ir.py'); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.parser().parse_args("
-            "['--model', 'm', '--corpus', 'c', '--queries', 'q', '--qrels', 'r', '--out', 'o']); "
+            "['--model', 'm', '--qrels', 'r', '--out', 'o']); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -233,6 +233,8 @@ def test_beir_train_qrels_give_the_jsonl_readers_examples(tmp_path):
     # a query whose best document is below the file's top grade: graded documents, no positive
     assert (got[2].positives, got[2].graded, got[2].negatives) == ((), (("doc 1", 2 / 3),), ("doc 0",))
     assert read_examples(qrels) == got  # the path `prcl train --data` takes
+    queries, corpus, judged = read_split(qrels)  # `prcl eval --qrels` without --corpus/--queries
+    assert len(queries) == 4 and len(corpus) == 6 and judged["q0"] == {"d0": 3, "d1": 2, "d2": 0, "d3": 1}
     trec = write(tmp_path / "qrels" / "trec.tsv", ["q1 0 d4 1", "q1 0 d5 1"])
     assert read_beir(trec) == [want[1]]
 

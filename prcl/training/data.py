@@ -15,7 +15,6 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 class DataError(ValueError):
@@ -127,10 +126,10 @@ def read_beir(qrels, corpus=None, queries=None):
     those in between graded documents, grade <= 0 hard negatives. A query whose best document is below
     the highest grade has no positive, only graded documents. Bad lines raise `FILE:LINE: reason`.
     """
-    from prcl.ir import iter_qrels, read_corpus, read_queries
+    from prcl.ir import beir_paths, iter_qrels, read_corpus, read_queries
 
-    root = Path(qrels).resolve().parent.parent
-    corpus, queries = corpus or root / "corpus.jsonl", queries or root / "queries.jsonl"
+    default_corpus, default_queries = beir_paths(qrels)
+    corpus, queries = corpus or default_corpus, queries or default_queries
     judged = list(iter_qrels(qrels))
     query_text = read_queries(queries)
     doc_text = read_corpus(corpus, keep={did for _, _, did, _ in judged})
