@@ -8,8 +8,15 @@ forward reads `config.is_causal` on every call, hands `is_causal=False` to the a
 flash-attention, eager) and makes `create_causal_mask` build the bidirectional mask. Setting it on the
 loaded config is all it takes: passing `is_causal=False` to `from_pretrained`/`AutoConfig` is silently
 dropped, and the attention modules' own `self.is_causal = True` is overridden by the kwarg.
+
+Packed batches (all texts in one row) attend within each text only. With the sdpa backend LLMEncoder
+registers one attention function with transformers (`SDPA_VARLEN`): transformers' sdpa for everything,
+except the packed calls LLMEncoder makes with a varlen kernel, which run that kernel over the cumulative
+sequence lengths — torch's FlashAttention varlen kernel on CUDA, no mask tensor at all. Where no kernel
+applies (CPU, fp32, an older torch or GPU) a packed batch takes a (tokens × tokens) block-diagonal mask.
 """
 import importlib.metadata
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -26,6 +33,9 @@ import prcl
 BIDIRECTIONAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
 POOLINGS = ("mean", "last", "weighted_mean")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# the transformers attention implementation that LLMEncoder gives an sdpa model: sdpa, plus the varlen path
+SDPA_VARLEN = "prcl_sdpa_varlen"
 
 
 def smollm2_gguf():
@@ -44,6 +54,61 @@ def flash_attn_available():
     except ImportError:
         return False
     return True
+
+
+def torch_varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn where this torch has it with grouped-query heads (enable_gqa),
+    else None. A FlashAttention kernel: CUDA only, fp16/bf16, Ampere or newer."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn if "enable_gqa" in inspect.signature(varlen_attn).parameters else None
+
+
+def _sdpa_or_varlen(module, query, key, value, attention_mask, *, dropout=0.0, scaling=None, varlen_attn=None,
+                    cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+    """The SDPA_VARLEN attention function: transformers' sdpa, or — for a packed batch, when LLMEncoder passes
+    a varlen kernel with the cumulative sequence lengths — that kernel, full attention within each sequence."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if varlen_attn is None:
+        window = kwargs.get("sliding_window")
+        if attention_mask is None and window is not None and key.shape[2] >= window:
+            # SDPA_VARLEN builds no mask when none is given (a packed batch), so the window would be lost
+            raise ValueError(f"{key.shape[2]} tokens without an attention_mask reach the model's sliding_window="
+                             f"{window}: pass an attention_mask, from which the sliding-window mask is built")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError(f"packed batches on the varlen kernel have no attention dropout, but the model's is "
+                         f"{dropout}: set config.attention_dropout = 0 or use packed=False")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (1, heads, T, head_dim) -> (T, heads, head_dim)
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
+                      enable_gqa=k.shape[1] != q.shape[1])
+    return out[None], None
+
+
+def _sdpa_mask_unless_packed(*, attention_mask=None, **kwargs):
+    """The SDPA_VARLEN mask function: sdpa's, except that a call without a padding mask (a packed batch, whose
+    boundaries travel as cumulative lengths) gets none — not even a (tokens × tokens) sliding-window mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def _use_sdpa_varlen(model):
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(SDPA_VARLEN, _sdpa_or_varlen)
+    AttentionMaskInterface.register(SDPA_VARLEN, _sdpa_mask_unless_packed)
+    model.set_attn_implementation(SDPA_VARLEN)
+
+
+def compute_dtype(device, dtype):
+    """The dtype a model on `device` with `dtype` weights computes in: autocast's where autocast is on there."""
+    device_type = torch.device(device).type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
 
 
 def _check_backend(attn_implementation):
@@ -73,12 +138,20 @@ class LLMEncoder:
     bidirectional text encoder.
 
     `.model` is the module that runs (the base model, a peft model after `add_lora`); `.tokenizer` a
-    fast tokenizer (offsets locate the instruction). Embeddings are float32, L2-normalised unless
-    normalize=False. An instruction is joined to each text with a space unless it ends in whitespace.
+    fast tokenizer (offsets locate the instruction). Embeddings are pooled and L2-normalised (unless
+    normalize=False) in float32; `encode` returns them in float32, `embed` in the model's compute dtype
+    (see `embed`). An instruction is joined to each text with a space unless it ends in whitespace.
+    A text without a single token (e.g. "" with a tokenizer that adds no BOS) is a ValueError naming its
+    position: there is nothing to pool.
+
+    varlen_attn: the kernel for packed batches under the sdpa backend, with the signature of
+    torch.nn.attention.varlen.varlen_attn. None: torch's own, where it runs (CUDA, fp16/bf16 weights or
+    autocast, Ampere or newer); elsewhere packed batches take a block-diagonal mask. Given, it runs every
+    packed batch on any device (tests pass a per-sequence sdpa to run the varlen wiring on CPU).
     """
 
     def __init__(self, model, tokenizer, *, pooling="mean", max_length=512, normalize=True,
-                 attn_implementation=None, gradient_checkpointing=False):
+                 attn_implementation=None, gradient_checkpointing=False, varlen_attn=None):
         if hasattr(model, "peft_config"):
             raise ValueError("model is already a peft model: pass the plain transformers model, then use "
                              "add_lora() or load_adapter()")
@@ -97,9 +170,15 @@ class LLMEncoder:
         if attn_implementation is not None:
             _check_backend(attn_implementation)
             model.set_attn_implementation(attn_implementation)
-        _check_backend(model.config._attn_implementation)
+        backend = model.config._attn_implementation
+        backend = "sdpa" if backend == SDPA_VARLEN else backend  # a model that an LLMEncoder held before
+        _check_backend(backend)
+        if varlen_attn is not None and backend != "sdpa":
+            raise ValueError(f"varlen_attn runs under the sdpa attention backend, not {backend!r}")
+        if backend == "sdpa":
+            _use_sdpa_varlen(model)
         model.config.is_causal = False
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.varlen_attn = model, tokenizer, varlen_attn
         self.pooling, self.max_length, self.normalize = pooling, max_length, normalize
         self._warned_truncation = False
         if gradient_checkpointing:
@@ -111,7 +190,8 @@ class LLMEncoder:
 
     @classmethod
     def from_pretrained(cls, path, *, attn_implementation="sdpa", dtype=None, gguf_file=None, pooling="mean",
-                        max_length=512, normalize=True, gradient_checkpointing=False, **model_kwargs):
+                        max_length=512, normalize=True, gradient_checkpointing=False, varlen_attn=None,
+                        **model_kwargs):
         """Load a local checkpoint (a directory, or a .gguf file / `gguf_file=` inside `path`)."""
         from transformers import AutoModel, AutoTokenizer
 
@@ -126,7 +206,7 @@ class LLMEncoder:
         tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **model_kwargs)
         return cls(model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize,
-                   gradient_checkpointing=gradient_checkpointing)
+                   gradient_checkpointing=gradient_checkpointing, varlen_attn=varlen_attn)
 
     @property
     def hidden_size(self):
@@ -137,6 +217,27 @@ class LLMEncoder:
         return next(self.model.parameters()).device
 
     @property
+    def packed_attention(self):
+        """How a packed batch attends, here and now (device, dtype, autocast): "varlen" (varlen_attn over the
+        cumulative sequence lengths), "flash_attention_2" (the flash-attn package's varlen kernel), or
+        "block mask" (sdpa/eager with a (tokens × tokens) block-diagonal mask)."""
+        backend = self.model.config._attn_implementation
+        if backend == "flash_attention_2":
+            return backend
+        return "varlen" if backend == SDPA_VARLEN and self._varlen_kernel() is not None else "block mask"
+
+    def _varlen_kernel(self):
+        if self.varlen_attn is not None:
+            return self.varlen_attn
+        dev = self.device
+        if dev.type == "cuda" and self._compute_dtype() in HALF_DTYPES and torch.cuda.get_device_capability(dev)[0] >= 8:
+            return torch_varlen_attn()
+        return None
+
+    def _compute_dtype(self):
+        return compute_dtype(self.device, self.model.get_input_embeddings().weight.dtype)
+
+    @property
     def has_lora(self):
         """True when the model carries a LoRA adapter (add_lora or load_adapter)."""
         return self._is_peft()
@@ -145,13 +246,19 @@ class LLMEncoder:
 
     def tokenize(self, texts, instruction=None):
         """[(token ids, number of leading instruction tokens)] per text, truncated to max_length."""
+        if instruction is not None and not isinstance(instruction, str):
+            raise ValueError(f"instruction must be a str or None, got {type(instruction).__name__}")
         prefix = ""
         if instruction:
             prefix = instruction if instruction[-1].isspace() else instruction + " "
         enc = self.tokenizer([prefix + t for t in texts], add_special_tokens=True, truncation=False,
                              return_offsets_mapping=True, return_special_tokens_mask=True)
         out, truncated = [], False
-        for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
+        for i, (ids, offsets, special) in enumerate(zip(enc["input_ids"], enc["offset_mapping"],
+                                                       enc["special_tokens_mask"])):
+            if not ids:
+                raise ValueError(f"texts[{i}] = {texts[i]!r:.40} has no tokens (the tokenizer adds no special "
+                                 f"tokens to it), so there is nothing to pool: remove it")
             # the instruction ends where the first non-special token starting inside the text begins; a
             # token straddling the boundary counts as instruction, a leading BOS too
             n_inst = 0
@@ -196,7 +303,8 @@ class LLMEncoder:
         dev = self.device
         hidden = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
                             position_ids=position_ids.to(dev), use_cache=False).last_hidden_state
-        return torch.einsum("bl,blh->bh", weights.to(dev), hidden.float())
+        with torch.autocast(dev.type, enabled=False):  # pool in float32, autocast or not
+            return torch.einsum("bl,blh->bh", weights.to(dev), hidden.float())
 
     def _forward_packed(self, seqs):
         """All of seqs in one row: per-sequence positions, attention confined to each sequence's block."""
@@ -211,28 +319,31 @@ class LLMEncoder:
             weights[b, s: s + len(ids)] = _pool_weights(len(ids), n_inst, self.pooling)
         window = getattr(self.model.config, "sliding_window", None)
         if window is not None and int(lengths.max()) > window:
-            raise ValueError(f"packed=True builds a block mask without the model's sliding_window={window}, "
+            raise ValueError(f"packed=True attends without the model's sliding_window={window}, "
                              f"but a sequence has {int(lengths.max())} tokens; use packed=False")
-        kwargs = {}
-        if self.model.config._attn_implementation == "flash_attention_2":
-            # varlen flash-attention: sequence boundaries as cumulative lengths, no mask tensor at all
+        kwargs, path = {}, self.packed_attention
+        if path != "block mask":
+            # a varlen kernel: sequence boundaries as cumulative lengths, no mask tensor at all
             cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(dev, torch.int32)
             n_max = int(lengths.max())
             kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n_max, max_length_k=n_max)
+            if path == "varlen":
+                kwargs["varlen_attn"] = self._varlen_kernel()
             attention_mask = None
         else:
             # transformers' bidirectional mask ignores position_ids, so packed sequences would see each
             # other; a 4-D mask is passed to the attention function as-is
             same = (seq_of[:, None] == seq_of[None, :]).to(dev)[None, None]  # (1, 1, T, T)
-            if self.model.config._attn_implementation == "sdpa":
-                attention_mask = same  # boolean: True attends
-            else:  # eager adds the mask to the scores
+            if self.model.config._attn_implementation == "eager":  # eager adds the mask to the scores
                 dtype = self.model.get_input_embeddings().weight.dtype
                 attention_mask = torch.zeros(same.shape, dtype=dtype, device=dev)
                 attention_mask.masked_fill_(~same, torch.finfo(dtype).min)
+            else:
+                attention_mask = same  # sdpa's boolean mask: True attends
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False, **kwargs).last_hidden_state
-        return weights.to(dev) @ hidden[0].float()
+        with torch.autocast(dev.type, enabled=False):  # pool in float32, autocast or not
+            return weights.to(dev) @ hidden[0].float()
 
     def _embed_tokens(self, seqs, packed):
         pooled = self._forward_packed(seqs) if packed else self._forward_padded(seqs)
@@ -241,12 +352,18 @@ class LLMEncoder:
     # ---- public ------------------------------------------------------------------------------------------
 
     def embed(self, texts, instruction=None, *, packed=False):
-        """(len(texts), hidden) float32 embeddings with autograd into the model: one forward for the batch,
-        in the model's current mode (call `.model.train()` for LoRA dropout and gradient checkpointing)."""
+        """(len(texts), hidden) embeddings with autograd into the model: one forward for the batch, in the
+        model's current mode (call `.model.train()` for LoRA dropout and gradient checkpointing).
+
+        Pooled and normalised in float32, then returned in the model's compute dtype when that is bf16/fp16
+        (16-bit weights, or autocast) — the loss takes them as they are, on its 16-bit kernels — else float32.
+        """
         texts = _as_list(texts)
+        dtype = self._compute_dtype()
+        dtype = dtype if dtype in HALF_DTYPES else torch.float32
         if not texts:
-            return torch.zeros(0, self.hidden_size, device=self.device)
-        return self._embed_tokens(self.tokenize(texts, instruction), packed)
+            return torch.zeros(0, self.hidden_size, device=self.device, dtype=dtype)
+        return self._embed_tokens(self.tokenize(texts, instruction), packed).to(dtype)
 
     @torch.no_grad()
     def encode(self, texts, instruction=None, batch_size=32, *, packed=False):
@@ -308,10 +425,14 @@ class LLMEncoder:
         return hasattr(self.model, "peft_config")
 
 
-def _as_list(texts):
+def _as_list(texts, name="texts"):
     if isinstance(texts, str):
-        raise ValueError("texts must be a list of strings, got a single str (wrap it in a list)")
-    return list(texts)
+        raise ValueError(f"{name} must be a list of strings, got a single str (wrap it in a list)")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{i}] must be a str, got {type(t).__name__} {t!r:.40}")
+    return texts
 
 
 def contrastive_loss_step(encoder, queries, positives, negatives=None, *, instruction=None, scale=10.0,
@@ -322,7 +443,8 @@ def contrastive_loss_step(encoder, queries, positives, negatives=None, *, instru
     q (B, H), d (B + len(negatives), H); by default pair (i, i) is the positive and every other pair a
     negative. `labels`/`scale`/`bias`/`backend` go to prcl.fused_pair_bce (bias None = −log(N−1)).
     """
-    queries, positives, negatives = _as_list(queries), _as_list(positives), _as_list(negatives or [])
+    queries, positives = _as_list(queries, "queries"), _as_list(positives, "positives")
+    negatives = _as_list(negatives or [], "negatives")
     if len(queries) != len(positives) or not queries:
         raise ValueError(f"need one positive per query and at least one query: got {len(queries)} queries, "
                          f"{len(positives)} positives")

@@ -1,13 +1,20 @@
 """prcl.encoders on tiny random decoder LLMs (tests/tiny_llm.py): nothing is downloaded."""
+import itertools
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import prcl
 from prcl import reference
-from prcl.encoders import (BIDIRECTIONAL_MODEL_TYPES, LLMEncoder, contrastive_loss_step, flash_attn_available,
-                           smollm2_gguf as find_smollm2_gguf)
-from tiny_llm import tiny_model_and_tokenizer
+from prcl.encoders import (BIDIRECTIONAL_MODEL_TYPES, POOLINGS, LLMEncoder, contrastive_loss_step,
+                           flash_attn_available, smollm2_gguf as find_smollm2_gguf, torch_varlen_attn)
+from prcl.training.batching import Batch
+from prcl.training.step import batch_loss, forward_backward
+from tiny_llm import tiny_model_and_tokenizer, tiny_tokenizer
 
 CPU_BACKENDS = ("sdpa", "eager")
 TEXTS = ["the cat sat on the mat", "a dog runs in the park with a red ball",
@@ -22,6 +29,30 @@ def encoder(family="llama", backend="sdpa", *, seed=0, padding_side="right", **k
     model, tok = tiny_model_and_tokenizer(family, causal_lm=True, attn_implementation=backend, seed=seed,
                                           padding_side=padding_side)
     return LLMEncoder(model, tok, **kw)
+
+
+class ReferenceVarlen:
+    """torch.nn.attention.varlen.varlen_attn's contract, one sdpa call per sequence: the varlen wiring runs on
+    CPU. Records each call's cumulative lengths; refuses what it does not implement rather than guess."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                 enable_gqa=False):
+        if tuple(window_size) not in ((-1, -1), (-1, 0)):
+            raise NotImplementedError(f"window_size={window_size}")
+        bounds_q, bounds_k = cu_seq_q.tolist(), cu_seq_k.tolist()
+        if (max_q, max_k) != (max(b - a for a, b in itertools.pairwise(bounds_q)),
+                              max(b - a for a, b in itertools.pairwise(bounds_k))):
+            raise ValueError(f"max_q={max_q}, max_k={max_k} are not the longest sequences of {bounds_q}")
+        self.calls.append(bounds_q)
+        out = []
+        for (sq, eq), (sk, ek) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k)):
+            q, k, v = query[sq:eq].transpose(0, 1), key[sk:ek].transpose(0, 1), value[sk:ek].transpose(0, 1)
+            out.append(F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=tuple(window_size) == (-1, 0),
+                                                      enable_gqa=enable_gqa).transpose(0, 1))
+        return torch.cat(out)
 
 
 def ids(tok, text):
@@ -57,9 +88,11 @@ def test_bidirectional_by_perturbation(family, backend, with_padding):
     assert (bidir[0] - bidir[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last", "weighted_mean"])
-def test_instruction_tokens_attend_but_are_not_pooled(pooling):
-    enc = encoder(pooling=pooling, normalize=False)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed-varlen"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_instruction_tokens_attend_but_are_not_pooled(pooling, packed):
+    ref = ReferenceVarlen()
+    enc = encoder(pooling=pooling, normalize=False, varlen_attn=ref)
     text = "the cat sat on the mat"
     full = ids(enc.tokenizer, INSTRUCTION + " " + text)
     n_inst = ids(enc.tokenizer, INSTRUCTION).shape[1]  # [BOS] + instruction words
@@ -69,12 +102,14 @@ def test_instruction_tokens_attend_but_are_not_pooled(pooling):
          "weighted_mean": torch.arange(1.0, n_text + 1)}[pooling]
     expected = (w / w.sum()) @ h[n_inst:]
 
-    got = enc.encode([text], instruction=INSTRUCTION)[0]
+    got = enc.encode([text], instruction=INSTRUCTION, packed=packed)[0]
+    assert len(ref.calls) == (enc.model.config.num_hidden_layers if packed else 0)
     torch.testing.assert_close(got, expected, atol=FP32_ATOL, rtol=0)
     if pooling != "last":  # pooling the instruction too would give a clearly different vector
         assert (got - h.mean(0)).abs().max() > 1e-3
     # the instruction is attended: another instruction changes the text tokens' states
-    other = enc.encode([text], instruction="represent this sentence for searching relevant passages")[0]
+    other = enc.encode([text], instruction="represent this sentence for searching relevant passages",
+                       packed=packed)[0]
     assert (got - other).abs().max() > 1e-3
 
 
@@ -91,6 +126,97 @@ def test_padded_packed_and_one_at_a_time_agree(backend, padding_side, pooling):
         torch.testing.assert_close(got, one, atol=FP32_ATOL, rtol=0)
     assert one.dtype == torch.float32
     torch.testing.assert_close(one.norm(dim=1), torch.ones(len(TEXTS)))
+
+
+@pytest.mark.parametrize("family", BIDIRECTIONAL_MODEL_TYPES)
+def test_varlen_packed_equals_padded_and_one_at_a_time(family):
+    """The varlen path (a reference kernel standing in for torch's CUDA one): bidirectional within each
+    text, grouped-query heads, per-text positions — every family equals the padded sdpa path."""
+    ref = ReferenceVarlen()
+    enc = encoder(family, varlen_attn=ref)
+    assert enc.packed_attention == "varlen"
+    one = torch.cat([enc.encode([t], instruction=INSTRUCTION) for t in TEXTS])
+    padded = enc.encode(TEXTS, instruction=INSTRUCTION, batch_size=3)
+    assert not ref.calls  # padded batches stay on sdpa
+    packed = enc.encode(TEXTS, instruction=INSTRUCTION, packed=True)
+    lengths = sorted((len(i) for i, _ in enc.tokenize(TEXTS, INSTRUCTION)), reverse=True)  # encode's order
+    assert ref.calls == [[0, *itertools.accumulate(lengths)]] * enc.model.config.num_hidden_layers
+    grad_packed = enc.embed(TEXTS, instruction=INSTRUCTION, packed=True).detach()
+    for got in (padded, packed, grad_packed):
+        torch.testing.assert_close(got, one, atol=FP32_ATOL, rtol=0)
+
+
+class Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_varlen_builds_no_tokens_by_tokens_mask():
+    """Nothing of (total tokens)² on the varlen path, forward or backward — not even the sliding-window mask
+    that transformers builds once the row outgrows the window (each text is within it)."""
+    texts = [INSTRUCTION + " " + t for t in TEXTS]
+    model, tok = tiny_model_and_tokenizer("mistral", sliding_window=30)
+    lengths = [len(i) for i in tok(texts)["input_ids"]]
+    T = sum(lengths)
+    assert max(lengths) <= 30 < T and 64 < T < 256  # T is none of the model's sizes either
+    for varlen_attn, expect_square in ((ReferenceVarlen(), False), (None, True)):
+        enc = LLMEncoder(model, tok, varlen_attn=varlen_attn)
+        with Shapes() as mode:
+            enc.embed(texts, packed=True).sum().backward()
+        square = [s for s in mode.shapes if s.count(T) >= 2]
+        assert bool(square) == expect_square, square  # the block mask path is the control: it has (1, 1, T, T)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_varlen_lora_grads_equal_padded(checkpointing):
+    grads = []
+    for packed in (False, True):
+        ref = ReferenceVarlen()
+        enc = lora_encoder(gradient_checkpointing=checkpointing, varlen_attn=ref)
+        enc.model.train()
+        contrastive_loss_step(enc, TEXTS[:3], TEXTS[2:], ["rain", "a dog runs"], instruction=INSTRUCTION,
+                              packed=packed).backward()
+        # queries and documents, each through both layers; checkpointing reruns them in backward
+        assert len(ref.calls) == packed * 2 * 2 * (1 + checkpointing)
+        grads.append({n: p.grad for n, p in enc.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all("lora_" in n for n in grads[0])
+    assert all(g.abs().sum() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_attention_choice():
+    assert torch_varlen_attn() is torch.nn.attention.varlen.varlen_attn  # torch 2.13 has it, with enable_gqa
+    if not torch.cuda.is_available():  # torch's kernel is CUDA-only: CPU packs with the block mask
+        assert encoder().packed_attention == "block mask"
+    assert encoder("llama", "eager").packed_attention == "block mask"
+    assert encoder(varlen_attn=ReferenceVarlen()).packed_attention == "varlen"
+    with pytest.raises(ValueError, match="varlen_attn runs under the sdpa attention backend, not 'eager'"):
+        encoder("llama", "eager", varlen_attn=ReferenceVarlen())
+
+
+def test_varlen_refuses_attention_dropout_and_unmasked_sliding_windows():
+    model, tok = tiny_model_and_tokenizer(attention_dropout=0.1)
+    enc = LLMEncoder(model, tok, varlen_attn=ReferenceVarlen())
+    enc.encode(TEXTS, packed=True)  # eval: no dropout
+    enc.model.train()
+    with pytest.raises(ValueError, match="no attention dropout, but the model's is 0.1"):
+        enc.embed(TEXTS, packed=True)
+    # a direct call without attention_mask would lose the window (no mask is built without one): refused
+    model, tok = tiny_model_and_tokenizer("mistral", sliding_window=4)
+    enc = LLMEncoder(model, tok)
+    x = ids(tok, "the cat sat on the mat")
+    with pytest.raises(ValueError, match="7 tokens without an attention_mask reach the model's sliding_window=4"):
+        enc.model(input_ids=x)
+    enc.model(input_ids=x, attention_mask=torch.ones_like(x))
 
 
 def test_packing_keeps_sequences_apart():
@@ -188,6 +314,46 @@ def test_bf16_close_to_fp32():
     assert bf16.dtype == torch.float32
     # bf16 keeps 8 mantissa bits (~4e-3 relative) per op; two layers stay well inside 5e-2 on unit vectors
     torch.testing.assert_close(bf16, fp32, atol=5e-2, rtol=0)
+    torch.testing.assert_close(enc.embed(TEXTS).float(), fp32, atol=5e-2, rtol=0)
+
+
+def test_16_bit_models_hand_the_loss_16_bit_embeddings(monkeypatch):
+    """embed pools and normalises in float32, then returns the model's compute dtype; contrastive_loss_step and
+    the training step hand those to the loss as they are, whose value is float32; LoRA gets gradients."""
+    seen = []
+    real = prcl.fused_pair_bce
+
+    def recording(q, d, *args, **kwargs):
+        seen.append((q.dtype, d.dtype))
+        return real(q, d, *args, **kwargs)
+
+    monkeypatch.setattr(prcl, "fused_pair_bce", recording)
+    enc = lora_encoder()
+    enc.model.to(torch.bfloat16).train()
+    emb = enc.embed(TEXTS)
+    assert emb.dtype == torch.bfloat16 and enc.embed([]).dtype == torch.bfloat16
+    torch.testing.assert_close(emb.float().norm(dim=1), torch.ones(len(TEXTS)), atol=4e-3, rtol=0)
+    assert enc.encode(TEXTS).dtype == torch.float32  # inference output stays float32
+
+    loss = contrastive_loss_step(enc, TEXTS[:2], TEXTS[2:4], ["rain"], instruction=INSTRUCTION)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and loss.dtype == torch.float32
+    loss.backward()
+    lora = [p.grad for n, p in enc.model.named_parameters() if "lora_" in n]
+    assert lora and all(g is not None and g.isfinite().all() and g.abs().sum() > 0 for g in lora)
+
+    batch = Batch(TEXTS[:2], [INSTRUCTION, None], TEXTS[2:], torch.ones(2, 1), torch.arange(2)[:, None])
+    for cached in (False, True):
+        seen.clear()
+        enc.model.zero_grad()
+        forward_backward(enc, batch, lambda q, d: batch_loss(q, d, batch), cached=cached)
+        assert seen == [(torch.bfloat16, torch.bfloat16)]
+        assert all(p.grad.abs().sum() > 0 for n, p in enc.model.named_parameters() if "lora_" in n)
+
+    # float32 weights under bf16 autocast compute in bf16 too
+    enc = encoder()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert enc.embed(TEXTS).dtype == torch.bfloat16
+    assert enc.embed(TEXTS).dtype == torch.float32
 
 
 def test_empty_list():
@@ -195,6 +361,41 @@ def test_empty_list():
     assert enc.encode([]).shape == (0, 32)
     assert enc.encode([], packed=True).shape == (0, 32)
     assert enc.embed([]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_a_text_without_tokens_is_an_error_naming_its_position(pooling, packed):
+    """With a tokenizer that adds no special tokens, "" and "   " have no token to pool: a ValueError naming
+    the text's position in every entry point, rather than a ZeroDivisionError or an IndexError."""
+    model, _ = tiny_model_and_tokenizer()
+    enc = LLMEncoder(model, tiny_tokenizer(bos=False), pooling=pooling)
+    for text in ("", "   "):
+        msg = rf"texts\[1\] = {text!r} has no tokens"
+        with pytest.raises(ValueError, match=msg):
+            enc.encode(["rain", text], packed=packed)
+        with pytest.raises(ValueError, match=msg):
+            enc.embed(["rain", text], packed=packed)
+        with pytest.raises(ValueError, match=msg):
+            contrastive_loss_step(enc, ["rain", "the cat"], ["the dog", text], packed=packed)
+        batch = Batch(["rain"], [None], ["the cat", text], torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
+        with pytest.raises(ValueError, match=msg):
+            forward_backward(enc, batch, lambda q, d: batch_loss(q, d, batch))
+        # after an instruction an empty text pools the instruction, as if the instruction were the text
+        torch.testing.assert_close(enc.encode([text], instruction=INSTRUCTION, packed=packed),
+                                   enc.encode([INSTRUCTION], packed=packed), atol=FP32_ATOL, rtol=0)
+
+
+def test_texts_must_be_strings():
+    enc = encoder()
+    with pytest.raises(ValueError, match=r"texts\[0\] must be a str, got NoneType None"):
+        enc.encode([None])
+    with pytest.raises(ValueError, match=r"texts\[1\] must be a str, got int 1"):
+        enc.embed(["rain", 1])
+    with pytest.raises(ValueError, match=r"negatives\[0\] must be a str, got bytes b'rain'"):
+        contrastive_loss_step(enc, ["rain"], ["the cat"], [b"rain"])
+    with pytest.raises(ValueError, match="instruction must be a str or None, got int"):
+        enc.encode(["rain"], instruction=1)
 
 
 def test_truncation_warns_once():
@@ -253,12 +454,17 @@ def smollm2_gguf():
     return path
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    return LLMEncoder.from_pretrained(smollm2_gguf())
+
+
 @pytest.mark.slow
-def test_smollm2_gguf_pairs_related_texts():
+def test_smollm2_gguf_pairs_related_texts(smollm2):
     """Real weights (SmolLM2-135M-Instruct, de-quantised from GGUF, ~20 s): each text's nearest neighbour is
     its paraphrase. An untrained bidirectional LLM needs the instruction: it soaks up the first-token
     attention sink, which mean pooling would otherwise be dominated by."""
-    enc = LLMEncoder.from_pretrained(smollm2_gguf())
+    enc = smollm2
     texts = ["The cat sat on the mat.", "A kitten is resting on a rug.",
              "The stock market crashed on Monday.", "Investors sold shares as prices fell.",
              "How to bake bread at home", "Recipe for homemade sourdough loaf"]
@@ -266,3 +472,14 @@ def test_smollm2_gguf_pairs_related_texts():
     sim = emb @ emb.T
     sim.fill_diagonal_(-2)
     assert sim.argmax(1).tolist() == [1, 0, 3, 2, 5, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_smollm2_empty_text_is_an_error(smollm2, packed):
+    """SmolLM2's tokenizer adds no BOS and maps "" to no tokens; "   " is a whitespace token it can embed."""
+    with pytest.raises(ValueError, match=r"texts\[0\] = '' has no tokens"):
+        smollm2.encode(["", "rain"], packed=packed)
+    emb = smollm2.encode(["   "], packed=packed)
+    assert emb.isfinite().all()
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(1))

@@ -37,13 +37,15 @@ one two three four five six seven eight nine ten
 """
 
 
-def tiny_tokenizer(padding_side="right"):
-    """A lower-casing word-level tokenizer with [PAD] [UNK] [BOS] [EOS]; it prepends [BOS] like Llama's."""
+def tiny_tokenizer(padding_side="right", bos=True):
+    """A lower-casing word-level tokenizer with [PAD] [UNK] [BOS] [EOS]; it prepends [BOS] like Llama's, or
+    with bos=False adds no special token (like SmolLM2's: "" and "   " become no tokens at all)."""
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(CORPUS.split("\n"), trainers.WordLevelTrainer(special_tokens=list(SPECIALS)))
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS)])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS)])
     assert tok.get_vocab_size() <= VOCAB_SIZE
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                    bos_token="[BOS]", eos_token="[EOS]", padding_side=padding_side)

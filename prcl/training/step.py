@@ -61,15 +61,16 @@ def batch_loss(q, d, batch, *, loss="prcl", scale=10.0, bias=None, backend=None,
 
 
 def embed_texts(encoder, texts, instructions):
-    """(len(texts), H) float32 with grad (if enabled); one encoder call per distinct instruction."""
+    """(len(texts), H) with grad (if enabled), in the encoder's output dtype (bf16/fp16 for a 16-bit model:
+    the loss takes them as they are); one encoder call per distinct instruction."""
     groups = {}
     for i, ins in enumerate(instructions):
         groups.setdefault(ins, []).append(i)
     if len(groups) == 1:
-        return encoder.embed(texts, instruction=instructions[0]).float()
+        return encoder.embed(texts, instruction=instructions[0])
     parts, order = [], []
     for ins, idx in groups.items():
-        parts.append(encoder.embed([texts[i] for i in idx], instruction=ins).float())
+        parts.append(encoder.embed([texts[i] for i in idx], instruction=ins))
         order += idx
     out = torch.cat(parts)
     return out[torch.argsort(torch.tensor(order, device=out.device))]
