@@ -1,0 +1,99 @@
+"""`python -m prcl.gpu_check --dry-run` runs every section end to end on CPU and writes its few files;
+a failing or overrunning section is recorded and the others still run."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from prcl import gpu_check
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "prcl.gpu_check", "--out", str(out), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    return proc, out, json.loads((out / "results.json").read_text())
+
+
+def test_dry_run_passes_and_writes_few_files(dry_run):
+    proc, out, results = dry_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "summary.md"]
+    assert list(results["sections"]) == [name for name, _, _ in gpu_check.SECTIONS]
+    assert all("error" not in rec for rec in results["sections"].values())
+    summary = (out / "summary.md").read_text()
+    for name, _, _ in gpu_check.SECTIONS:
+        assert f"| {name} |" in summary
+
+
+def test_environment_names_device_versions_and_command(dry_run):
+    env = dry_run[2]["sections"]["environment"]
+    assert "prcl.gpu_check" in env["command"] and "--dry-run" in env["command"]
+    assert env["versions"]["torch"] and env["versions"]["prcl"] and env["device"]["name"]
+
+
+def test_correctness_covers_every_form_layout_reduction_and_the_late_regime(dry_run):
+    rec = dry_run[2]["sections"]["correctness"]
+    rows = rec["rows"]
+    assert rec["passed"] and all(r["passed"] for r in rows)
+    assert {r["form"] for r in rows} == set(gpu_check.FORMS)
+    assert {r["layout"] for r in rows} == {"contiguous", "sliced", "transposed"}
+    assert {r["reduction"] for r in rows} == {"mean", "none"}
+    late = [r for r in rows if r["regime"] == "late"]
+    assert {r["form"] for r in late} == set(gpu_check.FORMS) and {r["dtype"] for r in late} == {"bf16", "fp16"}
+    for r in rows:
+        for q in ("loss", "dq", "dd", "dscale", "dbias"):
+            assert r[q]["ok"] and r[q]["err"] >= 0 and r[q]["eager_err"] >= 0
+
+
+def test_sync_and_graph_sections_say_what_cpu_cannot_check(dry_run):
+    sections = dry_run[2]["sections"]
+    assert "CUDA" in sections["no_host_sync"]["not_applicable"]
+    assert {(r["form"], r["reduction"]) for r in sections["no_host_sync"]["rows"]} == {
+        (f, r) for f in gpu_check.FORMS for r in ("mean", "none")}
+    assert "CUDA" in sections["cuda_graph"]["not_applicable"]
+
+
+def test_timings_time_every_case_and_record_missing_peers(dry_run):
+    rows = dry_run[2]["sections"]["timings"]["rows"]
+    cases = {r["case"] for r in rows}
+    assert {"main", "fwd vs GEMM", "fp32"} <= cases and sum(c.startswith("D=") for c in cases) >= 2
+    for r in rows:
+        if r["impl"] in ("prcl", "eager", "3-GEMM floor", "gemm"):
+            assert "error" not in r and r["ms"] > 0 and r["rounds"] >= 3, r
+        else:
+            assert ("ms" in r) != ("error" in r), r  # a peer either ran or says why not
+    assert any(r["impl"] == "siglip-kernel" and "CUDA" in r["error"] for r in rows)
+
+
+def test_lora_step_padded_and_packed(dry_run):
+    rec = dry_run[2]["sections"]["lora_step"]
+    assert [r["batch"] for r in rec["rows"]] == ["padded", "packed"]
+    assert all(r["tokens_per_s"] > 0 for r in rec["rows"]), rec["rows"]
+    assert rec["batch"]["tokens"] > 0 and rec["batch"]["trainable_params"] > 0
+
+
+def test_failing_and_overrunning_sections_are_isolated(tmp_path, monkeypatch):
+    def broken(ck, rec):
+        rec["rows"] = ["partial"]
+        raise RuntimeError("section broke")
+
+    def slow(ck, rec):
+        time.sleep(5)
+
+    def fine(ck, rec):
+        rec["passed"] = True
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", (("broken", 10, broken), ("slow", 0.2, slow), ("fine", 10, fine)))
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 1
+    sections = json.loads((tmp_path / "results.json").read_text())["sections"]
+    assert sections["broken"]["error"] == "RuntimeError: section broke"
+    assert "section broke" in sections["broken"]["traceback"] and sections["broken"]["rows"] == ["partial"]
+    assert "time box" in sections["slow"]["error"] and sections["slow"]["seconds"] < 3
+    assert sections["fine"]["passed"] and "error" not in sections["fine"]
+    assert "section broke" in (tmp_path / "log.txt").read_text()
