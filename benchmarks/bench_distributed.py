@@ -5,9 +5,10 @@
 Weak scaling on gloo (CPU): every rank holds B_LOCAL queries and N_LOCAL documents, so the global
 batch, the work per rank (B_LOCAL × R·N_LOCAL pairs) and the traffic grow with the world size R.
 Each world size gets one pool of spawned ranks (1 intra-op thread each) that waits for commands, so
-the timed call is one step on every rank — not the process start-up. Peak memory is what the step
-allocates above what was already held on rank 0 (torch's CPU allocator, read from the profiler's
-allocation events): the gathered documents for "gather", two chunks plus accumulators for "ring".
+the timed call is one step on every rank — not the process start-up. Peak memory is what one step
+adds to rank 0's resident set (prcl.bench's CPU meter), measured in a second pool of ranks started
+with the meter's glibc setting, so that the timed pool keeps glibc's defaults: the gathered documents
+for "gather", two chunks plus accumulators for "ring".
 The figures land in extra_info (world, strategy, peak_mib, pairs_per_rank, device, torch version).
 """
 import datetime
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from prcl.bench import profiled_peak_bytes
+from prcl.bench.memory import measuring_env, peak_memory
 
 WORLDS = (1, 2, 3)
 STRATEGIES = ("gather", "ring")
@@ -37,7 +38,7 @@ def _step(q, d, strategy):
 
 
 def _serve(rank, world, store, commands, results):
-    """One rank of the pool: run a step (or a profiled step) per command until told to stop."""
+    """One rank of the pool: run a step (or a measured step) per command until told to stop."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -47,10 +48,10 @@ def _serve(rank, world, store, commands, results):
     q = torch.nn.functional.normalize(torch.randn(B_LOCAL, D, generator=g), dim=1).requires_grad_()
     d = torch.nn.functional.normalize(torch.randn(N_LOCAL, D, generator=g), dim=1).requires_grad_()
     while (command := commands[rank].get()) is not None:
-        strategy, profiled = command
+        strategy, measured = command
         q.grad = d.grad = None
-        peak = profiled_peak_bytes(lambda: _step(q, d, strategy)) if profiled else None
-        if not profiled:
+        peak = peak_memory(lambda: _step(q, d, strategy), "cpu") if measured else None
+        if not measured:
             _step(q, d, strategy)
         results.put((rank, peak))
     dist.destroy_process_group()
@@ -65,9 +66,9 @@ class _Pool:
         self.procs = mp.spawn(_serve, args=(world, str(tmp / "store"), self.commands, self.results),
                               nprocs=world, join=False)
 
-    def run(self, strategy, profiled=False):
+    def run(self, strategy, measured=False):
         for c in self.commands:
-            c.put((strategy, profiled))
+            c.put((strategy, measured))
         got = {}
         while len(got) < self.world:
             try:
@@ -92,9 +93,19 @@ def pool(request, tmp_path_factory):
     p.close()
 
 
+@pytest.fixture(scope="module")
+def memory_pool(pool, tmp_path_factory):
+    with measuring_env():
+        p = _Pool(pool.world, tmp_path_factory.mktemp(f"R{pool.world}-memory"))
+    for strategy in STRATEGIES:  # the meter measures a warm step
+        p.run(strategy)
+    yield p
+    p.close()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_distributed_loss_step(benchmark, pool, strategy):
-    peak = pool.run(strategy, profiled=True)[0]
+def test_distributed_loss_step(benchmark, pool, memory_pool, strategy):
+    peak = memory_pool.run(strategy, measured=True)[0]
     benchmark.group = f"distributed B_local={B_LOCAL} N_local={N_LOCAL} D={D} fp32 gloo"
     benchmark.pedantic(pool.run, args=(strategy,), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     benchmark.extra_info.update(

@@ -113,7 +113,7 @@ def test_loss(benchmark, entry, request):
     except torch.cuda.OutOfMemoryError as e:
         step.clear()
         _release(device)
-        pytest.skip(f"{name} ran out of memory at {B}x{N}, D={D}: {pb._first_line(e)}")
+        pytest.skip(f"{name} ran out of memory at {B}x{N}, D={D}: {pb.first_line(e)}")
     except Exception as e:  # noqa: BLE001
         if name.startswith("prcl"):
             raise  # prcl failing is a bug to see, not a case to skip
@@ -121,7 +121,7 @@ def test_loss(benchmark, entry, request):
         # arrives wrapped) is the peer's result for this case
         step.clear()
         _release(device)
-        pytest.skip(f"{name} failed at {B}x{N}, D={D}: {type(e).__name__}: {pb._first_line(e)}")
+        pytest.skip(f"{name} failed at {B}x{N}, D={D}: {type(e).__name__}: {pb.first_line(e)}")
     finally:
         step.clear()
     median = benchmark.stats.stats.median

@@ -7,10 +7,9 @@ PyTorch path (backend="torch") and the native kernel (backend="native"). Default
 {1024, 2048}, D ∈ {32, 64, 256, 768}, a few minutes on 2 cores; PRCL_BENCH_LARGE=1 adds 4096 to 16384
 (the eager reference alone then needs ~24 B per pair: 6 GiB at 16384²; cases that cannot fit skip).
 
-extra_info: median and IQR in ms, TFLOP/s on 2·B·N·D (fwd) or 6·B·N·D (fwd+bwd), peak RSS growth of
+extra_info: median and IQR in ms, TFLOP/s on 2·B·N·D (fwd) or 6·B·N·D (fwd+bwd), peak memory of
 one warm call beyond its inputs (peak_bytes; fwd+bwd includes the gradients) from prcl.bench's memory
-worker — a separate process whose glibc maps every large block, so RSS follows live tensors
-(tracemalloc cannot see ATen's allocations) — and, on the native entry, its speed-up over the
+meter (resident-set growth in a worker process, prcl/bench/memory.py says why) and, on the native entry, its speed-up over the
 other two measured just before it. test_memory_target runs the issue's memory case (B = N = 20000,
 D = 32, fwd+bwd) in a fresh process. The device name, thread count, load average
 and versions are recorded: on a shared machine, read the medians beside the load.
@@ -103,10 +102,9 @@ def test_native(benchmark, B, D, mode, impl):
     benchmark.extra_info.update(info)
 
 
-# A fresh process, glibc mapping every block above 128 KiB (MALLOC_MMAP_THRESHOLD_, as prcl.bench's
-# memory worker does) so that RSS follows live tensors; prcl.bench.peak_memory resets VmHWM through
-# /proc/self/clear_refs and reads VmHWM − VmRSS around one warm call. ru_maxrss cannot be reset, and
-# importing torch alone peaks above this call's growth: it read 0 MB here.
+# A fresh process started with prcl.bench's MEASURING_ENV, where its CPU memory meter (peak_memory: VmHWM
+# reset around one warm call) is exact. ru_maxrss cannot be reset, and importing torch alone peaks
+# above this call's growth: it read 0 MB here.
 MEMORY_TARGET = """
     import json, time, torch, prcl
     from prcl import bench as pb
@@ -121,7 +119,7 @@ MEMORY_TARGET = """
 
 
 def run_memory_target():
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+    env = {**os.environ, **pb.MEASURING_ENV}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(MEMORY_TARGET)], capture_output=True, text=True,
                          check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,9 +6,9 @@ with and without cached embeddings (GradCache).
 A tiny random Llama (tests/tiny_llm.py, hidden 64, LoRA r=8) on B queries, each with its positive and
 one hard negative (N ≈ 2B documents). Uncached keeps every text's activations until the backward;
 cached embeds MINI texts at a time, so its peak should stay flat as B grows while its time grows by
-the second forward. Peak memory is the most the step holds above what was held before it: CUDA's
-allocator on a GPU, on CPU torch's allocator read from the profiler's allocation events (a separate,
-untimed step). Figures land in extra_info: B, N, cached, peak_mib, steps_per_s, pairs_per_s, device.
+the second forward. Peak memory is what one warm step adds to what was held before it, from
+prcl.bench's meter: CUDA's allocator on a GPU; on CPU the resident set of a worker process that
+builds the same encoder and batch (an untimed step). Figures land in extra_info: B, N, cached, peak_mib, steps_per_s, pairs_per_s, device.
 """
 import json
 import platform
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_llm import CORPUS, tiny_model_and_tokenizer  # noqa: E402
 
-from prcl.bench import profiled_peak_bytes  # noqa: E402
+from prcl.bench.memory import MemoryWorker, peak_memory  # noqa: E402
 from prcl.training import build_batch, forward_backward, parse_example  # noqa: E402
 from prcl.training.step import batch_loss  # noqa: E402
 
@@ -40,20 +40,23 @@ def _batch(B):
     return build_batch(exs)
 
 
-@pytest.fixture(scope="module")
-def encoder():
+def _encoder():
     from prcl.encoders import LLMEncoder
 
+    model, tok = tiny_model_and_tokenizer("llama", hidden_size=64, intermediate_size=128, head_dim=16)
+    enc = LLMEncoder(model, tok).add_lora(r=8, alpha=16, dropout=0.05)
+    enc.model.to(DEVICE).train()
+    return enc
+
+
+@pytest.fixture(scope="module")
+def encoder():
     # one intra-op thread on CPU: with a tiny model, two threads on a shared 2-core machine spend more
     # time waiting for each other than computing, and the timings swing by 10x between runs
     threads = torch.get_num_threads()
     if DEVICE == "cpu":
         torch.set_num_threads(1)
-
-    model, tok = tiny_model_and_tokenizer("llama", hidden_size=64, intermediate_size=128, head_dim=16)
-    enc = LLMEncoder(model, tok).add_lora(r=8, alpha=16, dropout=0.05)
-    enc.model.to(DEVICE).train()
-    yield enc
+    yield _encoder()
     torch.set_num_threads(threads)
 
 
@@ -63,24 +66,40 @@ def _step(enc, batch, cached):
                      cached=cached, device=torch.device(DEVICE))
 
 
-def _peak_mib(fn):
+_worker_encoder = []
+
+
+def worker_step(B, cached):
+    """The step, built inside MemoryWorker's process (one encoder there for every measurement)."""
+    if not _worker_encoder:
+        _worker_encoder.append(_encoder())
+    enc, batch = _worker_encoder[0], _batch(B)
+    return lambda: _step(enc, batch, cached)
+
+
+@pytest.fixture(scope="module")
+def memory_worker():
+    worker = MemoryWorker()
+    yield worker
+    worker.close()
+
+
+def _peak_mib(memory_worker, fn, B, cached):
     if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    peak = profiled_peak_bytes(fn)
-    return None if peak is None else peak / 2**20
+        peak = peak_memory(fn, DEVICE)
+    else:
+        peak, why = memory_worker.measure(worker_step, B, cached)
+        if why:
+            raise RuntimeError(f"peak memory: {why}")
+    return peak / 2**20
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["uncached", f"cached-mini{MINI}"])
 @pytest.mark.parametrize("B", BATCHES, ids=[f"B{b}" for b in BATCHES])
-def test_train_step(benchmark, encoder, B, cached):
+def test_train_step(benchmark, encoder, memory_worker, B, cached):
     batch = _batch(B)
     B_, N = batch.shape
-    peak = _peak_mib(lambda: _step(encoder, batch, cached))
+    peak = _peak_mib(memory_worker, lambda: _step(encoder, batch, cached), B, cached)
     benchmark.pedantic(_step, args=(encoder, batch, cached), rounds=5, warmup_rounds=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(B=B_, N=N, cached=cached, mini_batch_size=MINI if cached else None,

@@ -1,9 +1,11 @@
-"""`python -m prcl` / `prcl`: bench | train | encode | eval."""
+"""`python -m prcl` / `prcl`: bench | train | encode | eval.
+
+Imports nothing heavy: each command's module is imported only when that command runs."""
 import importlib
 import sys
 
 COMMANDS = {
-    "bench": ("prcl.bench", "main", "fused vs eager reference: time, peak memory, error vs float64"),
+    "bench": ("prcl.bench.cli", "main", "fused vs eager reference: time, peak memory, error vs float64"),
     "train": ("prcl.training", "train_main", "fine-tune a text encoder with PRCL"),
     "encode": ("prcl.training", "encode_main", "embed texts with a (LoRA-adapted) encoder"),
     "eval": ("prcl.ir", "main", "retrieval metrics (nDCG@10, recall, MRR, MAP) on a BEIR/TREC set"),
