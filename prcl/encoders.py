@@ -229,8 +229,9 @@ class LLMEncoder:
     def _varlen_kernel(self):
         if self.varlen_attn is not None:
             return self.varlen_attn
-        dev = self.device
-        if dev.type == "cuda" and self._compute_dtype() in HALF_DTYPES and torch.cuda.get_device_capability(dev)[0] >= 8:
+        dev = self.device  # torch's kernel is FlashAttention's: CUDA, 16-bit, Ampere or newer
+        if (dev.type == "cuda" and self._compute_dtype() in HALF_DTYPES
+                and torch.cuda.get_device_capability(dev) >= (8, 0)):
             return torch_varlen_attn()
         return None
 

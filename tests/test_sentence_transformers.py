@@ -234,6 +234,33 @@ def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_16_bit_model_hands_the_loss_16_bit_embeddings(model_dir, monkeypatch):
+    """Embeddings are normalised in float32, then reach prcl in the model's dtype; the loss is float32."""
+    import prcl.integrations.sentence_transformers as module
+
+    seen = []
+
+    def recording(q, d, *args, **kwargs):
+        seen.append((q.detach(), d.detach()))
+        return prcl.fused_pair_bce(q, d, *args, **kwargs)
+
+    monkeypatch.setattr(module, "fused_pair_bce", recording)
+    model = tiny_model(model_dir).to(torch.bfloat16)
+    anchors, columns, labels = batch_texts(12, 4)
+    feats = [features(model, anchors)] + [features(model, col) for col in columns]
+    embeddings = [model(f)["sentence_embedding"] for f in feats]
+    assert embeddings[0].dtype == torch.bfloat16
+    loss_fn = PairRelevanceLoss(model)
+    loss = loss_fn.compute_loss_from_embeddings(embeddings, loss_fn.targets(feats, torch.tensor(labels)))
+    assert loss.dtype == torch.float32
+    (q, d), = seen
+    assert q.dtype == d.dtype == torch.bfloat16
+    expected = F.normalize(embeddings[0].detach().float(), dim=-1).to(torch.bfloat16)
+    torch.testing.assert_close(q, expected, rtol=0, atol=0)
+    loss.backward()
+    assert grads(model).isfinite().all() and grads(model).abs().sum() > 0
+
+
 def test_excluded_pairs_by_hand():
     # B = 3, one negative column. Documents: 0 "x", 1 "y", 2 "x" | 3 "y", 4 "z", 5 "w".
     docs = torch.tensor([0, 1, 0, 1, 2, 3])

@@ -19,6 +19,7 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from torch import Tensor, nn
 
 from prcl.contract import DTYPES, default_bias
+from prcl.encoders import compute_dtype
 from prcl.functional import fused_pair_bce
 
 __all__ = ["PairRelevanceLoss", "CachedPairRelevanceLoss", "text_groups", "excluded_pairs"]
@@ -226,10 +227,12 @@ class PairRelevanceLoss(nn.Module):
     def compute_loss_from_embeddings(self, embeddings, targets):
         """The loss from the column embeddings [anchor (B, D), positive (B, D), negative_1, …]."""
         labels, label_index = targets
-        q = F.normalize(embeddings[0], dim=-1)
-        d = F.normalize(torch.cat(embeddings[1:]), dim=-1)
-        if q.dtype not in DTYPES:  # e.g. a float64 model: prcl computes in fp32 at most
-            q, d = q.float(), d.float()
+        # normalised in float32, handed to the loss in the model's compute dtype (autocast's, else the
+        # embeddings'): bf16/fp16 run the 16-bit kernels; a float64 model's go in fp32, prcl's widest
+        dtype = compute_dtype(embeddings[0].device, embeddings[0].dtype)
+        dtype = dtype if dtype in DTYPES else torch.float32
+        q = F.normalize(embeddings[0].float(), dim=-1).to(dtype)
+        d = F.normalize(torch.cat(embeddings[1:]).float(), dim=-1).to(dtype)
         if labels is not None and labels.shape[0] != q.shape[0]:
             raise ValueError(f"labels: expected ({q.shape[0]},), one per anchor, got {tuple(labels.shape)}")
         if not self.gather_across_devices:
