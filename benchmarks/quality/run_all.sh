@@ -1,8 +1,8 @@
 #!/bin/sh
-# Experiment (a): InfoNCE / PRCL binary / PRCL graded for the given seeds (interleaved, so a stopped
-# run leaves balanced rows), plus the zero-shot row with --zero-shot. Appends to results/minilm.jsonl;
-# `python benchmarks/quality/report.py` then writes the table and the plot.
-# Usage: nice -n 10 sh benchmarks/quality/run_all.sh [--zero-shot] SEED...
+# Experiment (a): InfoNCE / PRCL binary / PRCL graded for the given seeds, JOBS runs at a time (one
+# thread each), plus the zero-shot row with --zero-shot. Each run appends one line to
+# results/minilm.jsonl; `python benchmarks/quality/report.py` then writes the table and the plot.
+# Usage: JOBS=3 nice -n 10 sh benchmarks/quality/run_all.sh [--zero-shot] SEED...
 set -e
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
@@ -12,6 +12,6 @@ if [ "$1" = "--zero-shot" ]; then
 fi
 for seed in "$@"; do
   for loss in infonce prcl-binary prcl-graded; do
-    python run_minilm.py --loss "$loss" --seed "$seed"
+    echo "$loss $seed"
   done
-done
+done | xargs -P "${JOBS:-1}" -L 1 sh -c 'python run_minilm.py --loss "$0" --seed "$1"'
