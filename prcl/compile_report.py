@@ -15,9 +15,10 @@ cuobjdump and nvdisasm that triton bundles:
 - mma: the PTX matrix instruction, tcgen05.mma, wgmma (wgmma.mma_async), mma.sync, or FMA;
   tma: whether the PTX uses TMA (cp.async.bulk.tensor).
 - epilogue_per_pair: SASS instructions of the per-tile epilogue per pair a thread owns. Defined as:
-  loops are the address ranges [target, branch] of backward branches in the SASS; the MMA loop is the
-  smallest loop holding an instruction that the line table attributes to the kernel's `tl.dot` call;
-  the tile loop is the smallest loop strictly containing it. The epilogue is every instruction of
+  loops are the address ranges [target, branch] of backward branches in the SASS; the MMA loop is,
+  among the loops nested in another, the one holding the most instructions that the line table
+  attributes to the kernel's `tl.dot` call (out-of-line mbarrier waits carry that line too, but sit in
+  no other loop); the tile loop is the smallest loop strictly containing it. The epilogue is every instruction of
   the tile loop outside the MMA loop, except those the line table attributes to the source lines of
   the `for` statement around `tl.dot` (the software pipeline's loads and waits peeled out of the K
   loop). It is divided by the pairs per thread per tile, BLOCK_M·BLOCK_N / (32·num_warps).
@@ -176,11 +177,15 @@ def epilogue_instructions(instructions, labels, source_file, dot_lines, mma_loop
     def smallest(candidates):
         return min(candidates, key=lambda r: r[1] - r[0], default=None)
 
+    def around(r):
+        return [o for o in ranges if o != r and o[0] <= r[0] and r[1] <= o[1]]
+
     dot_addresses = [a for a, _, f, line in instructions if f == source_file and line in dot_lines]
-    mma = smallest([r for r in ranges if any(r[0] <= a <= r[1] for a in dot_addresses)])
+    dots_in = {r: sum(r[0] <= a <= r[1] for a in dot_addresses) for r in ranges if around(r)}
+    mma = max((r for r in dots_in if dots_in[r]), key=lambda r: (dots_in[r], r[0] - r[1]), default=None)
     if mma is None:
-        raise ValueError("no SASS loop holds the tl.dot instructions")
-    tile = smallest([r for r in ranges if r[0] <= mma[0] and mma[1] <= r[1] and r != mma])
+        raise ValueError("no SASS loop nested in another holds the tl.dot instructions")
+    tile = smallest(around(mma))
     if tile is None:
         raise ValueError("no SASS loop around the MMA loop (the per-tile loop)")
     return sum(1 for a, _, f, line in instructions
@@ -195,8 +200,7 @@ def blocks_per_sm(arch, registers, shared, warps):
     return min(by_regs, by_smem, max_warps // warps, max_blocks)
 
 
-def report(arch, dtype, write_g):
-    kernel, cfg = compile_kernel(arch, dtype, write_g)
+def report(arch, dtype, write_g, kernel, cfg):
     ptx = kernel.asm["ptx"]
     sass, usage = cubin_tools(kernel.asm["cubin"])
     registers = int(re.search(r"REG:(\d+)", usage)[1])
@@ -218,14 +222,17 @@ def report(arch, dtype, write_g):
 
 
 def rows_for(arch):
-    """The rows of one arch; an optional arch the toolchain cannot target gives (None, reason)."""
+    """The rows of one arch; an optional arch the toolchain cannot compile for gives (None, reason)."""
+    configs = [(dtype, write_g) for dtype in TRITON_TYPES for write_g in (False, True)]
     try:
-        return [report(arch, dtype, write_g) for dtype in TRITON_TYPES for write_g in (False, True)], None
-    except Exception as e:  # noqa: BLE001 (only for OPTIONAL_ARCHS: the caller re-raises the others)
+        kernels = [compile_kernel(arch, dtype, write_g) for dtype, write_g in configs]
+    except Exception as e:  # noqa: BLE001 (only for OPTIONAL_ARCHS: the others re-raise)
         if arch not in OPTIONAL_ARCHS:
             raise
+        text = str(e).strip()
         return None, f"sm_{arch}: not compiled with triton {triton.__version__} ({type(e).__name__}: " \
-                     f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+                     f"{text.splitlines()[0][:200] if text else ''})"
+    return [report(arch, *config, *kernel) for config, kernel in zip(configs, kernels)], None
 
 
 def _parser():

@@ -56,9 +56,10 @@ def test_optional_archs_are_reported_or_say_why(report, rows):
             assert any(s.startswith(arch + ":") for s in report["skipped"])
 
 
-# A hand-written nvdisasm -g listing: a tile loop (0x20-0xc0) around a K loop (0x40-0x60) whose
-# tl.dot is on line 12 of k.py; the loop statement spans lines 11-13; an out-of-line wait after EXIT
-# branches back into the K loop, which must not count as a loop.
+# A hand-written nvdisasm -g listing: a tile loop (0x10-0xc0) around a K loop (0x40-0x60) whose
+# tl.dot is on line 12 of k.py; the loop statement spans lines 11-13. After EXIT, an out-of-line wait
+# branches back into the K loop (not a loop: it spans the EXIT), and a spin loop, smaller than the K
+# loop, carries the dot's line (a loop, but nested in none: not the MMA loop).
 SASS = """
         /*0000*/                   MOV R1, R2 ;
 .L_x_0:
@@ -87,15 +88,19 @@ SASS = """
 .L_x_3:
         /*00e0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR10], R1 ;
         /*00f0*/                   BRA `(.L_x_2) ;
+.L_x_4:
+	//## File "/src/k.py", line 12
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR10], R1 ;
+        /*0110*/              @!P0 BRA `(.L_x_4) ;
 """
 
 
 def test_epilogue_count_follows_its_definition():
     instructions, labels = compile_report.parse_sass(SASS)
-    assert labels == {".L_x_0": 0x10, ".L_x_1": 0x40, ".L_x_2": 0x50, ".L_x_3": 0xe0}
+    assert labels == {".L_x_0": 0x10, ".L_x_1": 0x40, ".L_x_2": 0x50, ".L_x_3": 0xe0, ".L_x_4": 0x100}
     source = os.path.realpath("/src/k.py")
     assert [i[2:] for i in instructions[:4]] == [(None, None), (source, 10), (source, 10), (source, 11)]
-    assert compile_report.loops(instructions, labels) == [(0x40, 0x60), (0x10, 0xc0)]
+    assert compile_report.loops(instructions, labels) == [(0x40, 0x60), (0x10, 0xc0), (0x100, 0x110)]
     # tile loop 0x10-0xc0 (12 instructions) less the K loop 0x40-0x60 (3) less lines 11-13 outside
     # it (the TMA load at 0x30 and the wait at 0x70): NOP, IADD3, MUFU, SHFL, BRA, STL, BRA
     assert compile_report.epilogue_instructions(instructions, labels, source, {12}, {11, 12, 13}) == 7
