@@ -5,7 +5,7 @@ of the optional --config file (JSON, or TOML by extension; dashes or underscores
 TrainConfig defaults < --config < flags given on the command line.
 
 On CPU `prcl train` runs one intra-op thread unless --threads says otherwise: on a loaded 2-core
-machine two threads made steps 10-40x slower (2.6-11.5 s against 0.1-0.3 s per step).
+machine two threads made steps about three times slower (the README's training section has the figures).
 """
 import argparse
 import dataclasses
@@ -49,7 +49,7 @@ HELP = {
     "pooling": "mean, weighted_mean or last",
     "max_length": "tokens per text (longer texts are truncated)",
     "dtype": "weights' dtype when loading: float32, bfloat16, float16 (default: the checkpoint's)",
-    "attn_implementation": "sdpa or eager",
+    "attn_implementation": "sdpa, flash_attention_2 or eager",
     "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
     "bf16": "bf16 autocast on CUDA (ignored on CPU)",
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
