@@ -200,6 +200,39 @@ def test_prcl_eval_cli_writes_run_and_metrics(tmp_path):
     assert main(argv) == 1
 
 
+def test_prcl_eval_sentence_transformers_model(tmp_path):
+    """A directory with modules.json is loaded by sentence-transformers; its prompt carries --instruction."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    from tiny_llm import tiny_tokenizer
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    tiny_tokenizer().save_pretrained(tmp_path / "bert")
+    st = SentenceTransformer(modules=[Transformer(str(tmp_path / "bert")), Pooling(32, "mean")], device="cpu")
+    st.save(str(tmp_path / "st"))
+    corpus = jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    queries = jsonl(tmp_path / "queries.jsonl", QUERIES)
+    qrels = write(tmp_path / "qrels.tsv", ["q1 0 d1 1", "q2 0 d3 2"])
+    assert main(["--model", str(tmp_path / "st"), "--corpus", str(corpus), "--queries", str(queries), "--qrels",
+                 str(qrels), "--out", str(tmp_path / "out"), "--instruction", "query passage"]) == 0
+    got = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    docs, qs = read_corpus(corpus), read_queries(queries)
+    d = st.encode(list(docs.values()), normalize_embeddings=True, convert_to_tensor=True)
+    q = st.encode(list(qs.values()), prompt="query passage", normalize_embeddings=True, convert_to_tensor=True)
+    run = {qid: dict(zip(docs, row.tolist())) for qid, row in zip(qs, q @ d.T)}
+    for key, value in compute_metrics(read_qrels(qrels), run, ks=(1, 10, 100)).items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+    for line in (tmp_path / "out" / "run.trec").read_text().splitlines():  # scores: the prompted queries'
+        qid, _, did, _, score, _ = line.split()
+        assert float(score) == pytest.approx(run[qid][did], abs=1e-5)
+    assert main(["--model", str(tmp_path / "st"), "--adapter", "x", "--corpus", str(corpus), "--queries",
+                 str(queries), "--qrels", str(qrels), "--out", str(tmp_path / "out")]) == 1
+
+
 def test_cli_parser_needs_no_torch():
     import subprocess
 
