@@ -3,6 +3,7 @@ import dataclasses
 import datetime
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,3 +136,13 @@ def test_every_flag_has_help_and_required_flags_are_marked():
     text = _train_parser().format_help()
     for name in REQUIRED:
         assert f"--{name} {name.upper()}" in text and HELP[name] + " (required)" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("command", ["train", "encode"])
+def test_help_answers_without_torch(command):
+    code = (f"import sys\nfrom prcl.__main__ import main\ntry:\n    main([{command!r}, '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"usage: prcl {command}" in done.stdout and "--model MODEL" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -9,15 +9,30 @@
     evaluation.py recall@k / MRR on --eval
     distributed.py  torchrun: process group, summed gradients
     cli.py        argument parsing and --config files
-"""
-from prcl.training.batching import Batch, build_batch
-from prcl.training.cli import encode_main, train_main
-from prcl.training.data import DataError, Example, ExampleStream, parse_example, read_examples
-from prcl.training.config import TrainConfig
-from prcl.training.evaluation import evaluate
-from prcl.training.loop import train
-from prcl.training.step import batch_loss, forward_backward, info_nce
 
-__all__ = ["Batch", "build_batch", "encode_main", "train_main", "DataError", "Example", "ExampleStream",
-           "parse_example", "read_examples", "TrainConfig", "evaluate", "train", "batch_loss",
-           "forward_backward", "info_nce"]
+The public names load their modules (and torch) on first use, so that `prcl train --help` and
+`prcl encode --help` answer without importing torch.
+"""
+import importlib
+
+_HOMES = {
+    "Batch": "batching", "build_batch": "batching",
+    "encode_main": "cli", "train_main": "cli",
+    "DataError": "data", "Example": "data", "ExampleStream": "data", "parse_example": "data",
+    "read_examples": "data",
+    "TrainConfig": "config", "evaluate": "evaluation", "train": "loop",
+    "batch_loss": "step", "forward_backward": "step", "info_nce": "step",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'prcl.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"prcl.training.{_HOMES[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_HOMES))

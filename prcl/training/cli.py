@@ -14,10 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from prcl.training.config import SCHEDULES, TrainConfig
-from prcl.training.step import LOSSES
 
 REQUIRED = ("model", "data", "out")
 HELP = {
@@ -87,8 +84,8 @@ def _train_parser():
         elif f.type is tuple:
             ap.add_argument(flag, type=int, nargs="+", help=help_)
         else:
-            choices = {"loss": LOSSES, "schedule": SCHEDULES}.get(f.name)
-            ap.add_argument(flag, type=f.type, choices=choices, help=help_)
+            # --loss is checked by TrainConfig.validate: its choices live with the losses, behind torch
+            ap.add_argument(flag, type=f.type, choices=SCHEDULES if f.name == "schedule" else None, help=help_)
     return ap
 
 
@@ -133,11 +130,12 @@ def _fail(prog, err):
 
 
 def train_main(argv=None):
+    cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
+    import torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from prcl.training.loop import train
 
-    cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.threads is None and torch.device(device).type == "cpu":
         cfg.threads = 1
@@ -182,18 +180,22 @@ def read_texts(path, field="text"):
 
 def encode_main(argv=None):
     ap = argparse.ArgumentParser(prog="prcl encode", description="Embed texts with a (LoRA-adapted) encoder.")
-    ap.add_argument("--model", required=True, help=HELP["model"])
+    ap.add_argument("--model", required=True, help=HELP["model"] + " (required)")
     ap.add_argument("--adapter", help="LoRA adapter directory written by `prcl train` (OUT/adapter)")
-    ap.add_argument("--data", required=True, help="texts: .jsonl (strings or objects with --field) or text lines")
-    ap.add_argument("--out", required=True, help="embeddings file: .pt (torch) or .npy (numpy), float32 (n, hidden)")
+    ap.add_argument("--data", required=True,
+                    help="texts: .jsonl (strings or objects with --field) or text lines (required)")
+    ap.add_argument("--out", required=True, help="embeddings file: .pt (torch) or .npy (numpy), float32 (n, hidden) "
+                    "(required)")
     ap.add_argument("--field", default="text", help="key of the text in JSONL objects (default: text)")
     ap.add_argument("--instruction", help="instruction prepended to every text (not pooled)")
-    ap.add_argument("--gguf-file")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--pooling", default="mean")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--gguf-file", help=HELP["gguf_file"])
+    ap.add_argument("--batch-size", type=int, default=32, help="texts per encoder call (default: 32)")
+    ap.add_argument("--max-length", type=int, default=512, help=HELP["max_length"] + " (default: 512)")
+    ap.add_argument("--pooling", default="mean", help=HELP["pooling"] + " (default: mean)")
+    ap.add_argument("--device", default=None, help=HELP["device"])
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
     try:
         if not args.out.endswith((".pt", ".npy")):
             raise ValueError(f"out: expected a .pt or .npy file name, got {args.out!r}")
