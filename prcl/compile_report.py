@@ -7,8 +7,9 @@ triton.compile with an explicit GPUTarget needs no driver. Each row is read from
 itself builds for the launcher's own configuration (`prcl.triton_impl.kernel_config`), with the
 cuobjdump and nvdisasm that triton bundles:
 
-- registers: `cuobjdump -res-usage`; spill_stores: STL instructions in the SASS (the kernel has no
-  local arrays, so every local store is a spill); stack: the stack frame in bytes.
+- registers and stack (bytes of stack frame): `cuobjdump -res-usage`; spill_bytes: the spill stores
+  `ptxas -v` reports when triton's own ptxas for the arch recompiles the PTX (not local stores in
+  the SASS: on sm_120 those include call arguments).
 - blocks_per_sm: resident blocks per SM for this arch, the least of what registers (rounded up to 8
   per thread), shared memory (triton's dynamic allocation plus the cubin's static shared memory plus
   the 1 KiB the runtime reserves per block) and warps allow.
@@ -105,6 +106,20 @@ def _run(args):
     if out.returncode:
         raise RuntimeError(f"{os.path.basename(args[0])} failed: {out.stderr.strip()}")
     return out.stdout
+
+
+def spill_bytes(ptx, arch):
+    """Bytes of spill stores that `ptxas -v` reports, with the ptxas and arch name triton compiles with."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", f.name,
+                              "-o", os.devnull], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"ptxas failed: {out.stderr.strip()}")
+    return int(re.search(r"(\d+) bytes spill stores", out.stderr)[1])
 
 
 def cubin_tools(cubin):
@@ -207,7 +222,6 @@ def report(arch, dtype, write_g, kernel, cfg):
     stack = int(re.search(r"STACK:(\d+)", usage)[1])
     static_shared = int(re.search(r"SHARED:(\d+)", usage)[1])
     instructions, labels = parse_sass(sass)
-    spill_stores = sum(1 for _, text, _, _ in instructions if re.search(r"(^|\s)STL(\.|\s)", text))
     epilogue = epilogue_instructions(instructions, labels, *mma_source_lines(pair_tile_kernel.fn))
     warps = cfg["num_warps"]
     pairs_per_thread = cfg["BLOCK_M"] * cfg["BLOCK_N"] / (32 * warps)
@@ -216,7 +230,7 @@ def report(arch, dtype, write_g, kernel, cfg):
                                           ("mma.sync", "mma.sync")) if ptx_op in ptx), "FMA")
     return dict(arch=f"sm_{arch}", dtype=TRITON_TYPES[dtype], mode="grad" if write_g else "fwd",
                 tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", warps=warps,
-                stages=cfg["num_stages"], shared=shared, registers=registers, spill_stores=spill_stores,
+                stages=cfg["num_stages"], shared=shared, registers=registers, spill_bytes=spill_bytes(ptx, arch),
                 stack=stack, blocks_per_sm=blocks_per_sm(arch, registers, shared, warps),
                 epilogue_per_pair=round(epilogue / pairs_per_thread, 1), mma=mma, tma="cp.async.bulk.tensor" in ptx)
 

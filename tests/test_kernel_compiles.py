@@ -39,7 +39,7 @@ def test_kernel_compiles(rows, arch, dtype, mode):
     assert 0 < r["registers"] <= 255 and r["blocks_per_sm"] >= 1
     assert r["epilogue_per_pair"] > 0
     if dtype != "fp32":
-        assert r["spill_stores"] == 0
+        assert r["spill_bytes"] == 0
         assert r["mma"] == ("wgmma" if arch == "sm_90" else "mma.sync")
     else:
         assert r["mma"] == "FMA"  # IEEE fp32 products run on the FMA units
