@@ -166,6 +166,8 @@ def test_flipped_byte_falls_back_to_the_older_checkpoint_exactly(base, tmp_path,
     assert f"falling back to {out / 'checkpoint-1'}, the newest intact checkpoint" in caplog.messages
     assert resumed["losses"] == base[1][1:]  # step 2 again, bit for bit
     checkpoint.verify(out / "checkpoint-2")  # rewritten intact
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):  # the damaged one, set aside
+        checkpoint.verify(out / "damaged-checkpoint-2")
 
 
 DAMAGE = {
@@ -191,6 +193,8 @@ def test_damaged_file_is_named_and_the_older_checkpoint_loaded(base, tmp_path, k
         reason += " (truncated or replaced)"
     assert caplog.messages[0] == f"checkpoint damaged: {path}: {reason.format(n=n)}"
     assert loaded_path == out / "checkpoint-1" and state["step"] == 1
+    assert [p.name for _, p in checkpoint.checkpoint_dirs(out)] == ["checkpoint-1"]
+    assert (out / "damaged-checkpoint-2").is_dir()
 
 
 def test_no_intact_checkpoint_is_an_error_naming_each_file(base, tmp_path):
@@ -264,3 +268,6 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="prcl.training"):
         train(cfg, encoder=tiny_encoder(r=4))
     assert f"resume: no checkpoint in {cfg.out}; starting at step 0" in caplog.messages
+    out = Path(cfg.out)
+    assert (f"done: weights in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, last checkpoint "
+            f"{out / 'checkpoint-1'}") in caplog.messages

@@ -241,10 +241,11 @@ def _is_pickle_checkpoint(path):
 def load_latest(out, *, rank, world, convert=False):
     """(path, tensors, state, rng) of the newest intact checkpoint in out, or None when it holds none.
 
-    A damaged checkpoint is logged and the next older one tried; CheckpointError when none is intact
-    or the newest is an earlier prcl's pickle checkpoint (unless `convert`).
+    A damaged checkpoint is logged, renamed to damaged-checkpoint-STEP (kept for inspection, out of
+    the rotation) and the next older one tried; CheckpointError when none is intact or the newest is
+    an earlier prcl's pickle checkpoint (unless `convert`).
     """
-    damaged = []
+    damaged, reasons = [], []
     for _, path in reversed(checkpoint_dirs(out)):
         if _is_pickle_checkpoint(path):
             if not convert:
@@ -260,13 +261,18 @@ def load_latest(out, *, rank, world, convert=False):
             loaded = (path, *_load(path, rank))
         except CheckpointError as e:
             logger.warning("checkpoint damaged: %s", e)
-            damaged.append(str(e))
+            damaged.append(path)
+            reasons.append(str(e))
             continue
         if damaged:
             logger.warning("falling back to %s, the newest intact checkpoint", path)
+            barrier(world)  # every rank has read the damaged ones before they move
+            if rank == 0:
+                for p in damaged:
+                    os.replace(p, p.with_name("damaged-" + p.name))
         return loaded
     if damaged:
-        raise CheckpointError(f"resume: no intact checkpoint in {out}: " + "; ".join(damaged))
+        raise CheckpointError(f"resume: no intact checkpoint in {out}: " + "; ".join(reasons))
     return None
 
 
