@@ -10,6 +10,7 @@ gradients of each rank's rows. Multiply the loss by prcl.distributed.ddp_loss_sc
 encoder is wrapped in DDP or FSDP (they average gradients over ranks; the global loss is a sum).
 """
 import argparse
+import datetime
 import os
 
 import torch
@@ -24,12 +25,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=("gather", "ring"), default="gather")
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--timeout-s", type=float, default=120,
+                        help="collective timeout: a rank that dies leaves the others waiting this long "
+                             "(gloo's default is 30 minutes)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda" if cuda else "cpu")
     # float32 on the torch path everywhere, so the comparison below is a float32 one

@@ -132,7 +132,7 @@ def _handshake(q, d, error, want, strategy, reduction, scale, bias, group):
             _code(STRATEGIES, strategy), _code(REDUCTIONS, reduction)]
     device = q.device if isinstance(q, torch.Tensor) else "cpu"
     local = torch.cat([torch.tensor([float(v) for v in mine], dtype=torch.float64).to(device),
-                       torch.stack([_value(scale, device), _value(bias is not None, device),
+                       torch.stack([_value(scale, device), _value(float(bias is not None), device),
                                     _value(0.0 if bias is None else bias, device)])])
     rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, local, group=group)

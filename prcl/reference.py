@@ -2,7 +2,7 @@
 
     loss = bce_with_logits(t * q @ d.T + b, Y, reduction="none")[Y >= 0].sum() / B
 
-Oracle for the tests and baseline for the benchmarks; see DESIGN §2 for the contract. It also
+Oracle for the tests and baseline for the benchmarks; docs/design.md ("Contract") states it. It also
 takes float64 inputs, so that the tests' gold values come from the same code.
 """
 import torch

@@ -19,7 +19,7 @@ import prcl
 from prcl.distributed import Gather, Ring, ddp_loss_scale, distributed_pair_bce
 
 TIMEOUT_S = 20  # collective timeout inside the groups
-LIMIT_S = 60  # the parent's limit for one spawned group
+LIMIT_S = 240  # the parent's limit for one spawned group (a loaded 2-core machine took 120 s)
 D = 7
 FORMS = ("diag", "graded", "dense", "sparse")
 REDUCTIONS = ("mean", "sum", "none")
@@ -206,6 +206,13 @@ def _check_rejections(rank):
         distributed_pair_bce(q, d, strategy="ring" if rank == 0 else "gather")
     with pytest.raises(ValueError, match="contradicts"):
         distributed_pair_bce(q, d, process_group=Ring(), strategy="gather")
+    # ranks that disagree on scale or bias would each return a plausible number: all refuse
+    with pytest.raises(ValueError, match=r"disagree on scale \(scale per rank: \[10.0, 12.0\]\)"):
+        distributed_pair_bce(q, d, scale=10.0 if rank == 0 else 12.0)
+    with pytest.raises(ValueError, match="disagree on bias"):
+        distributed_pair_bce(q, d, bias=torch.tensor(-2.0 - rank))
+    with pytest.raises(ValueError, match=r"disagree on bias \(None on some ranks only\)"):
+        distributed_pair_bce(q, d, bias=None if rank == 0 else -3.0)
     dist.barrier()
 
 

@@ -1,0 +1,79 @@
+"""prcl.nn.PairBCELoss: the loss as a module, with an optionally learnable logit scale and bias.
+
+    loss = prcl.fused_pair_bce(q, d, labels, scale=exp(logit_scale), bias=−log(N−1) + logit_bias)
+
+SigLIP's parametrisation: the scale is learned as its log (it stays positive), the bias as an offset
+on the prior −log(N−1) of one positive among N documents, so that it keeps its meaning when N
+changes (a short last batch, more ranks). A fixed `bias` replaces the prior. The trainer and the
+sentence-transformers losses use this module; give its parameters their own learning rate (SigLIP
+trains them far faster than the encoder).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from prcl.contract import default_bias
+from prcl.functional import fused_pair_bce
+
+
+def _check(scale, bias):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)):
+        raise ValueError(f"bias: expected None or a finite float, got {bias!r}")
+
+
+class PairBCELoss(nn.Module):
+    """Pair relevance classification loss with `logit_scale` / `logit_bias` parameters when learnable.
+
+    Args:
+        scale: logit scale t > 0 (its starting value when learnable).
+        bias: logit bias b; None means −log(N−1) of each call's N (global N across ranks).
+        learnable_scale: learn log t as the parameter `logit_scale`.
+        learnable_bias: learn b as `logit_bias`: an offset on −log(N−1) starting at 0 when bias is
+            None, else the bias itself starting at `bias`.
+        reduction, backend: as for prcl.fused_pair_bce.
+    """
+
+    def __init__(self, scale: float = 10.0, bias: Optional[float] = None, *, learnable_scale: bool = False,
+                 learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        _check(scale, bias)
+        self.fixed_scale = float(scale)
+        self.fixed_bias = None if bias is None else float(bias)
+        self.learnable_scale, self.learnable_bias = learnable_scale, learnable_bias
+        self.reduction, self.backend = reduction, backend
+        if learnable_scale:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        if learnable_bias:
+            self.logit_bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)))
+
+    def scale_and_bias(self, n_docs: int):
+        """(t, b) as fused_pair_bce takes them: floats, or 0-dim tensors when learnable; n_docs is
+        the N the prior is taken over (every rank's documents when the loss is gathered)."""
+        t = self.logit_scale.exp() if self.learnable_scale else self.fixed_scale
+        if not self.learnable_bias:
+            return t, self.fixed_bias
+        return t, self.logit_bias + (default_bias(n_docs) if self.fixed_bias is None else 0.0)
+
+    def forward(self, q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
+                label_index: Optional[Tensor] = None, process_group=None) -> Tensor:
+        n_docs = d.shape[0]
+        if process_group is not None and self.learnable_bias and self.fixed_bias is None:
+            # the prior needs the global N, and local batches may differ in size
+            total = torch.tensor(n_docs, device=d.device)
+            dist.all_reduce(total, group=getattr(process_group, "group", process_group))
+            n_docs = int(total)
+        t, b = self.scale_and_bias(n_docs)
+        return fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b, reduction=self.reduction,
+                              backend=self.backend, process_group=process_group)
+
+    def extra_repr(self) -> str:
+        scale = f"exp({self.logit_scale.item():.4g})" if self.learnable_scale else f"{self.fixed_scale:g}"
+        prior = "-log(N-1)" if self.fixed_bias is None else f"{self.fixed_bias:g}"
+        bias = f"{prior} + learned" if self.learnable_bias and self.fixed_bias is None else (
+            "learned" if self.learnable_bias else prior)
+        return f"scale={scale}, bias={bias}, reduction={self.reduction!r}"
