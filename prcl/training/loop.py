@@ -23,6 +23,7 @@ import torch
 from prcl.training import checkpoint
 from prcl.training.batching import build_batch
 from prcl.training.data import ExampleStream
+from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
 from prcl.training.evaluation import evaluate_and_record, read_eval_set
 from prcl.training.step import batch_loss, forward_backward
 
@@ -170,12 +171,94 @@ def _nonfinite_message(step, loss, grad_norm):
             "--skip-nonfinite to skip such steps")
 
 
+@dataclasses.dataclass
+class _Run:
+    """One process's run: what a step, an evaluation and a checkpoint need."""
+    cfg: object
+    encoder: object
+    state: checkpoint.TrainingState
+    out: Path
+    device: torch.device
+    autocast: object
+    process_group: object
+    rank: int
+    world: int
+
+    @property
+    def trainable(self):
+        return [p for _, p in self.state.named] + ([self.state.log_scale] if self.state.log_scale is not None else [])
+
+    def accumulate(self, examples):
+        """Forward and backward over grad_accum micro-batches: (loss, global pairs, the last local batch)."""
+        cfg, world = self.cfg, self.world
+        local = slice(self.rank * cfg.batch_size // world, (self.rank + 1) * cfg.batch_size // world)
+        loss_sum, pairs = 0.0, 0
+        for _ in range(cfg.grad_accum):
+            # every rank reads the same global batch and keeps its slice: equal batch counts per rank
+            batch = build_batch([next(examples) for _ in range(cfg.batch_size)][local], dedup=cfg.dedup)
+            scale = self.state.log_scale.exp() if self.state.log_scale is not None else cfg.scale
+
+            def loss_fn(q, d, batch=batch, scale=scale):
+                return batch_loss(q, d, batch, loss=cfg.loss, scale=scale, bias=cfg.bias, backend=cfg.backend,
+                                  process_group=self.process_group)
+
+            loss = forward_backward(self.encoder, batch, loss_fn, mini_batch_size=cfg.mini_batch_size,
+                                    cached=cfg.mini_batch_size is not None, device=self.device,
+                                    autocast=self.autocast, loss_weight=1.0 / cfg.grad_accum)
+            loss_sum += loss.item() / cfg.grad_accum
+            # each query is scored against every rank's documents: count the global N
+            n_docs = len(batch.docs) if world == 1 else sum_scalar(len(batch.docs), self.process_group)
+            pairs += len(batch.queries) * n_docs
+        if world > 1:
+            # the ranks' losses SUM to the global loss, so its gradient is the SUM of theirs (DDP would average)
+            sum_gradients(self.trainable, self.process_group)
+            loss_sum, pairs = sum_scalar(loss_sum, self.process_group), sum_scalar(pairs, self.process_group)
+        return loss_sum, pairs, batch
+
+    def update(self, loss):
+        """The optimizer and scheduler step: (the gradient norm, or None when the step was skipped as
+        non-finite). A non-finite loss or gradient stops the run here unless skip_nonfinite."""
+        state, trainable = self.state, self.trainable
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        finite = math.isfinite(loss) and torch.isfinite(grad_norm).item()
+        if finite:
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(trainable, self.cfg.max_grad_norm, grad_norm)
+            state.optimizer.step()
+        elif self.cfg.skip_nonfinite:
+            state.nonfinite += 1
+            if self.rank == 0:
+                logger.warning("step %d skipped: non-finite loss (%s) or gradient norm (%s); %d skipped so far",
+                               state.step + 1, loss, grad_norm.item(), state.nonfinite)
+        else:
+            raise FloatingPointError(_nonfinite_message(state.step + 1, loss, grad_norm.item()))
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        return grad_norm.item() if finite else None
+
+    def evaluate(self, examples, at):
+        result = None
+        if self.rank == 0:
+            result = evaluate_and_record(self.encoder, examples, at, self.out / "eval.jsonl",
+                                         ks=tuple(int(k) for k in self.cfg.eval_k),
+                                         batch_size=self.cfg.eval_batch_size, autocast=self.autocast)
+        barrier(self.world)
+        return result
+
+    def save_checkpoint(self):
+        if not all(torch.isfinite(p).all() for p in self.trainable):
+            raise FloatingPointError(f"step {self.state.step}: the update made weights non-finite; no checkpoint "
+                                     "written. Lower --lr or set --max-grad-norm")
+        tensors, saved = self.state.pack(self.cfg.weight_settings(), _schedule(self.cfg))
+        checkpoint.save(self.out, tensors, saved, step=self.state.step, rank=self.rank, world=self.world,
+                        encoder=self.encoder, keep=self.cfg.keep_checkpoints)
+
+
 def train(cfg, encoder=None):
     """Fine-tune `encoder` (loaded from cfg.model when None) on cfg.data. Returns a summary dict with
     the losses per step and the evaluations before and after. Progress is logged to this module's
     logger (rank 0 only under torchrun)."""
-    from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
-
     cfg.validate()
     process_group, rank, world = setup(timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if cfg.batch_size % world:
@@ -205,23 +288,13 @@ def train(cfg, encoder=None):
         if state.step == 0:
             (out / "eval.jsonl").unlink(missing_ok=True)
     metrics = _Metrics(out / "metrics.jsonl", state.step, enabled=rank == 0)
-
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-
-    def run_eval(at):
-        result = None
-        if rank == 0:
-            result = evaluate_and_record(encoder, eval_examples, at, out / "eval.jsonl",
-                                         ks=tuple(int(k) for k in cfg.eval_k), batch_size=cfg.eval_batch_size,
-                                         autocast=autocast)
-        barrier(world)
-        return result
+    run = _Run(cfg, encoder, state, out, device, autocast, process_group, rank, world)
 
     summary = {"losses": [], "eval_before": None, "eval_after": None}
     if eval_examples and state.step == 0:
-        summary["eval_before"] = run_eval(0)
-
+        summary["eval_before"] = run.evaluate(eval_examples, 0)
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -229,74 +302,31 @@ def train(cfg, encoder=None):
 
     checkpoint.set_rng_state(rng)
     examples = iter(state.stream)
-    local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
-    trainable = [p for _, p in state.named] + ([state.log_scale] if state.log_scale is not None else [])
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
-        loss_sum, pairs = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            # every rank reads the same global batch and keeps its slice: equal batch counts per rank
-            batch = build_batch([next(examples) for _ in range(cfg.batch_size)][local], dedup=cfg.dedup)
-            scale = state.log_scale.exp() if state.log_scale is not None else cfg.scale
-
-            def loss_fn(q, d, batch=batch, scale=scale):
-                return batch_loss(q, d, batch, loss=cfg.loss, scale=scale, bias=cfg.bias, backend=cfg.backend,
-                                  process_group=process_group)
-
-            loss = forward_backward(encoder, batch, loss_fn, mini_batch_size=cfg.mini_batch_size,
-                                    cached=cfg.mini_batch_size is not None, device=device, autocast=autocast,
-                                    loss_weight=1.0 / cfg.grad_accum)
-            loss_sum += loss.item() / cfg.grad_accum
-            # each query is scored against every rank's documents: count the global N
-            n_docs = len(batch.docs) if world == 1 else sum_scalar(len(batch.docs), process_group)
-            pairs += len(batch.queries) * n_docs
-        if world > 1:
-            # the ranks' losses SUM to the global loss, so its gradient is the SUM of theirs (DDP would average)
-            sum_gradients(trainable, process_group)
-            loss_sum, pairs = sum_scalar(loss_sum, process_group), sum_scalar(pairs, process_group)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-        finite = math.isfinite(loss_sum) and torch.isfinite(grad_norm).item()
+        loss, pairs, batch = run.accumulate(examples)
         lr = state.scheduler.get_last_lr()[0]
-        if finite:
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grads_with_norm_(trainable, cfg.max_grad_norm, grad_norm)
-            state.optimizer.step()
-        elif cfg.skip_nonfinite:
-            state.nonfinite += 1
-            if rank == 0:
-                logger.warning("step %d skipped: non-finite loss (%s) or gradient norm (%s); %d skipped so far",
-                               state.step + 1, loss_sum, grad_norm.item(), state.nonfinite)
-        else:
-            raise FloatingPointError(_nonfinite_message(state.step + 1, loss_sum, grad_norm.item()))
-        state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        step = state.step
-        dt = time.perf_counter() - t0
-        record = {"step": step, "loss": loss_sum if finite else None, "lr": lr, "pairs_per_s": pairs / dt,
-                  "step_time_s": dt, "epoch": state.stream.state["epoch"], "queries": cfg.batch_size,
-                  "docs_per_rank": len(batch.docs), "grad_norm": grad_norm.item() if finite else None}
-        if not finite:
+        grad_norm = run.update(loss)
+        step, dt = state.step, time.perf_counter() - t0
+        record = {"step": step, "loss": loss if grad_norm is not None else None, "lr": lr,
+                  "pairs_per_s": pairs / dt, "step_time_s": dt, "epoch": state.stream.state["epoch"],
+                  "queries": cfg.batch_size, "docs_per_rank": len(batch.docs), "grad_norm": grad_norm}
+        if grad_norm is None:
             record["skipped"] = "non-finite"
         if state.log_scale is not None:
             record["scale"] = state.log_scale.exp().item()
-        summary["losses"].append(loss_sum)
+        summary["losses"].append(loss)
         if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            result = run_eval(step)
+            result = run.evaluate(eval_examples, step)
             if result:
                 record.update({f"eval/{k}": v for k, v in result.items()})
                 summary["eval_after"] = result
         metrics.write(record)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs / dt:,.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs / dt:,.0f}")
             bar.update(1)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
-            if not all(torch.isfinite(p).all() for p in trainable):
-                raise FloatingPointError(f"step {step}: the update made weights non-finite; no checkpoint "
-                                         "written. Lower --lr or set --max-grad-norm")
-            tensors, saved = state.pack(cfg.weight_settings(), _schedule(cfg))
-            checkpoint.save(out, tensors, saved, step=step, rank=rank, world=world, encoder=encoder,
-                            keep=cfg.keep_checkpoints)
+            run.save_checkpoint()
     if bar is not None:
         bar.close()
 
