@@ -173,11 +173,13 @@ def measures_for(ks=(1, 10, 100)):
 
 
 def compute_metrics(qrels, run, ks=(1, 10, 100)):
-    """Mean of each measure over the judged queries of `run` ({qid: {docid: score}})."""
+    """Mean of each measure over the queries of `qrels` with a relevant (grade >= 1) document; one that
+    `run` ({qid: {docid: score}}) leaves out scores 0. Queries judged only non-relevant are left out
+    (ir-measures would average them in as zeros)."""
     import ir_measures
 
     measures = measures_for(ks)
-    qrels = {q: judged for q, judged in qrels.items() if q in run}
+    qrels = {q: judged for q, judged in qrels.items() if any(g > 0 for g in judged.values())}
     agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
     return {name: float(agg[m]) for name, m in measures.items()}
 

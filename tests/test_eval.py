@@ -118,10 +118,11 @@ def oracle(qrels, run, ks):
 
 
 def test_metrics_match_trec_eval_definitions():
-    qrels = {"q1": {"a": 2, "b": 1, "c": 0, "z": 1}, "q2": {"c": 1}, "q3": {"e": 3, "a": 1}}
+    qrels = {"q1": {"a": 2, "b": 1, "c": 0, "z": 1}, "q2": {"c": 1}, "q3": {"e": 3, "a": 1}, "q4": {"b": 1}}
     run = {"q1": {"b": 0.9, "c": 0.8, "a": 0.7, "d": 0.1}, "q2": {"a": 0.5, "b": 0.4, "c": 0.3},
-           "q3": {"a": 0.3, "b": 0.2, "c": 0.1}}
-    got = compute_metrics(qrels, run, ks=(1, 2, 3))
+           "q3": {"a": 0.3, "b": 0.2, "c": 0.1}, "q4": {}}
+    # q5 is judged non-relevant only: not a query of the mean; q4 is missing from the run: it scores 0
+    got = compute_metrics({**qrels, "q5": {"a": 0}}, {q: r for q, r in run.items() if r}, ks=(1, 2, 3))
     want = oracle(qrels, run, ks=(1, 2, 3))
     assert got.keys() == want.keys()
     for key in want:
