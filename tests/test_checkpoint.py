@@ -126,7 +126,7 @@ def write_pickle_checkpoint(ckpt):
                 "trainable": {n.removeprefix("weight."): t for n, t in tensors.items() if n.startswith("weight.")},
                 "log_scale": tensors["log_scale"], "data": state["data"],
                 "skipped": state["counters"]["skipped_lines"]}, ckpt / "state.pt")
-    rng, meta = checkpoint._load_rng(ckpt / "rng-0.safetensors")
+    rng, meta = checkpoint.load_rng(ckpt / "rng-0.safetensors")
     version, internal, gauss = json.loads(meta["python"])
     torch.save({"torch": rng["torch"], "python": (version, tuple(internal), gauss), "cuda": None}, ckpt / "rng-0.pt")
     for name in ("tensors.safetensors", "state.json", "rng-0.safetensors", "manifest.json"):

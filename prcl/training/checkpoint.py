@@ -104,12 +104,12 @@ def set_rng_state(rng):
     torch.set_rng_state(tensors["torch"])
     version, internal, gauss = json.loads(meta["python"])
     random.setstate((version, tuple(internal), gauss))
-    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _load_rng(path):
+def load_rng(path):
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
@@ -229,7 +229,7 @@ def _load(path, rank):
         raise ValueError(f"resume: {path} holds no {rng} (written by fewer ranks); resume with as many ranks "
                          "as the run that wrote it")
     try:
-        return load_file(path / TENSORS), json.loads((path / STATE).read_text()), _load_rng(path / rng)
+        return load_file(path / TENSORS), json.loads((path / STATE).read_text()), load_rng(path / rng)
     except (SafetensorError, ValueError) as e:  # intact bytes that do not parse: not written by prcl
         raise CheckpointError(f"{path}: not a prcl checkpoint ({type(e).__name__}: {e})") from None
 
