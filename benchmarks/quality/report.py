@@ -33,7 +33,7 @@ def main():
     path = Path(args.results)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = groups(records)
-    lines = ["| loss | split | steps × batch | lr | seeds | " + " | ".join(METRICS) + " | train CPU-s (mean) |",
+    lines = ["| loss | split | steps × batch | lr | seeds | " + " | ".join(METRICS) + " | CPU-s per run (mean) |",
              "|---" * (6 + len(METRICS)) + "|"]
     for (loss, split, steps, batch, lr, _), rs in rows.items():
         train = [r["cpu_s"] for r in rs]
@@ -41,7 +41,7 @@ def main():
                      f"{','.join(str(r['seed']) for r in rs)} | "
                      + " | ".join(fmt([r[m] for r in rs]) for m in METRICS)
                      + f" | {statistics.mean(train):.0f} |")
-    lines += ["", "Commands (one per run):", ""] + [f"    {r['command']}" for rs in rows.values() for r in rs]
+    lines += ["", "Commands, one per run (in benchmarks/quality/, under OMP_NUM_THREADS=1 nice -n 10):", ""] + [f"    {r['command']}" for rs in rows.values() for r in rs]
     first = records[0]
     lines += ["", f"CPU: {first['cpu']}, {first['threads']} thread(s), torch {first['torch']}, "
               f"max_seq_length {first['max_seq_length']}."]
