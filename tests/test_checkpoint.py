@@ -251,6 +251,17 @@ def test_resume_with_other_weight_settings_names_the_setting(base, tmp_path, cha
         train(cfg)
 
 
+def test_resume_with_other_weight_shapes_names_the_weight(base, tmp_path):
+    """An encoder handed to train() directly: the settings match, the LoRA rank does not."""
+    from test_training import tiny_encoder
+
+    cfg = copy_run(base, tmp_path)
+    ckpt = re.escape(str(Path(cfg.out) / "checkpoint-2"))
+    with pytest.raises(ValueError, match=rf"^resume: \S+lora_[AB]\S+ is \((4, \d+|\d+, 4)\) in {ckpt} but "
+                                         r"\((2, \d+|\d+, 2)\) here; resume with the same --model and --lora-r$"):
+        train(cfg, encoder=tiny_encoder(r=2))
+
+
 def test_resume_with_a_changed_schedule_rebuilds_it(base, tmp_path, caplog):
     cfg = copy_run(base, tmp_path, max_steps=6, lr=2e-3)
     with caplog.at_level(logging.INFO, logger="prcl.training"):
