@@ -17,7 +17,8 @@ def report():
     # a fresh process: this session's triton may run in the interpreter, which cannot compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "prcl.compile_report", "--json"], env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
