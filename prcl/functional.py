@@ -8,7 +8,6 @@ docs/design.md says why.
 """
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
 from prcl import loss, reference

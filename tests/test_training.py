@@ -218,7 +218,11 @@ def test_cached_replays_dropout_exactly():
     assert torch.equal(rng0, rng1)
     torch.testing.assert_close(v1, v0, rtol=0, atol=0)
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+        # float32 reassociation (mini-batched vs whole backward) errs relative to the summands, so an
+        # entry that nearly cancels (0.005 in a tensor up to ~1) may differ by 1e-5 of the tensor's
+        # scale: tolerance from the tensor's largest entry; different dropout masks differ by far more
+        scale = g0[n].abs().max().item()
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6 * scale, msg=n)
     _, g2, _, _ = run_step(enc, batch, cached=False, mini=3, seed=2)  # other masks: other gradients
     assert any(not torch.allclose(g2[n], g0[n]) for n in g0)
 

@@ -9,18 +9,18 @@ document repeats a text the query already lists (see `excluded_pairs`): those ar
 
 Needs the `st` extra (`pip install prcl[st]`); `import prcl` never imports this module.
 """
-import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sentence_transformers.base.losses import CachedLossMixin, has_static_embedding_input
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from torch import Tensor, nn
+from torch import Tensor
 
-from prcl.contract import DTYPES, default_bias
+from prcl.contract import DTYPES
 from prcl.encoders import compute_dtype
 from prcl.functional import fused_pair_bce
+from prcl.nn import PairBCELoss
 
 __all__ = ["PairRelevanceLoss", "CachedPairRelevanceLoss", "text_groups", "excluded_pairs"]
 
@@ -150,8 +150,10 @@ def _require_distributed():
 # The losses
 # ---------------------------------------------------------------------------------------------
 
-class PairRelevanceLoss(nn.Module):
+class PairRelevanceLoss(PairBCELoss):
     """Sigmoid BCE over every (anchor, document) pair of the batch, on prcl's fused op.
+
+    A prcl.nn.PairBCELoss (its scale/bias parametrisation) whose forward takes the trainer's columns.
 
     Args:
         model: the SentenceTransformer. Similarity is cosine: embeddings are L2-normalised here.
@@ -175,22 +177,9 @@ class PairRelevanceLoss(nn.Module):
 
     def __init__(self, model, scale=10.0, bias=None, learnable_scale=False, learnable_bias=False,
                  gather_across_devices=False):
-        super().__init__()
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
-        if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))
-                                 or not math.isfinite(bias)):
-            raise ValueError(f"bias: expected None or a finite float, got {bias!r}")
+        super().__init__(scale, bias, learnable_scale=learnable_scale, learnable_bias=learnable_bias)
         self.model = model
-        self.learnable_scale = learnable_scale
-        self.learnable_bias = learnable_bias
         self.gather_across_devices = gather_across_devices
-        self.fixed_scale = float(scale)
-        self.fixed_bias = None if bias is None else float(bias)
-        if learnable_scale:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)))
-        if learnable_bias:
-            self.logit_bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)))
 
     # -- labels ---------------------------------------------------------------------------------
 
@@ -214,15 +203,6 @@ class PairRelevanceLoss(nn.Module):
         return pair_targets(labels, rows, cols, batch_size)
 
     # -- the loss -------------------------------------------------------------------------------
-
-    def scale_and_bias(self, n_docs):
-        """(t, b) as prcl takes them: floats, or 0-dim tensors when learnable. n_docs: global N."""
-        t = self.logit_scale.exp() if self.learnable_scale else self.fixed_scale
-        if not self.learnable_bias:
-            return t, self.fixed_bias
-        if self.fixed_bias is None:
-            return t, self.logit_bias + default_bias(n_docs)
-        return t, self.logit_bias
 
     def compute_loss_from_embeddings(self, embeddings, targets):
         """The loss from the column embeddings [anchor (B, D), positive (B, D), negative_1, …]."""
