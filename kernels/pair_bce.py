@@ -7,14 +7,26 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
    Tiles arrive through tensor descriptors (TMA on Hopper): zero-filled past the edges, so loads
    need no masks, and the loop is software-pipelined; pointer tensors instead cost ~128 registers
    per thread and spilled at 128×128 tiles.
-3. Labels are label-light: a dense tile read beside S (DENSE_Y), or K (index, label) columns per row,
-   matched against the tile's document numbers (col0 + column); unmatched pairs have y = 0.
-4. The epilogue stays in registers, in float32; one e = exp(−|z|) serves everything. With
-   r = e/(1 + e) = σ(−|z|):
-       l = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e)       (softplus(z) − y·z, no cancellation)
-       G = (1 − y) − r  if z ≥ 0  else  r − y                 (σ(z) − y, never σ ≈ 1 minus y ≈ 1)
+3. Labels are label-light: a dense tile read beside S (DENSE_Y), or K (index, label) columns per row:
+   per row the label's column in the tile, then one compare and two selects per pair (y, and the
+   bias). K = 1 (the diagonal forms) carries nothing; K ≠ 1 (MANY_LABELS) loops over the columns.
+   Unmatched pairs have y = 0. A pair left out (y < 0, or a column past N in the last tile, where
+   TMA filled S with 0) gets the bias −1e30: then e = 0 and l = G = G·S = 0, with no mask per pair.
+4. The epilogue stays in registers, in float32, in base 2: z₂ = z·log2(e) = S·(t·log2 e) + b·log2 e,
+   row sums scaled by ln 2 once. One e = 2^(−|z₂|) = exp(−|z|) serves everything. With
+   r = e/(1 + e) = σ(−|z|) and c = 1 − y (z ≥ 0) or −y (z < 0):
+       l = z·c + log1p(e)             = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e), two terms ≥ 0
+       G = c − r  if z ≥ 0  else  c + r                   (σ(z) − y, never σ ≈ 1 minus y ≈ 1)
    so a converged positive (σ → 1, y = 1) keeps its small gradient −r to float32 precision before
-   G is rounded, once, to the panel's 16-bit dtype.
+   G is rounded, once, to the panel's 16-bit dtype (c is exact there, G = ±r + c rounds once).
+   Approximations (on the GPU; the interpreter runs numpy's exp2 and a true division instead):
+   - 2^x: ex2.approx.ftz.f32 (one MUFU.EX2), at most 2 ulp (PTX ISA); e below 2^−126 flushes to 0,
+     whose log1p and σ(−|z|) are then 0 instead of < 1.2e−38.
+   - 1/(1 + e): rcp.approx.ftz.f32 (one MUFU.RCP), at most 1 ulp (PTX ISA), so r within ~3 ulp.
+   - log1p(e) = e·P(e), P a degree-7 polynomial for log2(1 + e)/e: max relative error 3.5e−7 on
+     e ∈ [2^−100, 1] in float32 Horner (measured against float64 numpy over 600k points), the same
+     arithmetic on CPU and GPU. No lg2.approx: its ~2^−22 absolute error near 1 would be ~1 % of
+     log1p(e) at e ≈ 1e−5, the typical negative with b = −log(N − 1).
 5. Row sums go to a (SPLIT_N, M) buffer and Σ w_i·G∘S, Σ w_i·G to one slot per program; the launcher
    sums them in a fixed order, so results are deterministic (no atomics).
 6. WRITE_G stores G for one panel (the descriptor clips the edges); the two gradient GEMMs
@@ -22,6 +34,58 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
 """
 import triton
 import triton.language as tl
+
+EXCLUDED = tl.constexpr(-1.0e30)  # bias of a pair left out (y < 0, or a column past N): e = 0, so l = G = 0
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp2(x, INTERPRET: tl.constexpr):
+    """2^x; ex2.approx.ftz.f32 on the GPU (one MUFU.EX2, at most 2 ulp), numpy's exp2 in the interpreter."""
+    if INTERPRET:
+        out = tl.math.exp2(x)
+    else:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _rcp(x, INTERPRET: tl.constexpr):
+    """1/x; rcp.approx.ftz.f32 on the GPU (one MUFU.RCP, at most 1 ulp), a division in the interpreter."""
+    if INTERPRET:
+        out = 1.0 / x
+    else:
+        out = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _log2_1p_over(e):
+    """log2(1 + e)/e for e in [0, 1]: a degree-7 polynomial (least-squares fit in relative error)."""
+    p = e * -0.012319469824433327 + 0.06360787898302078
+    p = p * e - 0.15535184741020203
+    p = p * e + 0.25600969791412354
+    p = p * e - 0.35339483618736267
+    p = p * e + 0.48006370663642883
+    p = p * e - 0.7213100790977478
+    return p * e + 1.4426947832107544
+
+
+@triton.jit
+def _label_column(b_y, b_b, idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik, stride_ym, stride_yn, lo, hi, cols,
+                  b2, BLOCK_N: tl.constexpr):
+    """(y, bias) tiles with sparse label column c of each row placed: per row its column in the tile
+    (−1: none, or a document at hi or past it), then one compare per pair. A negative label excludes its pair through the bias."""
+    b_idx = tl.load(idx_ptr + o_m64 * stride_im + c * stride_ik, mask=m_m, other=-1)  # [BLOCK_M]
+    b_lab = tl.load(y_ptr + o_m64 * stride_ym + c * stride_yn, mask=m_m, other=0.0).to(tl.float32)
+    b_at = tl.where((b_idx >= lo) & (b_idx < lo + tl.minimum(BLOCK_N, hi - lo)), b_idx - lo, -1).to(tl.int32)
+    hit = b_at[:, None] == cols[None, :]
+    b_y = tl.where(hit, tl.maximum(b_lab, 0.0)[:, None], b_y)
+    b_b = tl.where(hit, tl.where(b_lab >= 0.0, b2, EXCLUDED)[:, None], b_b)
+    return b_y, b_b
 
 
 @triton.jit
@@ -33,7 +97,7 @@ def pair_tile_kernel(
     M, N, D, K, col0, stride_ym, stride_yn, stride_im, stride_ik, tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     WRITE_G: tl.constexpr, HAS_W: tl.constexpr, DENSE_Y: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, MANY_LABELS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -41,19 +105,20 @@ def pair_tile_kernel(
     o_m = off_m + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     o_m64 = o_m.to(tl.int64)  # row × stride of a dense label matrix can pass 2³¹
-    t = tl.load(scale_ptr).to(tl.float32)
-    b = tl.load(bias_ptr).to(tl.float32)
-    if HAS_W:
-        b_w = tl.load(w_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)  # [BLOCK_M]
+    cols = tl.arange(0, BLOCK_N)
+    # z·log2(e) = S·t2 + b2: the epilogue works in base 2 and the row sums are scaled by ln 2 once
+    t2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    b2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
     b_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_gs = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    # only the last column tile has columns past N: their bias excludes them (S there is 0, TMA's fill)
+    b_last = tl.where(cols < N - (n_tiles - 1) * BLOCK_N, b2, EXCLUDED)  # [BLOCK_N]
     first = pid_s * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(N, BLOCK_N))
+    last = tl.minimum(first + tiles_per_split, n_tiles)
     for tile in range(first, last):
         off_n = tile * BLOCK_N
-        o_n = off_n + tl.arange(0, BLOCK_N)
-        m_mn = m_m[:, None] & (o_n < N)[None, :]
         b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, D, BLOCK_K):
             b_q = q_desc.load([off_m, k])  # [BLOCK_M, BLOCK_K]
@@ -63,36 +128,43 @@ def pair_tile_kernel(
                 b_d = b_d.to(tl.float32)
             b_s = tl.dot(b_q, b_d.T, b_s, input_precision=INPUT_PRECISION)
         if DENSE_Y:
-            p_y = y_ptr + o_m64[:, None] * stride_ym + o_n[None, :] * stride_yn
-            b_y = tl.load(p_y, mask=m_mn, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_N]
+            p_y = y_ptr + o_m64[:, None] * stride_ym + (off_n + cols)[None, :] * stride_yn
+            b_y = tl.load(p_y, mask=m_m[:, None] & (off_n + cols < N)[None, :], other=-1.0).to(tl.float32)
+            b_b = tl.where(b_y >= 0.0, b2, EXCLUDED)  # y < 0 excludes the pair (−inf too)
+            b_y = tl.maximum(b_y, 0.0)
         else:
-            b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for c in range(0, K):
-                b_idx = tl.load(idx_ptr + o_m64 * stride_im + c * stride_ik, mask=m_m, other=-1)  # [BLOCK_M]
-                b_lab = tl.load(y_ptr + o_m64 * stride_ym + c * stride_yn, mask=m_m, other=0.0)  # [BLOCK_M]
-                b_y = tl.where(b_idx[:, None] == (col0 + o_n)[None, :], b_lab.to(tl.float32)[:, None], b_y)
-        m_keep = m_mn & (b_y >= 0.0)  # y < 0 excludes the pair (−inf too: it never reaches a product)
-        b_y = tl.where(m_keep, b_y, 0.0)
-        b_z = b_s * t + b
-        b_e = tl.exp(-tl.abs(b_z))
-        b_u = 1.0 + b_e
-        # log1p(e) without libdevice (absent in the interpreter): log(u)·e/(u−1) cancels the rounding
-        # of u = 1 + e (Goldberg); a plain log(1 + e) loses most digits of the tiny negatives' softplus.
-        b_du = b_u - 1.0
-        b_log1p = tl.where(b_du == 0.0, b_e, tl.log(b_u) * (b_e / tl.maximum(b_du, 1e-30)))
-        b_l = (1.0 - b_y) * tl.maximum(b_z, 0.0) + b_y * tl.maximum(-b_z, 0.0) + b_log1p
-        b_rows += tl.sum(tl.where(m_keep, b_l, 0.0), 1)
+            lo = col0 + off_n
+            b_cb = tl.where(tile == n_tiles - 1, b_last, b2)[None, :]
+            if MANY_LABELS:  # a loop carrying the (y, bias) tiles: Triton keeps them out of the MMA layout
+                b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                b_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + b_cb
+                for c in range(0, K):
+                    b_y, b_b = _label_column(b_y, b_b, idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik,
+                                             stride_ym, stride_yn, lo, col0 + N, cols, b2, BLOCK_N)
+            else:  # one label per row (the diagonal forms): nothing carried
+                b_y, b_b = _label_column(0.0, b_cb, idx_ptr, y_ptr, o_m64, m_m, 0, stride_im, stride_ik,
+                                         stride_ym, stride_yn, lo, col0 + N, cols, b2, BLOCK_N)
+        b_z = b_s * t2 + b_b
+        b_e = _exp2(-tl.abs(b_z), INTERPRET)  # e = exp(−|z|) ∈ [0, 1]
+        b_lp = b_e * _log2_1p_over(b_e)  # log1p(e), in base 2
         if WRITE_G:
-            b_r = b_e / b_u
-            b_gr = tl.where(m_keep, tl.where(b_z >= 0, (1.0 - b_y) - b_r, b_r - b_y), 0.0)
+            b_r = b_e * _rcp(1.0 + b_e, INTERPRET)  # r = σ(−|z|)
+            # −1 where z's sign bit is clear, else +1 (so −0 is negative, where σ = r = 1/2 is right too)
+            b_sg = ((b_z.to(tl.int32, bitcast=True) & -0x80000000) ^ -0x40800000).to(tl.float32, bitcast=True)
+            b_c = (0.5 - 0.5 * b_sg) - b_y  # 1 − y or −y, exact for y = 1
+            b_gr = b_sg * b_r + b_c  # (1 − y) − r or r − y, rounded once
+            b_rows += tl.sum(b_z * b_c + b_lp, 1)  # (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e): both ≥ 0
             b_gs += tl.sum(b_gr * b_s, 1)
             b_g += tl.sum(b_gr, 1)
             g_desc.store([off_m, off_n], b_gr.to(g_desc.dtype))
-    tl.store(rows_ptr + pid_s * M + o_m, b_rows, mask=m_m)
+        else:
+            b_rows += tl.sum((tl.maximum(b_z, 0.0) - b_y * b_z) + b_lp, 1)  # the same, fma-rounded once
+    tl.store(rows_ptr + pid_s * M + o_m, b_rows * LN2, mask=m_m)
     if WRITE_G:
+        b_g = tl.where(m_m, b_g, 0.0)  # rows past M saw S = 0, not nothing (their G·S is 0 already)
         if HAS_W:  # per-row weights apply to the row sums only: G itself stays σ − y (see prcl/panels.py)
-            b_gs = b_gs * b_w
-            b_g = b_g * b_w
+            b_gs = b_gs * tl.load(w_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_g = b_g * tl.load(w_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
         pid = pid_s * tl.num_programs(0) + pid_m
         tl.store(stats_ptr + 2 * pid, tl.sum(b_gs, 0))
         tl.store(stats_ptr + 2 * pid + 1, tl.sum(b_g, 0))

@@ -11,6 +11,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from prcl import tuning
 from prcl.contract import triton_interpreting as interpreting
 from prcl.kernels.pair_bce import pair_tile_kernel
 from prcl.panels import panel_grads
@@ -19,20 +20,10 @@ PANEL_ELEMS = 1 << 26  # 128 MiB of bf16 G: panels of 8192 × 8192 keep the grad
 ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
 
 
-def kernel_config(dtype, write_g, arch):
-    """Tile sizes and launch settings, in one place (`python -m prcl.compile_report` reads them too).
-
-    Chosen from ptxas -v on the compiled kernels (no GPU timing yet). 16-bit on sm_90: 128×128 tiles
-    for the forward; 128×64 when G is written, since keeping S, z, e and σ live at 128×128 spilled
-    (255 registers). sm_80 has no TMA: descriptors become pointer loads, and 64×64 is the largest
-    tile that compiled without spills. float32 multiplies in IEEE fp32 on the FMA units (as eager
-    fp32 does), which needs smaller tiles: 128×128 spilled 10 KB.
-    """
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if arch >= 90 else 16, num_warps=8, num_stages=3)
-    if arch >= 90:
-        return dict(BLOCK_M=128, BLOCK_N=64 if write_g else 128, BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+def kernel_config(dtype, write_g, arch, D=768):
+    """Tile sizes and launch settings for one launch (`python -m prcl.compile_report` reads them too):
+    prcl.tuning's choice for (arch, dtype, gradient or forward, D bucket), made once per process."""
+    return tuning.pick(arch, dtype, write_g, D)
 
 
 def _launch_config(q, write_g):
@@ -42,7 +33,7 @@ def _launch_config(q, write_g):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1), 4
     major, minor = torch.cuda.get_device_capability(q.device)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return kernel_config(q.dtype, write_g, 10 * major + minor), 4 * sms
+    return kernel_config(q.dtype, write_g, 10 * major + minor, q.shape[1]), 4 * sms
 
 
 def _padded_zeros(like, rows, cols):
@@ -105,7 +96,8 @@ def _launch(q, d, scale, bias, y, index, col0, w, G):
         M, N, D, 0 if dense else index.shape[1], col0, *y.stride(), *((0, 0) if dense else index.stride()),
         tiles_per_split,
         WRITE_G=write_g, HAS_W=w is not None, DENSE_Y=dense,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, INTERPRET=interpreting(),
+        MANY_LABELS=not dense and index.shape[1] != 1,
         # fp32 inputs get fp32 products, as eager fp32 matmul does unless TF32 is switched on
         INPUT_PRECISION="tf32" if not fp32 or fp32_matmul_allows_tf32() else "ieee",
         **cfg,
