@@ -12,19 +12,10 @@ import math
 import torch
 
 import prcl
+from prcl.bench.cases import late_training_inputs
 from prcl.reference import pair_bce
 
 OUTPUTS = ("loss", "dq", "dd", "dscale", "dbias")
-
-
-def inputs(B, N, D, cos, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1)
-    u = torch.randn(N, D, generator=gen)
-    d = torch.nn.functional.normalize(u, dim=1)
-    ortho = torch.nn.functional.normalize(u[:B] - (u[:B] * q).sum(1, keepdim=True) * q, dim=1)
-    d[:B] = cos * q + math.sqrt(1 - cos ** 2) * ortho
-    return q, d
 
 
 def grads(fn, q, d, labels, dtype, scale, bias):
@@ -54,7 +45,7 @@ def main():
     print("|---" * (6 + len(backends)) + "|")
     for dtype in (torch.bfloat16, torch.float16):
         for cos, scale, bias in ((0.9, 10.0, -math.log(N - 1)), (0.95, 20.0, -10.0), (0.98, 30.0, -12.0)):
-            q, d = inputs(B, N, args.dim, cos)
+            q, d, _ = late_training_inputs(B, N, args.dim, cos)
             for name, labels in (("diagonal", None), ("graded 1.0", torch.ones(B))):
                 q16, d16 = q.to(dtype).double(), d.to(dtype).double()
                 gold = grads(pair_bce, q16, d16, labels, torch.float64, scale, bias)

@@ -13,6 +13,7 @@ import torch
 
 import prcl
 from prcl import native
+from prcl.bench import cases
 from prcl.reference import pair_bce
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -273,17 +274,6 @@ def test_compiled_training_step_matches_eager():
 
 # --- the late-training regime: σ(z_ii) → 1 for positives, so σ − y is tiny while σ and y are not ----
 
-def late_training_inputs(B, N, D, cos, seed=0):
-    """Unit queries; document i (i < B) at cosine `cos` from query i, the others random."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1)
-    u = torch.randn(N, D, generator=gen)
-    d = torch.nn.functional.normalize(u, dim=1)
-    ortho = torch.nn.functional.normalize(u[:B] - (u[:B] * q).sum(1, keepdim=True) * q, dim=1)
-    d[:B] = cos * q + math.sqrt(1 - cos ** 2) * ortho
-    return q.to(DEVICE), d.to(DEVICE), gen
-
-
 # (cosine of the positives, scale, bias); None = −log(N−1)
 LATE = [(0.9, 10.0, None), (0.95, 20.0, -10.0), (0.98, 30.0, -12.0)]
 
@@ -296,7 +286,7 @@ def test_late_training_accuracy(regime, form, dtype, backend):
     cos, scale, bias = regime
     B, N, D = 48, 64, 40
     dtype = DTYPES[dtype]
-    q, d, gen = late_training_inputs(B, N, D, cos)
+    q, d, gen = cases.late_training_inputs(B, N, D, cos, device=DEVICE)
     labels, label_index = make_labels(form, B, N, gen)
     if form == "graded":
         labels = torch.ones(B, device=DEVICE)  # converged positives: y = 1 where σ → 1
@@ -309,7 +299,7 @@ def test_late_training_accuracy(regime, form, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_late_training_accuracy_at_the_measured_size(backend):
     # the case where label corrections outside the kernels were measured 8x worse than eager in bf16
-    q, d, _ = late_training_inputs(512, 512, 128, 0.95)
+    q, d, _ = cases.late_training_inputs(512, 512, 128, 0.95, device=DEVICE)
     for dtype in (torch.bfloat16, torch.float16):
         check_against_oracle(by(backend), q.to(dtype), d.to(dtype), None, None, dtype, "mean",
                              floor=LATE_FLOOR, scale=20.0, bias=-10.0)

@@ -1,5 +1,6 @@
 """Inputs (one case per B, N, D, dtype and label form), the FLOP basis, and what a report says about
 the machine: device name, versions, free memory."""
+import math
 import platform
 import re
 from dataclasses import dataclass
@@ -115,6 +116,18 @@ def make_case(B, N, D, dtype="fp32", device="cpu", label_form="diagonal", seed=0
         labels = torch.cat([torch.ones(B, 1, device=device),
                             0.5 * torch.rand(B, K - 1, device=device, generator=g)], dim=1)
     return Case(B, N, D, dtype, label_form, device, q, d, labels, label_index, seed)
+
+
+def late_training_inputs(B, N, D, cos, seed=0, device="cpu"):
+    """Late in training: unit float32 queries, document i (i < B) at cosine `cos` from query i (σ(z_ii)
+    → 1 at a large scale), the other documents random."""
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, D, generator=gen), dim=1)
+    u = torch.randn(N, D, generator=gen)
+    d = F.normalize(u, dim=1)
+    ortho = F.normalize(u[:B] - (u[:B] * q).sum(1, keepdim=True) * q, dim=1)
+    d[:B] = cos * q + math.sqrt(1 - cos ** 2) * ortho
+    return q.to(device), d.to(device), gen
 
 
 def free_bytes(device):
