@@ -26,7 +26,8 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native CPU ke
 BACKENDS = ["torch", "triton", pytest.param("native", marks=needs_native)]
 # (B, N, D): B = 1, N = B + 1, sizes that are no multiple of any tile (interpreter tiles are 16),
 # D not a power of two
-SHAPES = [(1, 1, 8), (1, 4, 3), (5, 6, 7), (37, 45, 19), (70, 133, 40)]
+slow = pytest.mark.slow  # the second CI step runs these; the README's test command leaves them out
+SHAPES = [(1, 1, 8), (1, 4, 3), (5, 6, 7), (37, 45, 19), pytest.param((70, 133, 40), marks=slow)]
 FORMS = ["diagonal", "graded", "dense", "sparse"]
 
 
@@ -161,7 +162,7 @@ def test_extreme_logits_are_finite(backend, dtype):
                          q, d, labels, label_index, dtype, "mean")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=slow)])
 @pytest.mark.parametrize("form", FORMS)
 def test_many_panels(form, backend, monkeypatch):
     # Panels of ~300 elements make these shapes cross many panels, ragged last ones included:
@@ -251,6 +252,7 @@ def test_opcheck(backend, layout):
     torch.library.opcheck(torch.ops.prcl.pair_bce_rows_backward.default, plain)
 
 
+@slow
 def test_compiled_training_step_matches_eager():
     torch._dynamo.reset()
     q0, d0, gen = make_inputs(16, 24, 12, torch.float32)
@@ -275,7 +277,7 @@ def test_compiled_training_step_matches_eager():
 # --- the late-training regime: σ(z_ii) → 1 for positives, so σ − y is tiny while σ and y are not ----
 
 # (cosine of the positives, scale, bias); None = −log(N−1)
-LATE = [(0.9, 10.0, None), (0.95, 20.0, -10.0), (0.98, 30.0, -12.0)]
+LATE = [pytest.param((0.9, 10.0, None), marks=slow), (0.95, 20.0, -10.0), pytest.param((0.98, 30.0, -12.0), marks=slow)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -296,7 +298,7 @@ def test_late_training_accuracy(regime, form, dtype, backend):
                              floor=LATE_FLOOR, scale=scale, bias=bias)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=slow), pytest.param("native", marks=needs_native)])
 def test_late_training_accuracy_at_the_measured_size(backend):
     # the case where label corrections outside the kernels were measured 8x worse than eager in bf16
     q, d, _ = cases.late_training_inputs(512, 512, 128, 0.95, device=DEVICE)
