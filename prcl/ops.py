@@ -144,12 +144,15 @@ def _total_setup(ctx, inputs, output):
     q, d, scale, bias = inputs[:4]
     _, dq, dd, dt, db = output
     ctx.mark_non_differentiable(dq, dd, dt, db)
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradient outputs' (unused) gradients
     ctx.save_for_backward(dq, dd, dt, db)
     ctx.dtypes = q.dtype, d.dtype, scale.dtype, bias.dtype
 
 
 def _total_backward(ctx, grad_total, *_):
     _no_double_backward()
+    if grad_total is None:  # the loss itself was not used (grads are not materialised)
+        return (None,) * 7
     # the gradient was computed in the forward; backward only scales it by the upstream gradient
     grads = ((grad_total * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
     return (*grads, None, None, None)
