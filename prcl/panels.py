@@ -11,19 +11,14 @@ G·d), never into G: G = σ − y stays in [−1, 1], where fp16 and bf16 panels
 or overflow. Every panel's G·d and Gᵀ·q is accumulated in float32, never rounded to 16 bits first.
 Panels are visited in a fixed order: results are deterministic.
 """
-import math
-
 import torch
+
+from prcl.tuning import panel_shape
 
 
 def acc_dtype(dtype):
     """float32, or float64 for float64 inputs (the gradcheck tests run the ops in float64)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def panel_shape(B, N, panel_elems):
-    cols = min(N, max(1, math.isqrt(panel_elems)))
-    return min(B, max(1, panel_elems // cols)), cols
 
 
 def panel_labels(labels, label_index, i, j, rows, cols):

@@ -7,7 +7,8 @@ on the host: it runs on any device torch supports, meta included.
 """
 import torch
 
-from prcl.panels import acc_dtype, panel_grads, panel_labels, panel_shape
+from prcl.panels import acc_dtype, panel_grads, panel_labels
+from prcl.tuning import panel_shape
 
 PANEL_ELEMS = 1 << 20
 
