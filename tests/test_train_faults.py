@@ -146,3 +146,36 @@ def test_help_answers_without_torch(command):
     assert done.returncode == 0, done.stderr
     assert f"usage: prcl {command}" in done.stdout and "--model MODEL" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("model", ["/nonexistent", "some-org/some-model"])
+def test_a_missing_model_is_one_line_before_anything_is_loaded(tmp_path, capsys, model):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
+    out = tmp_path / "out"
+    assert train_main(["--model", model, "--data", data, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"prcl train: error: model: no such file or directory {model!r} (prcl train loads local models only: "
+        "a model directory or a .gguf file)")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"query": "q", "positive": "p", "negative": ["n"]}',
+     'unknown key(s) "negative"; allowed: query, positive, negatives, instruction, graded'),
+    ('{"query": "q", "positive": "p",, }', "invalid JSON (Expecting property name enclosed in double quotes at column 32)"),
+])
+def test_a_bad_data_line_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatch, line, reason):
+    from prcl.training import loop
+
+    def no_model(cfg):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(loop, "load_encoder", no_model)
+    rows = [json.dumps(r) for r in toy_rows()[:3]] + [line]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--out", str(out)]
+    assert train_main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"prcl train: error: {tmp_path / 'train.jsonl'}:4: {reason}"
+    assert not out.exists()

@@ -68,6 +68,12 @@ class TrainConfig:
         for name in ("data", "eval"):
             if getattr(self, name) and not os.path.isfile(getattr(self, name)):
                 raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
+        if self.model and not os.path.exists(self.model):
+            # transformers would take a missing path for a hub name and try the network
+            raise ValueError(f"model: no such file or directory {self.model!r} (prcl train loads local "
+                             "models only: a model directory or a .gguf file)")
+        if self.model and self.gguf_file and not os.path.isfile(os.path.join(self.model, self.gguf_file)):
+            raise ValueError(f"gguf_file: no such file {os.path.join(self.model, self.gguf_file)!r}")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"out: {self.out!r} is a file; --out takes a directory")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batch_size", "keep_checkpoints",

@@ -2,7 +2,8 @@
 
     {"query": str, "positive": str | [str], "negatives": [str], "instruction": str, "graded": [{"text": str, "relevance": float}]}
 
-"negatives", "instruction" and "graded" are optional; other keys are ignored. A bad line is reported as
+"negatives", "instruction" and "graded" are optional; any other key is an error (a misspelled
+"negative" would otherwise drop the negatives silently). A bad line is reported as
 `FILE:LINE: reason`; the stream stops on it unless skip_bad_lines, which counts and reports it instead.
 
 A data path ending in .tsv is a BEIR-layout qrels file instead (DIR/qrels/SPLIT.tsv beside
@@ -53,6 +54,9 @@ def _texts(obj, key, allow_str):
     return tuple(value)
 
 
+KEYS = ("query", "positive", "negatives", "instruction", "graded")
+
+
 def parse_example(line):
     """One JSONL line -> Example; ValueError with the reason when the line is not a valid example."""
     try:
@@ -61,6 +65,9 @@ def parse_example(line):
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = [k for k in obj if k not in KEYS]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(json.dumps, unknown))}; allowed: {', '.join(KEYS)}")
     for key in ("query", "positive"):
         if key not in obj:
             raise ValueError(f'missing "{key}"')
@@ -187,6 +194,12 @@ def iter_file(path, *, skip_bad_lines=False, skipped=None, start=(0, 0)):
                 raise err
             if skipped is not None:
                 skipped.add(err)
+
+
+def check_file(path):
+    """Reads the whole file once, raising DataError at its first bad line; returns the example count.
+    Run before anything heavy is loaded, so a bad line costs seconds, not a model load."""
+    return sum(1 for _ in iter_file(path))
 
 
 def read_examples(path, *, skip_bad_lines=False, skipped=None):

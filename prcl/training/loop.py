@@ -22,7 +22,7 @@ import torch
 
 from prcl.training import checkpoint
 from prcl.training.batching import build_batch
-from prcl.training.data import ExampleStream
+from prcl.training.data import ExampleStream, check_file
 from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
 from prcl.training.evaluation import evaluate_and_record, read_eval_set
 from prcl.training.step import batch_loss, forward_backward
@@ -266,6 +266,10 @@ def train(cfg, encoder=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not cfg.skip_bad_lines:
+        start = time.perf_counter()
+        count = check_file(cfg.data)
+        logger.info("data: %s: all %d examples valid (checked in %.1f s)", cfg.data, count, time.perf_counter() - start)
     eval_examples = read_eval_set(cfg.eval, cfg.eval_max_queries) if cfg.eval else None
     out = _prepare_out(cfg, rank)
     barrier(world)
