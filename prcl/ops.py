@@ -83,27 +83,52 @@ def _no_double_backward():
                                   "supported; use backend='reference' for higher-order gradients")
 
 
-@torch.library.custom_op("prcl::pair_bce_rows", mutates_args=())
-def pair_bce_rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
-                  label_index: Optional[Tensor], backend: str) -> Tensor:
+# Defined through torch.library.Library rather than torch.library.custom_op: custom_op wraps each
+# implementation in torch._disable_dynamo, whose first call imports torch._dynamo (~3 s of a
+# user's first loss call), although eager calls never need it. The native C++ library adds its ops to
+# the same namespace, hence a fragment.
+_lib = torch.library.Library("prcl", "FRAGMENT")
+_ARGS = "Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor labels, Tensor? label_index"
+
+
+def _define(schema, impl):
+    """Defines prcl::<schema> with one implementation for every device (below autograd)."""
+    _lib.define(schema)
+    name = schema.split("(")[0]
+    _lib.impl(name, impl, "CompositeExplicitAutograd")
+    return getattr(torch.ops.prcl, name).default
+
+
+def _rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+          backend: str) -> Tensor:
     return _impl(backend).rows(q, d, scale, bias, labels, label_index)
 
 
-@pair_bce_rows.register_fake
-def _(q, d, scale, bias, labels, label_index, backend):
-    return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
-
-
-@torch.library.custom_op("prcl::pair_bce_rows_backward", mutates_args=())
-def pair_bce_rows_backward(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
-                           label_index: Optional[Tensor], grad_rows: Tensor,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _rows_bwd(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+              grad_rows: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = grad_rows.to(acc_dtype(q.dtype)).contiguous()
     _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend)
     return dq, dd, dt, db
 
 
-@pair_bce_rows_backward.register_fake
+def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend)
+    return rows.sum(), dq, dd, dt, db
+
+
+pair_bce_rows = _define(f"pair_bce_rows({_ARGS}, str backend) -> Tensor", _rows)
+pair_bce_rows_backward = _define(
+    f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend) -> (Tensor, Tensor, Tensor, Tensor)", _rows_bwd)
+pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
+
+
+@torch.library.register_fake("prcl::pair_bce_rows", lib=_lib)
+def _(q, d, scale, bias, labels, label_index, backend):
+    return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
+
+
+@torch.library.register_fake("prcl::pair_bce_rows_backward", lib=_lib)
 def _(q, d, scale, bias, labels, label_index, grad_rows, backend):
     acc = acc_dtype(q.dtype)
     return (q.new_empty(q.shape, dtype=acc), d.new_empty(d.shape, dtype=acc),
@@ -123,17 +148,10 @@ def _rows_backward(ctx, grad_rows):
     return dq.to(q.dtype), dd.to(d.dtype), dt.to(scale.dtype), db.to(bias.dtype), None, None, None
 
 
-pair_bce_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+torch.library.register_autograd("prcl::pair_bce_rows", _rows_backward, setup_context=_rows_setup, lib=_lib)
 
 
-@torch.library.custom_op("prcl::pair_bce_total", mutates_args=())
-def pair_bce_total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
-                   label_index: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend)
-    return rows.sum(), dq, dd, dt, db
-
-
-@pair_bce_total.register_fake
+@torch.library.register_fake("prcl::pair_bce_total", lib=_lib)
 def _(q, d, scale, bias, labels, label_index, backend):
     acc = acc_dtype(q.dtype)
     return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=acc), d.new_empty(d.shape, dtype=acc),
@@ -158,4 +176,4 @@ def _total_backward(ctx, grad_total, *_):
     return (*grads, None, None, None)
 
 
-pair_bce_total.register_autograd(_total_backward, setup_context=_total_setup)
+torch.library.register_autograd("prcl::pair_bce_total", _total_backward, setup_context=_total_setup, lib=_lib)
