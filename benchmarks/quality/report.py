@@ -9,7 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
-ORDER = ("zero-shot", "infonce", "prcl-binary", "prcl-graded")
+ORDER = ("zero-shot", "infonce", "prcl-binary", "prcl-graded", "prcl-all")
 
 
 def groups(records):

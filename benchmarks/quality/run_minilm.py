@@ -8,6 +8,7 @@ Training rows, from qrels/train.tsv (grade 2 = the page itself, 1 = a page in it
   infonce      (query, grade-2 page) rows, sentence-transformers' MultipleNegativesRankingLoss (scale 20)
   prcl-binary  the same rows, prcl's PairRelevanceLoss (t = 10, b = −log(N−1))
   prcl-graded  the same rows with label 1, plus (query, grade-1 page) rows with label grade / max = 0.5
+  prcl-all     the rows of prcl-graded, every label 1 (separates the extra rows from their 0.5 labels)
 Every loss trains for the same number of steps of the same batch size with the same learning rate,
 other rows' documents as in-batch negatives, no hard negatives, NoDuplicatesBatchSampler (a repeated
 query or page never shares a batch). Each run appends one JSON line to --results.
@@ -30,7 +31,7 @@ from st_minilm_dpkg import minilm_path  # noqa: E402
 
 from prcl.ir import evaluate, read_corpus, read_qrels, read_queries  # noqa: E402
 
-LOSSES = ("zero-shot", "infonce", "prcl-binary", "prcl-graded")
+LOSSES = ("zero-shot", "infonce", "prcl-binary", "prcl-graded", "prcl-all")
 
 
 def cpu_name():
@@ -40,15 +41,17 @@ def cpu_name():
     return platform.processor()
 
 
-def train_rows(queries, corpus, qrels, graded):
+def train_rows(queries, corpus, qrels, loss):
+    """(anchor, positive, label) rows: the top-graded pages; with prcl-graded / prcl-all every judged page
+    too, labelled grade / top grade / 1."""
     rows = {"anchor": [], "positive": [], "label": []}
     for qid, judged in qrels.items():
         top = max(judged.values())
         for did, grade in judged.items():
-            if grade == top or (graded and grade > 0):
+            if grade == top or (loss in ("prcl-graded", "prcl-all") and grade > 0):
                 rows["anchor"].append(queries[qid])
                 rows["positive"].append(corpus[did])
-                rows["label"].append(grade / top)
+                rows["label"].append(1.0 if loss == "prcl-all" else grade / top)
     return rows
 
 
@@ -84,8 +87,7 @@ def main():
     if args.loss != "zero-shot":
         from datasets import Dataset
 
-        rows = train_rows(queries, corpus, read_qrels(data / "qrels" / "train.tsv", queries, corpus),
-                          graded=args.loss == "prcl-graded")
+        rows = train_rows(queries, corpus, read_qrels(data / "qrels" / "train.tsv", queries, corpus), args.loss)
         if args.loss == "infonce":
             del rows["label"]
             loss = MultipleNegativesRankingLoss(model)
