@@ -211,7 +211,7 @@ def evaluate(encode, queries, corpus, qrels, *, instructions=None, ks=(1, 10, 10
     scores, idx = search(q_emb, [corpus[d] for d in doc_ids], lambda texts: encode(texts, None),
                          k=max(max(ks), 10), chunk_size=chunk_size)
     run = {q: {doc_ids[j]: s for j, s in zip(idx[n].tolist(), scores[n].tolist())} for n, q in enumerate(qids)}
-    metrics = compute_metrics(qrels, run, ks)
+    metrics = compute_metrics({q: qrels[q] for q in qids}, run, ks)
     metrics.update(queries=len(qids), documents=len(doc_ids))
     return metrics, run
 
