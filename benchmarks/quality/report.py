@@ -17,6 +17,8 @@ def groups(records):
     for r in records:
         key = (r["loss"], r["split"], r.get("steps"), r.get("batch_size"), r.get("lr"), r["max_seq_length"])
         out.setdefault(key, []).append(r)
+    for rs in out.values():
+        rs.sort(key=lambda r: r["seed"])
     return dict(sorted(out.items(), key=lambda kv: (ORDER.index(kv[0][0]), str(kv[0][1:]))))
 
 
