@@ -108,7 +108,8 @@ def read_pages(root, listed):
             if os.path.islink(path):
                 aliases[pid] = os.path.basename(os.path.realpath(path))[: -len(".gz")]
                 continue
-            source = gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+                source = f.read()
             first = next((ln for ln in source.splitlines() if ln.strip() and not ln.startswith(".\\\"")), "")
             if first.startswith(".so "):  # a roff include: an alias of the named page
                 aliases[pid] = os.path.basename(first[4:].strip())
