@@ -105,7 +105,9 @@ def test_parse_forms():
     assert ex.positives == ("a", "b") and ex.instruction == "find"
     # a text listed twice keeps its highest label: "a" is a positive, "n" graded 0.5 over negative
     assert ex.documents() == [("a", 1.0), ("b", 1.0), ("g", 0.25), ("n", 0.5)]
-    assert parse_example('{"query": "q", "positive": "p", "extra": 1}').positives == ("p",)
+    # an unknown key (a misspelled "negative") is an error that lists the allowed ones
+    with pytest.raises(ValueError, match=r'unknown key\(s\) "negative"; allowed: query, positive, negatives'):
+        parse_example('{"query": "q", "positive": "p", "negative": ["n"]}')
 
 
 def test_stream_resumes_where_it_stopped(tmp_path):
