@@ -45,7 +45,7 @@ def main(extra):
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32), {os.cpu_count()} CPU cores, "
           f"{after['step']} steps, wall {wall:.0f} s (model load and both evaluations included)")
     print(f"{'':10s}{'before':>9s}{'after':>9s}   ({after['queries']} queries, {after['documents']} documents)")
-    for key in ("recall@1", "recall@10", "mrr"):
+    for key in ("recall@1", "recall@10", "mrr@10", "ndcg@10"):
         print(f"{key:10s}{before[key]:9.3f}{after[key]:9.3f}")
     (out / "summary.json").write_text(json.dumps({"before": before, "after": after, "wall_s": wall}) + "\n")
 

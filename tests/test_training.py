@@ -244,11 +244,11 @@ def test_loss_falls_and_recall_rises(tmp_path):
     s = train(cfg, encoder=tiny_encoder())
     first, last = sum(s["losses"][:5]) / 5, sum(s["losses"][-5:]) / 5
     assert last < 0.6 * first, s["losses"]
-    assert s["eval_after"]["mrr"] > s["eval_before"]["mrr"] + 0.1
+    assert s["eval_after"]["mrr@10"] > s["eval_before"]["mrr@10"] + 0.1
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 26))
     assert all({"loss", "lr", "pairs_per_s"} <= set(r) for r in lines)
-    assert "eval/mrr" in lines[-1]
+    assert {"eval/mrr@10", "eval/ndcg@10", "eval/recall@1"} <= set(lines[-1])
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
 
 

@@ -21,7 +21,7 @@ HELP = {
     "model": "local model directory, or a .gguf file (or a directory with --gguf-file)",
     "data": "training JSONL: {query, positive, negatives, instruction?, graded?} per line",
     "out": "output directory: metrics.jsonl, eval.jsonl, checkpoint-STEP/, adapter/",
-    "eval": "held-out JSONL for recall@k / MRR",
+    "eval": "held-out JSONL: recall@k, nDCG@10, MRR@10 and MAP (as prcl eval computes them)",
     "gguf_file": "GGUF file name inside the --model directory",
     "batch_size": "queries per micro-step over all ranks (B)",
     "mini_batch_size": "texts per encoder call with cached embeddings (GradCache); omit for no cache",
@@ -148,7 +148,7 @@ def train_main(argv=None):
     before, after = summary["eval_before"], summary["eval_after"]
     if before and after:
         for key in after:
-            if key.startswith(("recall", "mrr")):
+            if key.startswith(("recall", "mrr", "ndcg")):
                 print(f"{key:10s} {before[key]:.4f} -> {after[key]:.4f}")
     return 0
 

@@ -1,10 +1,11 @@
-"""Retrieval evaluation during training: recall@k and MRR of the --eval queries against their documents."""
+"""Retrieval evaluation during training: the --eval queries against their documents, scored like `prcl eval`."""
 import contextlib
 import json
 import logging
 
 import torch
 
+from prcl import ir
 from prcl.training.data import read_examples
 
 logger = logging.getLogger(__name__)
@@ -27,42 +28,17 @@ def _encode(encoder, texts, instruction, batch_size):
 
 
 def evaluate(encoder, examples, *, ks=(1, 5, 10), batch_size=32, autocast=contextlib.nullcontext):
-    """Retrieval over the evaluation set: every query against every distinct document of the file.
-
-    Relevant = the query's positives (graded documents and negatives are part of the corpus only).
-    recall@k = share of a query's positives in its top k, averaged over queries; MRR = mean 1/rank of
-    the first positive (full ranking, no cut-off). Runs under fork_rng: evaluating or not never shifts
-    the training's dropout stream.
+    """Retrieval over the evaluation set with `prcl eval`'s code (prcl.ir: trec_eval's measures through
+    ir-measures): every query against every distinct document of the file, relevant = the query's
+    positives (graded documents and negatives are part of the corpus only). Returns recall@k for ks,
+    nDCG@10, MRR@10, MAP and the counts. Runs under fork_rng: evaluating or not never shifts the
+    training's dropout stream.
     """
-    docs, col = [], {}
-    for ex in examples:
-        for text, _ in ex.documents():
-            if text not in col:
-                col[text] = len(docs)
-                docs.append(text)
+    queries, instructions, corpus, qrels = ir.examples_to_beir(examples)
     with torch.random.fork_rng(devices=[]), autocast():
-        d = _encode(encoder, docs, None, batch_size)
-        by_ins = {}
-        for i, ex in enumerate(examples):
-            by_ins.setdefault(ex.instruction, []).append(i)
-        q = torch.empty(len(examples), d.shape[1], device=d.device)
-        for ins, idx in by_ins.items():
-            q[idx] = _encode(encoder, [examples[i].query for i in idx], ins, batch_size)
-    s = (q @ d.T).cpu()
-    order = s.argsort(dim=1, descending=True)
-    rank_of = torch.empty_like(order)
-    rank_of.scatter_(1, order, torch.arange(1, len(docs) + 1).expand_as(order).contiguous())
-    recall = {k: 0.0 for k in ks}
-    rr = 0.0
-    for i, ex in enumerate(examples):
-        ranks = rank_of[i, [col[t] for t in set(ex.positives)]]
-        rr += 1.0 / ranks.min().item()
-        for k in ks:
-            recall[k] += (ranks <= k).float().mean().item()
-    n = len(examples)
-    out = {f"recall@{k}": recall[k] / n for k in ks}
-    out.update(mrr=rr / n, queries=n, documents=len(docs))
-    return out
+        metrics, _ = ir.evaluate(lambda texts, ins: _encode(encoder, texts, ins, batch_size), queries, corpus,
+                                 qrels, instructions=instructions, ks=ks)
+    return metrics
 
 
 def evaluate_and_record(encoder, examples, step, path, *, ks, batch_size, autocast):
@@ -76,5 +52,5 @@ def evaluate_and_record(encoder, examples, step, path, *, ks, batch_size, autoca
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, **result}) + "\n")
     logger.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                                                         if k.startswith(("recall", "mrr"))))
+                                                         if k.startswith(("recall", "mrr", "ndcg"))))
     return result
