@@ -8,25 +8,31 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
    need no masks, and the loop is software-pipelined; pointer tensors instead cost ~128 registers
    per thread and spilled at 128×128 tiles.
 3. Labels are label-light: a dense tile read beside S (DENSE_Y), or K (index, label) columns per row:
-   per row the label's column in the tile, then one compare and two selects per pair (y, and the
-   bias). K = 1 (the diagonal forms) carries nothing; K ≠ 1 (MANY_LABELS) loops over the columns.
-   Unmatched pairs have y = 0. A pair left out (y < 0, or a column past N in the last tile, where
-   TMA filled S with 0) gets the bias −1e30: then e = 0 and l = G = G·S = 0, with no mask per pair.
+   per row the label's column, then one compare and two selects per pair (y, and the bias). K = 1
+   (the diagonal forms) reads each row's label once per program and carries nothing from tile to
+   tile; K ≠ 1 (MANY_LABELS) loops over the columns per tile. Unmatched pairs have y = 0. A pair left
+   out (y < 0, or a column past N in the last tile, where TMA filled S with 0) gets the bias −1e30:
+   then e = 0 and l = G = G·S = 0, with no mask per pair; when BLOCK_N divides N (RAGGED_N off, every
+   full-size panel) no tile has such columns and the bias is one scalar.
 4. The epilogue stays in registers, in float32, in base 2: z₂ = z·log2(e) = S·(t·log2 e) + b·log2 e,
    row sums scaled by ln 2 once. One e = 2^(−|z₂|) = exp(−|z|) serves everything. With
    r = e/(1 + e) = σ(−|z|) and c = 1 − y (z ≥ 0) or −y (z < 0):
        l = z·c + log1p(e)             = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e), two terms ≥ 0
        G = c − r  if z ≥ 0  else  c + r                   (σ(z) − y, never σ ≈ 1 minus y ≈ 1)
    so a converged positive (σ → 1, y = 1) keeps its small gradient −r to float32 precision before
-   G is rounded, once, to the panel's 16-bit dtype (c is exact there, G = ±r + c rounds once).
-   Approximations (on the GPU; the interpreter runs numpy's exp2 and a true division instead):
-   - 2^x: ex2.approx.ftz.f32 (one MUFU.EX2), at most 2 ulp (PTX ISA); e below 2^−126 flushes to 0,
-     whose log1p and σ(−|z|) are then 0 instead of < 1.2e−38.
-   - 1/(1 + e): rcp.approx.ftz.f32 (one MUFU.RCP), at most 1 ulp (PTX ISA), so r within ~3 ulp.
-   - log1p(e) = e·P(e), P a degree-7 polynomial for log2(1 + e)/e: max relative error 3.5e−7 on
-     e ∈ [2^−100, 1] in float32 Horner (measured against float64 numpy over 600k points), the same
-     arithmetic on CPU and GPU. No lg2.approx: its ~2^−22 absolute error near 1 would be ~1 % of
-     log1p(e) at e ≈ 1e−5, the typical negative with b = −log(N − 1).
+   G is rounded, once, to the panel's 16-bit dtype (c is exact there, c ± r rounds once).
+   Approximations (on the GPU; the interpreter runs numpy's exp2 and a true division instead, the
+   polynomials are the same float32 arithmetic on both):
+   - 2^x: ex2.approx.ftz.f32 (one MUFU.EX2), max 2 ulp (PTX ISA); e below 2^−126 flushes to 0, so
+     log1p(e) and r are 0 there instead of < 1.2e−38.
+   - 1/(1 + e): rcp.approx.ftz.f32 (one MUFU.RCP), max 1 ulp (PTX ISA). With e's 2 ulp, r is within
+     4.3e−7 relative of e/(1 + e) for the float32 e (worst case over e ∈ [1e−30, 1], numpy).
+   - log1p(e), forward: e·P(e), P of degree 7 for log2(1 + e)/e: max relative error 3.5e−7;
+     gradient: r·Q(e), Q of degree 6 for (1 + e)·log2(1 + e)/e, one FMA fewer as r is at hand:
+     max 4.7e−7 with the reciprocal anywhere within 1 ulp. Both measured in float32 Horner against
+     float64 numpy on 900k points of e ∈ [1e−30, 1]. No lg2.approx: its absolute error (~2^−22 near 1)
+     would be ~1 % of log1p(e) at e ≈ 1e−5, the typical negative with b = −log(N − 1).
+   Every GPU figure above is from the PTX ISA's stated bounds, not a GPU run.
 5. Row sums go to a (SPLIT_N, M) buffer and Σ w_i·G∘S, Σ w_i·G to one slot per program; the launcher
    sums them in a fixed order, so results are deterministic (no atomics).
 6. WRITE_G stores G for one panel (the descriptor clips the edges); the two gradient GEMMs
@@ -64,7 +70,8 @@ def _rcp(x, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _log2_1p_over(e):
-    """log2(1 + e)/e for e in [0, 1]: a degree-7 polynomial (least-squares fit in relative error)."""
+    """log2(1 + e)/e for e in [0, 1]: a degree-7 polynomial (iteratively reweighted least squares in
+    relative error)."""
     p = e * -0.012319469824433327 + 0.06360787898302078
     p = p * e - 0.15535184741020203
     p = p * e + 0.25600969791412354
@@ -75,17 +82,32 @@ def _log2_1p_over(e):
 
 
 @triton.jit
-def _label_column(b_y, b_b, idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik, stride_ym, stride_yn, lo, hi, cols,
-                  b2, BLOCK_N: tl.constexpr):
-    """(y, bias) tiles with sparse label column c of each row placed: per row its column in the tile
-    (−1: none, or a document at hi or past it), then one compare per pair. A negative label excludes its pair through the bias."""
-    b_idx = tl.load(idx_ptr + o_m64 * stride_im + c * stride_ik, mask=m_m, other=-1)  # [BLOCK_M]
+def _log2_1p_over_r(e):
+    """(1 + e)·log2(1 + e)/e for e in [0, 1], so that log2(1 + e) = r·this with r = e/(1 + e): one
+    degree fewer than _log2_1p_over for the same accuracy, where r is at hand (the gradient)."""
+    p = e * -0.004816813860088587 + 0.02378103695809841
+    p = p * e - 0.059648510068655014
+    p = p * e + 0.11659503728151321
+    p = p * e - 0.23992517590522766
+    p = p * e + 0.721318781375885
+    return p * e + 1.4426952600479126
+
+
+@triton.jit
+def _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik, stride_ym, stride_yn, col0, N, b2):
+    """Sparse label column c of each row: (its column in this launch, −1 if none or not in 0..N−1;
+    y; the bias, EXCLUDED for a negative label)."""
+    b_idx = tl.load(idx_ptr + o_m64 * stride_im + c * stride_ik, mask=m_m, other=-1) - col0  # [BLOCK_M]
     b_lab = tl.load(y_ptr + o_m64 * stride_ym + c * stride_yn, mask=m_m, other=0.0).to(tl.float32)
-    b_at = tl.where((b_idx >= lo) & (b_idx < lo + tl.minimum(BLOCK_N, hi - lo)), b_idx - lo, -1).to(tl.int32)
-    hit = b_at[:, None] == cols[None, :]
-    b_y = tl.where(hit, tl.maximum(b_lab, 0.0)[:, None], b_y)
-    b_b = tl.where(hit, tl.where(b_lab >= 0.0, b2, EXCLUDED)[:, None], b_b)
-    return b_y, b_b
+    b_col = tl.where((b_idx >= 0) & (b_idx < N), b_idx, -1).to(tl.int32)
+    return b_col, tl.maximum(b_lab, 0.0), tl.where(b_lab >= 0.0, b2, EXCLUDED)
+
+
+@triton.jit
+def _place(b_y, b_b, b_col, b_ly, b_lb, off_n, cols):
+    """The (y, bias) tiles with one label per row placed: one compare and two selects per pair."""
+    hit = (b_col - off_n)[:, None] == cols[None, :]
+    return tl.where(hit, b_ly[:, None], b_y), tl.where(hit, b_lb[:, None], b_b)
 
 
 @triton.jit
@@ -98,6 +120,7 @@ def pair_tile_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     WRITE_G: tl.constexpr, HAS_W: tl.constexpr, DENSE_Y: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, MANY_LABELS: tl.constexpr,
+    RAGGED_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -108,13 +131,16 @@ def pair_tile_kernel(
     cols = tl.arange(0, BLOCK_N)
     # z·log2(e) = S·t2 + b2: the epilogue works in base 2 and the row sums are scaled by ln 2 once
     t2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    b2 = tl.load(bias_ptr).to(tl.float32) * LOG2E
+    b2 = tl.load(bias_ptr).to(tl.float32) * LOG2E + 0.0  # + 0.0: a bias of −0 becomes +0, so z is never −0
     b_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_gs = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_g = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    # only the last column tile has columns past N: their bias excludes them (S there is 0, TMA's fill)
-    b_last = tl.where(cols < N - (n_tiles - 1) * BLOCK_N, b2, EXCLUDED)  # [BLOCK_N]
+    if RAGGED_N:  # only the last column tile has columns past N: their bias excludes them (S is 0 there)
+        b_last = tl.where(cols < N - (n_tiles - 1) * BLOCK_N, b2, EXCLUDED)  # [BLOCK_N]
+    if not DENSE_Y and not MANY_LABELS:
+        b_col1, b_ly1, b_lb1 = _row_label(idx_ptr, y_ptr, o_m64, m_m, 0, stride_im, stride_ik, stride_ym, stride_yn,
+                                          col0, N, b2)
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, n_tiles)
     for tile in range(first, last):
@@ -133,38 +159,43 @@ def pair_tile_kernel(
             b_b = tl.where(b_y >= 0.0, b2, EXCLUDED)  # y < 0 excludes the pair (−inf too)
             b_y = tl.maximum(b_y, 0.0)
         else:
-            lo = col0 + off_n
-            b_cb = tl.where(tile == n_tiles - 1, b_last, b2)[None, :]
+            if RAGGED_N:
+                b_cb = tl.where(tile == n_tiles - 1, b_last, b2)[None, :]
+            else:  # N a multiple of BLOCK_N (every full-size panel): no column is past N
+                b_cb = b2
             if MANY_LABELS:  # a loop carrying the (y, bias) tiles: Triton keeps them out of the MMA layout
                 b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 b_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + b_cb
                 for c in range(0, K):
-                    b_y, b_b = _label_column(b_y, b_b, idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik,
-                                             stride_ym, stride_yn, lo, col0 + N, cols, b2, BLOCK_N)
-            else:  # one label per row (the diagonal forms): nothing carried
-                b_y, b_b = _label_column(0.0, b_cb, idx_ptr, y_ptr, o_m64, m_m, 0, stride_im, stride_ik,
-                                         stride_ym, stride_yn, lo, col0 + N, cols, b2, BLOCK_N)
+                    b_col, b_ly, b_lb = _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik,
+                                                   stride_ym, stride_yn, col0, N, b2)
+                    b_y, b_b = _place(b_y, b_b, b_col, b_ly, b_lb, off_n, cols)
+            else:  # one label per row (the diagonal forms), read once per program: nothing carried
+                b_y, b_b = _place(0.0, b_cb, b_col1, b_ly1, b_lb1, off_n, cols)
         b_z = b_s * t2 + b_b
         b_e = _exp2(-tl.abs(b_z), INTERPRET)  # e = exp(−|z|) ∈ [0, 1]
-        b_lp = b_e * _log2_1p_over(b_e)  # log1p(e), in base 2
         if WRITE_G:
             b_r = b_e * _rcp(1.0 + b_e, INTERPRET)  # r = σ(−|z|)
-            # −1 where z's sign bit is clear, else +1 (so −0 is negative, where σ = r = 1/2 is right too)
-            b_sg = ((b_z.to(tl.int32, bitcast=True) & -0x80000000) ^ -0x40800000).to(tl.float32, bitcast=True)
-            b_c = (0.5 - 0.5 * b_sg) - b_y  # 1 − y or −y, exact for y = 1
-            b_gr = b_sg * b_r + b_c  # (1 − y) − r or r − y, rounded once
-            b_rows += tl.sum(b_z * b_c + b_lp, 1)  # (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e): both ≥ 0
+            b_c = tl.where(b_z >= 0.0, 1.0, 0.0) - b_y  # 1 − y or −y, exact for y = 1
+            # −r where z ≥ 0 (z is never −0: b2 is not), else r: one bit operation
+            b_sr = b_r.to(tl.int32, bitcast=True) ^ (~b_z.to(tl.int32, bitcast=True) & -0x80000000)
+            b_sr = b_sr.to(tl.float32, bitcast=True)
+            b_gr = b_c + b_sr  # (1 − y) − r or r − y, rounded once
+            # (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e): two terms ≥ 0
+            b_rows += tl.sum(tl.fma(b_r, _log2_1p_over_r(b_e), b_z * b_c), 1)
             b_gs += tl.sum(b_gr * b_s, 1)
             b_g += tl.sum(b_gr, 1)
             g_desc.store([off_m, off_n], b_gr.to(g_desc.dtype))
         else:
-            b_rows += tl.sum((tl.maximum(b_z, 0.0) - b_y * b_z) + b_lp, 1)  # the same, fma-rounded once
+            b_m = tl.fma(-b_y, b_z, tl.maximum(b_z, 0.0))  # the same z·c, rounded once
+            b_rows += tl.sum(tl.fma(b_e, _log2_1p_over(b_e), b_m), 1)
     tl.store(rows_ptr + pid_s * M + o_m, b_rows * LN2, mask=m_m)
     if WRITE_G:
         b_g = tl.where(m_m, b_g, 0.0)  # rows past M saw S = 0, not nothing (their G·S is 0 already)
         if HAS_W:  # per-row weights apply to the row sums only: G itself stays σ − y (see prcl/panels.py)
-            b_gs = b_gs * tl.load(w_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_g = b_g * tl.load(w_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_w = tl.load(w_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_gs = b_gs * b_w
+            b_g = b_g * b_w
         pid = pid_s * tl.num_programs(0) + pid_m
         tl.store(stats_ptr + 2 * pid, tl.sum(b_gs, 0))
         tl.store(stats_ptr + 2 * pid + 1, tl.sum(b_g, 0))

@@ -97,7 +97,7 @@ def _launch(q, d, scale, bias, y, index, col0, w, G):
         tiles_per_split,
         WRITE_G=write_g, HAS_W=w is not None, DENSE_Y=dense,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, INTERPRET=interpreting(),
-        MANY_LABELS=not dense and index.shape[1] != 1,
+        MANY_LABELS=not dense and index.shape[1] != 1, RAGGED_N=N % BN != 0,
         # fp32 inputs get fp32 products, as eager fp32 matmul does unless TF32 is switched on
         INPUT_PRECISION="tf32" if not fp32 or fp32_matmul_allows_tf32() else "ieee",
         **cfg,
