@@ -248,7 +248,7 @@ def _worker(rank, world, store, b_sizes, n_sizes, extras):
 
 @pytest.mark.parametrize("world, b_sizes, n_sizes, extras", [
     pytest.param(2, [3, 5], [4, 7], True, id="R2-B3,5-N4,7"),
-    pytest.param(3, [2, 4, 3], [5, 4, 6], False, id="R3-B2,4,3-N5,4,6"),
+    pytest.param(3, [2, 4, 3], [5, 4, 6], False, id="R3-B2,4,3-N5,4,6", marks=pytest.mark.slow),
 ])
 def test_ranks_match_one_process(tmp_path, world, b_sizes, n_sizes, extras):
     _spawn(_worker, world, tmp_path, b_sizes, n_sizes, extras)

@@ -20,6 +20,7 @@ def dry_run(tmp_path_factory):
     return proc, out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_dry_run_passes_and_writes_few_files(dry_run):
     proc, out, results = dry_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,12 +32,14 @@ def test_dry_run_passes_and_writes_few_files(dry_run):
         assert f"| {name} |" in summary
 
 
+@pytest.mark.slow
 def test_environment_names_device_versions_and_command(dry_run):
     env = dry_run[2]["sections"]["environment"]
     assert "prcl.gpu_check" in env["command"] and "--dry-run" in env["command"]
     assert env["versions"]["torch"] and env["versions"]["prcl"] and env["device"]["name"]
 
 
+@pytest.mark.slow
 def test_correctness_covers_every_form_layout_reduction_and_the_late_regime(dry_run):
     rec = dry_run[2]["sections"]["correctness"]
     rows = rec["rows"]
@@ -51,6 +54,7 @@ def test_correctness_covers_every_form_layout_reduction_and_the_late_regime(dry_
             assert r[q]["ok"] and r[q]["err"] >= 0 and r[q]["eager_err"] >= 0
 
 
+@pytest.mark.slow
 def test_sync_and_graph_sections_say_what_cpu_cannot_check(dry_run):
     sections = dry_run[2]["sections"]
     assert "CUDA" in sections["no_host_sync"]["not_applicable"]
@@ -59,6 +63,7 @@ def test_sync_and_graph_sections_say_what_cpu_cannot_check(dry_run):
     assert "CUDA" in sections["cuda_graph"]["not_applicable"]
 
 
+@pytest.mark.slow
 def test_timings_time_every_case_and_record_missing_peers(dry_run):
     rows = dry_run[2]["sections"]["timings"]["rows"]
     cases = {r["case"] for r in rows}
@@ -71,6 +76,7 @@ def test_timings_time_every_case_and_record_missing_peers(dry_run):
     assert any(r["impl"] == "siglip-kernel" and "CUDA" in r["error"] for r in rows)
 
 
+@pytest.mark.slow
 def test_lora_step_padded_and_packed(dry_run):
     rec = dry_run[2]["sections"]["lora_step"]
     assert [r["batch"] for r in rec["rows"]] == ["padded", "packed"]

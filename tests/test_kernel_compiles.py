@@ -30,6 +30,7 @@ def rows(report):
 SHARED_LIMIT_KIB = {"sm_80": 163, "sm_90": 227, "sm_100": 227, "sm_120": 99}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fwd", "grad"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -47,6 +48,7 @@ def test_kernel_compiles(rows, arch, dtype, mode):
     assert r["tma"] == (arch == "sm_90")
 
 
+@pytest.mark.slow
 def test_optional_archs_are_reported_or_say_why(report, rows):
     for arch in ("sm_100", "sm_120"):
         reported = [r for r in rows.values() if r["arch"] == arch]

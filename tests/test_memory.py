@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from prcl.bench.memory import MEASURING_ENV
 
 SCRIPT = r"""
@@ -21,6 +23,7 @@ print(json.dumps({"growth_mb": pb.peak_memory(step, "cpu") / 2**20, "bxn_mb": ca
 """
 
 
+@pytest.mark.slow
 def test_torch_path_memory_is_bounded():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
                          env={**os.environ, **MEASURING_ENV})
