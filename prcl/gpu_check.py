@@ -544,6 +544,14 @@ def lora_step(ck, rec):
         except Exception as e:  # noqa: BLE001 (packed may be unavailable where padded runs)
             row["error"] = _error(e)
             log.error("lora step failed:\n%s", traceback.format_exc())
+    # the packed path (varlen_attn on CUDA in 16 bits, the block mask elsewhere) against padded sdpa
+    with torch.no_grad():
+        padded, packed = (enc.embed(docs, packed=p).float() for p in (False, True))
+    rec["packed_attention"] = enc.packed_attention
+    rec["packed_vs_padded_max_abs"] = (packed - padded).abs().max().item()
+    if rec["packed_vs_padded_max_abs"] > 3e-2:  # unit vectors in bf16: a few bf16 roundings apart
+        raise AssertionError(f"packed ({enc.packed_attention}) and padded embeddings differ by "
+                             f"{rec['packed_vs_padded_max_abs']:.3g} (max abs)")
 
 
 # ---------------------------------------------------------------------------------------------------
