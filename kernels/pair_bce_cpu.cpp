@@ -44,7 +44,7 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Tile configuration (the one place for it), measured on a 2-core Xeon (AVX-512, MKL) in CPU time
-// of softplus_grads at B = N = 4096 and 8192: TM is the K of the Gᵀ·q GEMM and sets how often a
+// of loss_grads at B = N = 4096 and 8192: TM is the K of the Gᵀ·q GEMM and sets how often a
 // column tile's rows of Gᵀ·q travel through cache, so tall tiles pay most at small D (D = 32, 8192²:
 // TM 256 → 768 took 497 → 250 ms); at D ≥ 256 every shape tried was within 10% of three
 // whole-matrix GEMMs. TM = 1024 was as fast but made MKL block that K differently on one thread
