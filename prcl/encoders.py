@@ -17,14 +17,16 @@ applies (CPU, fp32, an older torch or GPU) a packed batch takes a (tokens × tok
 """
 import importlib.metadata
 import inspect
+import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import prcl
+
+logger = logging.getLogger(__name__)
 
 # Families whose base-model forward (transformers 5.24) is wrapped in merge_with_config_defaults and whose
 # masks come from masking_utils.create_causal_mask / create_sliding_window_causal_mask — both fall back to
@@ -276,8 +278,8 @@ class LLMEncoder:
             out.append((ids, n_inst))
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
-            warnings.warn(f"LLMEncoder: texts longer than max_length={self.max_length} tokens are truncated "
-                          f"(warned once per encoder)", stacklevel=3)
+            logger.warning("texts longer than max_length=%d tokens are truncated (said once per encoder)",
+                           self.max_length)
         return out
 
     # ---- forward -----------------------------------------------------------------------------------------
