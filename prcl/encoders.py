@@ -19,6 +19,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -400,7 +401,12 @@ class LLMEncoder:
             raise ValueError("the model already carries a LoRA adapter; merge_lora() it first")
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                             **lora_kwargs)
-        self.model = get_peft_model(self.model, config)
+        with warnings.catch_warnings():
+            # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`: a
+            # FutureWarning in every run that is not ours to fix, so this one message is silenced here
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            self.model = get_peft_model(self.model, config)
         return self
 
     def save_adapter(self, directory):
