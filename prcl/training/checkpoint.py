@@ -141,7 +141,7 @@ def _join_optimizer(saved, tensors):
 class TrainingState:
     """Everything besides the RNG that decides a future step."""
     named: list  # [(name, parameter)] that are trained
-    log_scale: torch.nn.Parameter  # or None: fixed scale
+    head: torch.nn.Module  # prcl.nn.PairBCELoss: the scale (learned as log t with --learn-scale) and bias
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     stream: object  # ExampleStream
@@ -151,8 +151,8 @@ class TrainingState:
     def pack(self, settings, schedule):
         """(tensors, JSON state) of this state; `settings` and `schedule` are stored to be compared on resume."""
         tensors = {f"weight.{n}": p.detach().cpu().contiguous() for n, p in self.named}
-        if self.log_scale is not None:
-            tensors["log_scale"] = self.log_scale.detach().cpu()
+        if self.head.learnable_scale:
+            tensors["log_scale"] = self.head.logit_scale.detach().cpu()
         state = {"format": FORMAT, "step": self.step, "data": self.stream.state_dict(),
                  "counters": {"skipped_lines": self.stream.skipped.count, "nonfinite": self.nonfinite},
                  "scheduler": self.scheduler.state_dict(),
@@ -179,13 +179,13 @@ class TrainingState:
             if t.shape != params[n].shape:
                 raise ValueError(f"resume: {n} is {tuple(t.shape)} in {path} but {tuple(params[n].shape)} "
                                  "here; resume with the same --model and --lora-r")
-        if (self.log_scale is None) != ("log_scale" not in tensors):
+        if self.head.learnable_scale != ("log_scale" in tensors):
             raise ValueError(f"resume: --learn-scale differs from {path}'s")
         with torch.no_grad():
             for n, t in weights.items():
                 params[n].copy_(t)
-            if self.log_scale is not None:
-                self.log_scale.copy_(tensors["log_scale"])
+            if self.head.learnable_scale:
+                self.head.logit_scale.copy_(tensors["log_scale"])
         self.optimizer.load_state_dict(_join_optimizer(state["optimizer"], tensors))
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])

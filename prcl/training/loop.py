@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from prcl.nn import PairBCELoss
 from prcl.training import checkpoint
 from prcl.training.batching import build_batch
 from prcl.training.data import ExampleStream, check_file
@@ -125,10 +126,10 @@ def _prepare_out(cfg, rank):
 
 def _training_state(cfg, model, device, rank):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    log_scale = torch.nn.Parameter(torch.tensor(math.log(cfg.scale), device=device)) if cfg.learn_scale else None
+    head = PairBCELoss(cfg.scale, cfg.bias, learnable_scale=cfg.learn_scale).to(device)
     groups = [{"params": [p for _, p in named], "weight_decay": cfg.weight_decay}]
-    if log_scale is not None:
-        groups.append({"params": [log_scale], "weight_decay": 0.0})
+    if cfg.learn_scale:
+        groups.append({"params": list(head.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     s = _schedule(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s["warmup_steps"], s["max_steps"],
@@ -136,7 +137,7 @@ def _training_state(cfg, model, device, rank):
     stream = ExampleStream(cfg.data, block_size=cfg.shuffle_block, seed=cfg.seed, shuffle=cfg.shuffle,
                            skip_bad_lines=cfg.skip_bad_lines,
                            log=logger.warning if rank == 0 else (lambda m: None))
-    return checkpoint.TrainingState(named, log_scale, optimizer, scheduler, stream)
+    return checkpoint.TrainingState(named, head, optimizer, scheduler, stream)
 
 
 def _resume(cfg, state, out, rank, world):
@@ -186,7 +187,7 @@ class _Run:
 
     @property
     def trainable(self):
-        return [p for _, p in self.state.named] + ([self.state.log_scale] if self.state.log_scale is not None else [])
+        return [p for _, p in self.state.named] + list(self.state.head.parameters())
 
     def accumulate(self, examples):
         """Forward and backward over grad_accum micro-batches: (loss, global pairs, the last local batch)."""
@@ -196,10 +197,11 @@ class _Run:
         for _ in range(cfg.grad_accum):
             # every rank reads the same global batch and keeps its slice: equal batch counts per rank
             batch = build_batch([next(examples) for _ in range(cfg.batch_size)][local], dedup=cfg.dedup)
-            scale = self.state.log_scale.exp() if self.state.log_scale is not None else cfg.scale
+            # N only matters to a learned bias offset; the trainer's bias is fixed (None: −log(N−1) per call)
+            scale, bias = self.state.head.scale_and_bias(len(batch.docs))
 
-            def loss_fn(q, d, batch=batch, scale=scale):
-                return batch_loss(q, d, batch, loss=cfg.loss, scale=scale, bias=cfg.bias, backend=cfg.backend,
+            def loss_fn(q, d, batch=batch, scale=scale, bias=bias):
+                return batch_loss(q, d, batch, loss=cfg.loss, scale=scale, bias=bias, backend=cfg.backend,
                                   process_group=self.process_group)
 
             loss = forward_backward(self.encoder, batch, loss_fn, mini_batch_size=cfg.mini_batch_size,
@@ -317,8 +319,8 @@ def train(cfg, encoder=None):
                   "queries": cfg.batch_size, "docs_per_rank": len(batch.docs), "grad_norm": grad_norm}
         if grad_norm is None:
             record["skipped"] = "non-finite"
-        if state.log_scale is not None:
-            record["scale"] = state.log_scale.exp().item()
+        if cfg.learn_scale:
+            record["scale"] = state.head.logit_scale.exp().item()
         summary["losses"].append(loss)
         if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             result = run.evaluate(eval_examples, step)
@@ -335,7 +337,7 @@ def train(cfg, encoder=None):
         bar.close()
 
     if rank == 0:
-        _save_final(out, encoder, cfg, state.log_scale)
+        _save_final(out, encoder, cfg, state.head)
         if state.stream.skipped.count:
             logger.warning(state.stream.skipped.summary(cfg.data))
         if state.nonfinite:
@@ -344,7 +346,7 @@ def train(cfg, encoder=None):
     return summary
 
 
-def _save_final(out, encoder, cfg, log_scale):
+def _save_final(out, encoder, cfg, head):
     """OUT/adapter (LoRA) or OUT/model (full fine-tune): what `prcl encode` loads."""
     if getattr(encoder, "has_lora", False):
         saved = out / "adapter"
@@ -355,7 +357,7 @@ def _save_final(out, encoder, cfg, log_scale):
         encoder.tokenizer.save_pretrained(saved)
     else:
         saved = None
-    scale = log_scale.exp().item() if log_scale is not None else cfg.scale
+    scale = head.logit_scale.exp().item() if head.learnable_scale else head.fixed_scale
     (out / "head.json").write_text(json.dumps({"scale": scale, "bias": cfg.bias, "loss": cfg.loss}) + "\n")
     last = checkpoint.checkpoint_dirs(out)
     logger.info("done: %s, metrics in %s%s", f"weights in {saved}" if saved else "no weights saved",
