@@ -15,6 +15,7 @@ except the packed calls LLMEncoder makes with a varlen kernel, which run that ke
 sequence lengths — torch's FlashAttention varlen kernel on CUDA, no mask tensor at all. Where no kernel
 applies (CPU, fp32, an older torch or GPU) a packed batch takes a (tokens × tokens) block-diagonal mask.
 """
+import contextlib
 import importlib.metadata
 import inspect
 import logging
@@ -28,6 +29,15 @@ import torch.nn.functional as F
 import prcl
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning
+    in every run that is not ours to fix, so that one message is silenced around peft's wrapping."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 # Families whose base-model forward (transformers 5.24) is wrapped in merge_with_config_defaults and whose
 # masks come from masking_utils.create_causal_mask / create_sliding_window_causal_mask — both fall back to
@@ -401,11 +411,7 @@ class LLMEncoder:
             raise ValueError("the model already carries a LoRA adapter; merge_lora() it first")
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                             **lora_kwargs)
-        with warnings.catch_warnings():
-            # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`: a
-            # FutureWarning in every run that is not ours to fix, so this one message is silenced here
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+        with _quiet_peft():
             self.model = get_peft_model(self.model, config)
         return self
 
@@ -420,7 +426,8 @@ class LLMEncoder:
 
         if self._is_peft():
             raise ValueError("the model already carries a LoRA adapter; merge_lora() it first")
-        self.model = PeftModel.from_pretrained(self.model, os.fspath(directory), is_trainable=is_trainable)
+        with _quiet_peft():
+            self.model = PeftModel.from_pretrained(self.model, os.fspath(directory), is_trainable=is_trainable)
         return self
 
     def merge_lora(self):
