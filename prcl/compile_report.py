@@ -195,7 +195,9 @@ def epilogue_instructions(instructions, labels, source_file, dot_lines, mma_loop
     def around(r):
         return [o for o in ranges if o != r and o[0] <= r[0] and r[1] <= o[1]]
 
-    dot_addresses = [a for a, _, f, line in instructions if f == source_file and line in dot_lines]
+    # by file name: a cubin from triton's cache carries the path of the checkout that first compiled it
+    source_file = os.path.basename(source_file)
+    dot_addresses = [a for a, _, f, line in instructions if _name(f) == source_file and line in dot_lines]
     dots_in = {r: sum(r[0] <= a <= r[1] for a in dot_addresses) for r in ranges if around(r)}
     mma = max((r for r in dots_in if dots_in[r]), key=lambda r: (dots_in[r], r[0] - r[1]), default=None)
     if mma is None:
@@ -205,7 +207,11 @@ def epilogue_instructions(instructions, labels, source_file, dot_lines, mma_loop
         raise ValueError("no SASS loop around the MMA loop (the per-tile loop)")
     return sum(1 for a, _, f, line in instructions
                if tile[0] <= a <= tile[1] and not mma[0] <= a <= mma[1]
-               and not (f == source_file and line in mma_loop_lines))
+               and not (_name(f) == source_file and line in mma_loop_lines))
+
+
+def _name(path):
+    return path and os.path.basename(path)
 
 
 def blocks_per_sm(arch, registers, shared, warps):
