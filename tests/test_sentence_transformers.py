@@ -93,17 +93,17 @@ def batch_texts(batch_size, seed):
 
 
 def expected_labels(anchors, columns, labels):
-    """The (B, N) label matrix the loss should use, written out pair by pair (−1 = left out)."""
+    """The (B, N) label matrix the loss should use, written out pair by pair (−1 = left out).
+    labels[i]: the positive's relevance, or a list with one per document column of row i."""
     B = len(anchors)
     docs = [text for column in columns for text in column]
     y = torch.zeros(B, len(docs), dtype=torch.float64)
     for i in range(B):
         own = {docs[c * B + i] for c in range(len(columns))}
+        own_labels = labels[i] if isinstance(labels[i], list) else [labels[i]] + [0.0] * (len(columns) - 1)
         for j, doc in enumerate(docs):
-            if j == i:
-                y[i, j] = labels[i]
-            elif j % B == i:
-                y[i, j] = 0.0
+            if j % B == i:
+                y[i, j] = own_labels[j // B]
             elif doc in own or (j < B and anchors[j] == anchors[i]):
                 y[i, j] = -1.0
     return y
@@ -212,11 +212,20 @@ def test_cached_equals_plain(model_dir):
     assert rel_err(cached[1][-2:], plain[1][-2:]) <= FLOOR  # scale and bias
 
 
-def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir):
+def graded_negatives(labels):
+    """Per-column labels: the hard negative of each row graded (0.3), left out (−1) or negative (0)."""
+    return [[y, (0.3, -1.0, 0.0)[i % 3]] for i, y in enumerate(labels)]
+
+
+@pytest.mark.parametrize("form", ["positive", "per-column"])
+def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir, form):
     """The module's loss and embedding gradients equal prcl.fused_pair_bce given the dense label
-    matrix written out by hand (the module itself builds sparse label_index rows)."""
+    matrix written out by hand (the module itself builds sparse label_index rows); labels grade the
+    positive only, or every document column of the row."""
     model = tiny_model(model_dir)
     anchors, columns, labels = batch_texts(12, 4)
+    if form == "per-column":
+        labels = graded_negatives(labels)
     loss_fn = PairRelevanceLoss(model)
     feats = [features(model, anchors)] + [features(model, col) for col in columns]
     with torch.no_grad():
@@ -305,6 +314,8 @@ def test_bad_input(model_dir):
         loss_fn(feats, torch.tensor([1.0, 0.5, 0.2]))
     with pytest.raises(ValueError, match="labels"):
         loss_fn(feats, torch.tensor([1.0, 2.0]))  # prcl's own check: relevance must lie in [0, 1]
+    with pytest.raises(ValueError, match=r"labels: .*a list of 1 per row"):
+        loss_fn(feats, torch.tensor([[1.0, 0.5], [1.0, 0.5]]))  # two labels, one document column
 
 
 def test_gather_across_devices_needs_torch_distributed(model_dir):
@@ -327,7 +338,7 @@ def test_import_prcl_does_not_need_sentence_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def train_dataset(rows=24, seed=5):
+def train_dataset(rows=24, seed=5, graded=False):
     datasets = pytest.importorskip("datasets")  # SentenceTransformerTrainer needs it; the losses don't
     rng = random.Random(seed)
     data = {"anchor": [], "positive": [], "negative": [], "label": []}
@@ -337,15 +348,17 @@ def train_dataset(rows=24, seed=5):
         data["negative"].append(sentence(rng))
         data["label"].append(round(rng.uniform(0.5, 1.0), 2))
     data["positive"][4] = data["positive"][1]  # a duplicate inside the first batch
+    if graded:
+        data["label"] = graded_negatives(data["label"])
     return datasets.Dataset.from_dict(data)
 
 
-@pytest.mark.parametrize("variant", ["plain", "cached", "learnable"])
+@pytest.mark.parametrize("variant", ["plain", "graded-negatives", "cached", "learnable"])
 def test_trainer_steps(model_dir, tmp_path, variant):
     model = tiny_model(model_dir)
     before = [p.detach().clone() for p in model.parameters()]
     mapping = {}
-    if variant == "plain":
+    if variant in ("plain", "graded-negatives"):
         loss_fn = PairRelevanceLoss(model)
     elif variant == "cached":
         loss_fn = CachedPairRelevanceLoss(model, mini_batch_size=3)
@@ -357,7 +370,8 @@ def test_trainer_steps(model_dir, tmp_path, variant):
         gradient_accumulation_steps=2 if variant == "cached" else 1, learning_rate_mapping=mapping,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
         disable_tqdm=True)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset(), loss=loss_fn)
+    trainer = SentenceTransformerTrainer(model=model, args=args, loss=loss_fn,
+                                         train_dataset=train_dataset(graded=variant == "graded-negatives"))
     result = trainer.train()
     assert math.isfinite(result.training_loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -2,21 +2,26 @@
 
     python benchmarks/quality/build_manpages.py                     # the data, once
     python benchmarks/quality/run_minilm.py --loss zero-shot
-    python benchmarks/quality/run_minilm.py --loss infonce --seed 0  # and prcl-binary, prcl-graded
+    python benchmarks/quality/run_minilm.py --loss infonce --seed 0  # and prcl-binary, prcl-graded, ...
 
 Training rows, from qrels/train.tsv (grade 2 = the page itself, 1 = a page in its SEE ALSO):
-  infonce      (query, grade-2 page) rows, sentence-transformers' MultipleNegativesRankingLoss (scale 20)
-  prcl-binary  the same rows, prcl's PairRelevanceLoss (t = 10, b = −log(N−1))
-  prcl-graded  the same rows with label 1, plus (query, grade-1 page) rows with label grade / max = 0.5
-  prcl-all     the rows of prcl-graded, every label 1 (separates the extra rows from their 0.5 labels)
+  infonce       (query, grade-2 page) rows, sentence-transformers' MultipleNegativesRankingLoss
+  prcl-binary   the same rows, prcl's PairRelevanceLoss
+  prcl-graded   the same rows with label 1, plus (query, grade-1 page) rows with label grade / max = 0.5
+  prcl-all      the rows of prcl-graded, every label 1 (separates the extra rows from their 0.5 labels)
+  prcl-related  the prcl-binary rows with a third column: one of the query's grade-1 pages, labelled
+                --related-label (−1 leaves it out for its own query; it stays a negative for the others).
+                A query without a grade-1 page gets a random unjudged passage there, left out (−1).
 Every loss trains for the same number of steps of the same batch size with the same learning rate,
-other rows' documents as in-batch negatives, no hard negatives, NoDuplicatesBatchSampler (a repeated
-query or page never shares a batch). Each run appends one JSON line to --results.
+other rows' documents as in-batch negatives, NoDuplicatesBatchSampler (a repeated query or page never
+shares a batch). --noise replaces that fraction of the rows' positives by random unjudged passages.
+Each run appends one JSON line to --results.
 """
 import argparse
 import json
 import os
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -31,7 +36,7 @@ from st_minilm_dpkg import minilm_path  # noqa: E402
 
 from prcl.ir import evaluate, read_corpus, read_qrels, read_queries  # noqa: E402
 
-LOSSES = ("zero-shot", "infonce", "prcl-binary", "prcl-graded", "prcl-all")
+LOSSES = ("zero-shot", "infonce", "prcl-binary", "prcl-graded", "prcl-all", "prcl-related")
 
 
 def cpu_name():
@@ -41,17 +46,40 @@ def cpu_name():
     return platform.processor()
 
 
-def train_rows(queries, corpus, qrels, loss):
-    """(anchor, positive, label) rows: the top-graded pages; with prcl-graded / prcl-all every judged page
-    too, labelled grade / top grade / 1."""
+def train_rows(queries, corpus, qrels, args):
+    """(anchor, positive[, related], label) rows: the top-graded pages; with prcl-graded / prcl-all every
+    judged page too, labelled grade / top grade / 1; with prcl-related a grade-1 page beside each row.
+    Then --noise of the positives are replaced by unjudged passages (the same ones for every loss)."""
+    loss, rng = args.loss, random.Random(args.seed)
+    doc_ids = sorted(corpus)
+
+    def unjudged(judged):
+        while (did := rng.choice(doc_ids)) in judged:
+            pass
+        return did
+
     rows = {"anchor": [], "positive": [], "label": []}
+    related = []
     for qid, judged in qrels.items():
         top = max(judged.values())
+        lower = sorted(did for did, grade in judged.items() if 0 < grade < top)
         for did, grade in judged.items():
             if grade == top or (loss in ("prcl-graded", "prcl-all") and grade > 0):
-                rows["anchor"].append(queries[qid])
-                rows["positive"].append(corpus[did])
+                rows["anchor"].append((qid, judged))
+                rows["positive"].append(did)
                 rows["label"].append(1.0 if loss == "prcl-all" else grade / top)
+                if grade == top:
+                    related.append((rng.choice(lower), args.related_label) if lower else (unjudged(judged), -1.0))
+    noisy = random.Random(1000 + args.seed).sample(range(len(rows["anchor"])), round(args.noise * len(rows["anchor"])))
+    for i in noisy:
+        rows["positive"][i] = unjudged(rows["anchor"][i][1])
+    if loss == "prcl-related":
+        rows["related"] = [corpus[did] for did, _ in related]
+        rows["label"] = [[1.0, label] for _, label in related]
+    rows["anchor"] = [queries[qid] for qid, _ in rows["anchor"]]
+    rows["positive"] = [corpus[did] for did in rows["positive"]]
+    if loss == "infonce":
+        del rows["label"]
     return rows
 
 
@@ -64,6 +92,12 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--scale", type=float, help="logit scale (default: the loss's own)")
+    ap.add_argument("--bias", help="PRCL's logit bias: a float, or 'prior' for −log(N−1) (default: the loss's own)")
+    ap.add_argument("--learn", choices=("scale", "bias", "both"), help="PRCL: learn the scale, bias or both")
+    ap.add_argument("--head-lr", type=float, help="learning rate of PRCL's learnable scale/bias (default: --lr)")
+    ap.add_argument("--related-label", type=float, default=0.5, help="prcl-related: the grade-1 column's label")
+    ap.add_argument("--noise", type=float, default=0.0, help="fraction of positives replaced by random passages")
     ap.add_argument("--max-seq-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(HERE / "results" / "minilm.jsonl"))
@@ -87,23 +121,27 @@ def main():
     if args.loss != "zero-shot":
         from datasets import Dataset
 
-        rows = train_rows(queries, corpus, read_qrels(data / "qrels" / "train.tsv", queries, corpus), args.loss)
+        rows = train_rows(queries, corpus, read_qrels(data / "qrels" / "train.tsv", queries, corpus), args)
+        scale = {} if args.scale is None else {"scale": args.scale}
         if args.loss == "infonce":
-            del rows["label"]
-            loss = MultipleNegativesRankingLoss(model)
+            loss = MultipleNegativesRankingLoss(model, **scale)
         else:
-            loss = PairRelevanceLoss(model)
+            bias = {} if args.bias is None else {"bias": None if args.bias == "prior" else float(args.bias)}
+            loss = PairRelevanceLoss(model, **scale, **bias, learnable_scale=args.learn in ("scale", "both"),
+                                     learnable_bias=args.learn in ("bias", "both"))
+        head_lr = {} if args.head_lr is None else {"learning_rate_mapping": {r"logit_(scale|bias)": args.head_lr}}
         training_args = SentenceTransformerTrainingArguments(
-            output_dir=str(HERE / "runs" / f"{args.loss}-{args.seed}"), max_steps=args.steps,
+            output_dir=str(HERE / "runs" / f"{args.loss}-{args.seed}-{os.getpid()}"), max_steps=args.steps,
             per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=0.1,
             lr_scheduler_type="linear", seed=args.seed, batch_sampler="no_duplicates", logging_steps=10,
-            save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+            save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, **head_lr)
         trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=Dataset.from_dict(rows),
                                              loss=loss)
         t0 = time.perf_counter()
         result = trainer.train()
         record.update(train_rows=len(rows["anchor"]), steps=result.global_step, batch_size=args.batch_size,
-                      lr=args.lr, train_loss=result.training_loss, train_s=round(time.perf_counter() - t0, 1))
+                      lr=args.lr, train_loss=result.training_loss, train_s=round(time.perf_counter() - t0, 1),
+                      loss_config=loss.get_config_dict(), noise=args.noise)
 
     def encode(texts, instruction):
         return model.encode(texts, prompt=instruction, batch_size=64, convert_to_tensor=True,

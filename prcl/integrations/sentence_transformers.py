@@ -4,7 +4,8 @@
 
 Columns (anchor, positive[, negative_1 … negative_k]) give B queries and N = B·(1+k) documents;
 query i is scored against every document in the batch, its own positive is the labelled pair
-(relevance 1, or the float `label` column), everything else is a negative, except pairs whose
+(relevance 1, or the `label` column, which may also grade its own negatives), everything else is a
+negative, except pairs whose
 document repeats a text the query already lists (see `excluded_pairs`): those are left out.
 
 Needs the `st` extra (`pip install prcl[st]`); `import prcl` never imports this module.
@@ -104,18 +105,22 @@ def excluded_pairs(anchor_groups, doc_groups):
 
 
 def pair_targets(labels, rows, cols, batch_size):
-    """(labels, label_index) for prcl: the diagonal form when nothing is excluded, else (B, K) sparse
-    rows holding the positive (column 0) and the excluded documents with label −1."""
-    if rows.numel() == 0:
+    """(labels, label_index) for prcl: the diagonal form when only the positives are labelled and
+    nothing is excluded, else (B, K) sparse rows: the labelled columns first (column c of row i is
+    document c·B + i), then the excluded documents with label −1."""
+    if rows.numel() == 0 and (labels is None or labels.dim() == 1):
         return labels, None
     device = rows.device
+    labels = torch.ones(batch_size, 1, device=device) if labels is None else labels.reshape(batch_size, -1)
+    n_labelled = labels.shape[1]
     counts = torch.bincount(rows, minlength=batch_size)
-    k = 1 + int(counts.max())
+    k = n_labelled + int(counts.max())
     label_index = torch.full((batch_size, k), -1, dtype=torch.int64, device=device)
     y = torch.full((batch_size, k), -1.0, device=device)
-    label_index[:, 0] = torch.arange(batch_size, device=device)
-    y[:, 0] = 1.0 if labels is None else labels
-    slot = 1 + torch.arange(rows.numel(), device=device) - (counts.cumsum(0) - counts)[rows]
+    label_index[:, :n_labelled] = (torch.arange(batch_size, device=device)[:, None]
+                                   + batch_size * torch.arange(n_labelled, device=device))
+    y[:, :n_labelled] = labels
+    slot = n_labelled + torch.arange(rows.numel(), device=device) - (counts.cumsum(0) - counts)[rows]
     label_index[rows, slot] = cols
     return y, label_index
 
@@ -170,8 +175,9 @@ class PairRelevanceLoss(PairBCELoss):
             (prcl's process_group path). Needs torch.distributed initialised.
 
     Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
-    optional float `label` column in [0, 1]: the graded relevance of the positive (< 0 leaves the
-    pair out). A document whose text repeats one the anchor lists, or the positive of a repeated
+    optional `label` column in [0, 1]: a float, the graded relevance of the positive, or a list of
+    k + 1 floats, one per document column (graded hard negatives: a related passage at 0.5); a
+    label < 0 leaves that pair out. Other rows' documents are negatives. A document whose text repeats one the anchor lists, or the positive of a repeated
     anchor, is left out for that anchor rather than counted as a negative (padded token inputs only).
     """
 
@@ -184,21 +190,27 @@ class PairRelevanceLoss(PairBCELoss):
     # -- labels ---------------------------------------------------------------------------------
 
     def targets(self, sentence_features, labels=None):
-        """(labels, label_index) for the batch: the positive's relevance, and the excluded pairs."""
-        if len(sentence_features) < 2:
+        """(labels, label_index) for the batch: the labelled pairs, and the excluded ones."""
+        n_columns = len(sentence_features)
+        if n_columns < 2:
             raise ValueError(f"sentence_features: expected (anchor, positive[, negative_1, …]) columns, "
-                             f"got {len(sentence_features)} column(s)")
+                             f"got {n_columns} column(s)")
         if labels is not None:
-            if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_complex():
-                raise ValueError(f"labels: expected the float `label` column, one relevance per row, got "
+            if (not isinstance(labels, Tensor) or labels.is_complex() or labels.dim() not in (1, 2)
+                    or (labels.dim() == 2 and labels.shape[1] != n_columns - 1)):
+                raise ValueError(f"labels: expected the float `label` column, one relevance per row or a list of "
+                                 f"{n_columns - 1} per row (one per document column), got "
                                  f"{getattr(labels, 'shape', type(labels).__name__)}")
             labels = labels.float()
         groups = text_groups(sentence_features)
         if groups is None:
-            return labels, None
-        batch_size = groups.shape[0] // len(sentence_features)
+            if labels is None or labels.dim() == 1:
+                return labels, None
+            none = torch.empty(0, dtype=torch.int64, device=labels.device)
+            return pair_targets(labels, none, none, labels.shape[0])
+        batch_size = groups.shape[0] // n_columns
         if labels is not None and labels.shape[0] != batch_size:
-            raise ValueError(f"labels: expected ({batch_size},), one per anchor, got {tuple(labels.shape)}")
+            raise ValueError(f"labels: expected {batch_size} rows, one per anchor, got {tuple(labels.shape)}")
         rows, cols = excluded_pairs(groups[:batch_size], groups[batch_size:])
         return pair_targets(labels, rows, cols, batch_size)
 
