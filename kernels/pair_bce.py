@@ -8,7 +8,10 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
    need no masks, and the loop is software-pipelined; pointer tensors instead cost ~128 registers
    per thread and spilled at 128×128 tiles.
 3. Labels are label-light: a dense tile read beside S (DENSE_Y), or K (index, label) columns per row:
-   per row the label's column, then one compare and two selects per pair (y, and the bias). K = 1
+   per row the label's column, then one compare and two selects per pair (−y, and the bias: the
+   epilogue only subtracts y, and a negated select cost ptxas 12.8 one FADD per pair). On the GPU the
+   compare and selects are inline PTX: as tl.where, triton 3.6's LLVM packed the compare results into
+   bit masks and unpacked them per pair (the sm_90 gradient kernel then took 148 registers). K = 1
    (the diagonal forms) reads each row's label once per program and carries nothing from tile to
    tile; K ≠ 1 (MANY_LABELS) loops over the columns per tile. Unmatched pairs have y = 0. A pair left
    out (y < 0, or a column past N in the last tile, where TMA filled S with 0) gets the bias −1e30:
@@ -23,15 +26,18 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
    G is rounded, once, to the panel's 16-bit dtype (c is exact there, c ± r rounds once).
    Approximations (on the GPU; the interpreter runs numpy's exp2 and a true division instead, the
    polynomials are the same float32 arithmetic on both):
-   - 2^x: ex2.approx.ftz.f32 (one MUFU.EX2), max 2 ulp (PTX ISA); e below 2^−126 flushes to 0, so
-     log1p(e) and r are 0 there instead of < 1.2e−38.
+   - 2^x: ex2.approx.ftz.f32 (one MUFU.EX2, −|z₂| its operand modifier), max 2 ulp (PTX ISA); e below
+     2^−126 flushes to 0, so log1p(e) and r are 0 there instead of < 1.2e−38.
    - 1/(1 + e): rcp.approx.ftz.f32 (one MUFU.RCP), max 1 ulp (PTX ISA). With e's 2 ulp, r is within
      4.3e−7 relative of e/(1 + e) for the float32 e (worst case over e ∈ [1e−30, 1], numpy).
-   - log1p(e), forward: e·P(e), P of degree 7 for log2(1 + e)/e: max relative error 3.5e−7;
-     gradient: r·Q(e), Q of degree 6 for (1 + e)·log2(1 + e)/e, one FMA fewer as r is at hand:
-     max 4.7e−7 with the reciprocal anywhere within 1 ulp. Both measured in float32 Horner against
-     float64 numpy on 900k points of e ∈ [1e−30, 1]. No lg2.approx: its absolute error (~2^−22 near 1)
-     would be ~1 % of log1p(e) at e ≈ 1e−5, the typical negative with b = −log(N − 1).
+   - log1p(e), forward: e·P(e), P for log2(1 + e)/e of degree 7 (float32 inputs) or 5 (16-bit):
+     max relative error 3.1e−7 or 8.5e−6; gradient: r·Q(e), Q for (1 + e)·log2(1 + e)/e, one degree
+     fewer as r is at hand, 6 or 4: max 4.8e−7 or 1.1e−5 with the reciprocal anywhere within 1 ulp.
+     Measured in float32 Horner (one FMA per step) against float64 numpy on 900k points of
+     e ∈ [1e−30, 1]. The loss's relative error from them is at most theirs (the other term of l is
+     ≥ 0); the 16-bit bound, 1.1e−5, is 20× below the fp16 floor of the accuracy rule (2.5e−4) and G
+     does not use them (docs/design.md, "Epilogue approximations"). No lg2.approx: its absolute error
+     (~2^−22 near 1) would be ~1 % of log1p(e) at e ≈ 1e−5, the typical negative with b = −log(N − 1).
    Every GPU figure above is from the PTX ISA's stated bounds, not a GPU run.
 5. Row sums go to a (SPLIT_N, M) buffer and Σ w_i·G∘S, Σ w_i·G to one slot per program; the launcher
    sums them in a fixed order, so results are deterministic (no atomics).
@@ -47,13 +53,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _exp2(x, INTERPRET: tl.constexpr):
-    """2^x; ex2.approx.ftz.f32 on the GPU (one MUFU.EX2, at most 2 ulp), numpy's exp2 in the interpreter."""
+def _exp2_neg_abs(x, INTERPRET: tl.constexpr):
+    """2^(−|x|); on the GPU ex2.approx.ftz.f32 (at most 2 ulp), −|x| written in the PTX so that ptxas
+    makes it MUFU.EX2's operand modifier (tl.abs becomes an integer op that it does not fold)."""
     if INTERPRET:
-        out = tl.math.exp2(x)
+        out = tl.math.exp2(-tl.abs(x))
     else:
-        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                        is_pure=True, pack=1)
+        out = tl.inline_asm_elementwise(
+            "{ .reg .f32 t; abs.f32 t, $1; neg.f32 t, t; ex2.approx.ftz.f32 $0, t; }", "=f,f", [x],
+            dtype=tl.float32, is_pure=True, pack=1)
     return out
 
 
@@ -69,45 +77,70 @@ def _rcp(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _log2_1p_over(e):
-    """log2(1 + e)/e for e in [0, 1]: a degree-7 polynomial (iteratively reweighted least squares in
-    relative error)."""
-    p = e * -0.012319469824433327 + 0.06360787898302078
-    p = p * e - 0.15535184741020203
-    p = p * e + 0.25600969791412354
-    p = p * e - 0.35339483618736267
-    p = p * e + 0.48006370663642883
-    p = p * e - 0.7213100790977478
-    return p * e + 1.4426947832107544
+def _log2_1p_over(e, SHORT: tl.constexpr):
+    """log2(1 + e)/e for e in [0, 1]: a polynomial of degree 7, or 5 where SHORT (16-bit inputs), fit
+    by iteratively reweighted least squares in relative error."""
+    if SHORT:
+        p = e * -0.034435901790857315 + 0.14603276550769806
+        p = p * e - 0.30303600430488586
+        p = p * e + 0.46917393803596497
+        p = p * e - 0.7204261422157288
+        p = p * e + 1.4426828622817993
+    else:
+        p = e * -0.012319469824433327 + 0.06360787898302078
+        p = p * e - 0.15535184741020203
+        p = p * e + 0.25600969791412354
+        p = p * e - 0.35339483618736267
+        p = p * e + 0.48006370663642883
+        p = p * e - 0.7213100790977478
+        p = p * e + 1.4426947832107544
+    return p
 
 
 @triton.jit
-def _log2_1p_over_r(e):
+def _log2_1p_over_r(e, SHORT: tl.constexpr):
     """(1 + e)·log2(1 + e)/e for e in [0, 1], so that log2(1 + e) = r·this with r = e/(1 + e): one
-    degree fewer than _log2_1p_over for the same accuracy, where r is at hand (the gradient)."""
-    p = e * -0.004816813860088587 + 0.02378103695809841
-    p = p * e - 0.059648510068655014
-    p = p * e + 0.11659503728151321
-    p = p * e - 0.23992517590522766
-    p = p * e + 0.721318781375885
-    return p * e + 1.4426952600479126
+    degree fewer than _log2_1p_over for the same accuracy, where r is at hand (the gradient): 6, or 4
+    where SHORT."""
+    if SHORT:
+        p = e * -0.02075125090777874 + 0.08911700546741486
+        p = p * e - 0.23150260746479034
+        p = p * e + 0.7204041481018066
+        p = p * e + 1.4427108764648438
+    else:
+        p = e * -0.004816813860088587 + 0.02378103695809841
+        p = p * e - 0.059648510068655014
+        p = p * e + 0.11659503728151321
+        p = p * e - 0.23992517590522766
+        p = p * e + 0.721318781375885
+        p = p * e + 1.4426952600479126
+    return p
 
 
 @triton.jit
 def _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik, stride_ym, stride_yn, col0, N, b2):
     """Sparse label column c of each row: (its column in this launch, −1 if none or not in 0..N−1;
-    y; the bias, EXCLUDED for a negative label)."""
+    −y; the bias, EXCLUDED for a negative label)."""
     b_idx = tl.load(idx_ptr + o_m64 * stride_im + c * stride_ik, mask=m_m, other=-1) - col0  # [BLOCK_M]
     b_lab = tl.load(y_ptr + o_m64 * stride_ym + c * stride_yn, mask=m_m, other=0.0).to(tl.float32)
     b_col = tl.where((b_idx >= 0) & (b_idx < N), b_idx, -1).to(tl.int32)
-    return b_col, tl.maximum(b_lab, 0.0), tl.where(b_lab >= 0.0, b2, EXCLUDED)
+    return b_col, tl.minimum(-b_lab, 0.0), tl.where(b_lab >= 0.0, b2, EXCLUDED)
 
 
 @triton.jit
-def _place(b_y, b_b, b_col, b_ly, b_lb, off_n, cols):
-    """The (y, bias) tiles with one label per row placed: one compare and two selects per pair."""
-    hit = (b_col - off_n)[:, None] == cols[None, :]
-    return tl.where(hit, b_ly[:, None], b_y), tl.where(hit, b_lb[:, None], b_b)
+def _place(b_ny, b_b, b_col, b_nly, b_lb, off_n, cols, INTERPRET: tl.constexpr):
+    """The (−y, bias) tiles with one label per row placed: one compare and two selects per pair, in
+    PTX on the GPU (see 3.)."""
+    row = (b_col - off_n)[:, None]
+    if INTERPRET:
+        hit = row == cols[None, :]
+        ny, b = tl.where(hit, b_nly[:, None], b_ny), tl.where(hit, b_lb[:, None], b_b)
+    else:
+        ny, b = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.eq.s32 p, $2, $3; selp.f32 $0, $4, $5, p; selp.f32 $1, $6, $7, p; }",
+            "=f,=f,r,r,f,f,f,f", [row, cols[None, :], b_nly[:, None], b_ny, b_lb[:, None], b_b],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    return ny, b
 
 
 @triton.jit
@@ -129,6 +162,7 @@ def pair_tile_kernel(
     m_m = o_m < M
     o_m64 = o_m.to(tl.int64)  # row × stride of a dense label matrix can pass 2³¹
     cols = tl.arange(0, BLOCK_N)
+    SHORT: tl.constexpr = q_desc.dtype != tl.float32  # 16-bit inputs: shorter log1p polynomials (see 4.)
     # z·log2(e) = S·t2 + b2: the epilogue works in base 2 and the row sums are scaled by ln 2 once
     t2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
     b2 = tl.load(bias_ptr).to(tl.float32) * LOG2E + 0.0  # + 0.0: a bias of −0 becomes +0, so z is never −0
@@ -139,7 +173,7 @@ def pair_tile_kernel(
     if RAGGED_N:  # only the last column tile has columns past N: their bias excludes them (S is 0 there)
         b_last = tl.where(cols < N - (n_tiles - 1) * BLOCK_N, b2, EXCLUDED)  # [BLOCK_N]
     if not DENSE_Y and not MANY_LABELS:
-        b_col1, b_ly1, b_lb1 = _row_label(idx_ptr, y_ptr, o_m64, m_m, 0, stride_im, stride_ik, stride_ym, stride_yn,
+        b_col1, b_nly1, b_lb1 = _row_label(idx_ptr, y_ptr, o_m64, m_m, 0, stride_im, stride_ik, stride_ym, stride_yn,
                                           col0, N, b2)
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, n_tiles)
@@ -157,38 +191,38 @@ def pair_tile_kernel(
             p_y = y_ptr + o_m64[:, None] * stride_ym + (off_n + cols)[None, :] * stride_yn
             b_y = tl.load(p_y, mask=m_m[:, None] & (off_n + cols < N)[None, :], other=-1.0).to(tl.float32)
             b_b = tl.where(b_y >= 0.0, b2, EXCLUDED)  # y < 0 excludes the pair (−inf too)
-            b_y = tl.maximum(b_y, 0.0)
+            b_ny = tl.minimum(-b_y, 0.0)
         else:
             if RAGGED_N:
                 b_cb = tl.where(tile == n_tiles - 1, b_last, b2)[None, :]
             else:  # N a multiple of BLOCK_N (every full-size panel): no column is past N
                 b_cb = b2
             if MANY_LABELS:  # a loop carrying the (y, bias) tiles: Triton keeps them out of the MMA layout
-                b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                b_ny = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 b_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + b_cb
                 for c in range(0, K):
-                    b_col, b_ly, b_lb = _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik,
+                    b_col, b_nly, b_lb = _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik,
                                                    stride_ym, stride_yn, col0, N, b2)
-                    b_y, b_b = _place(b_y, b_b, b_col, b_ly, b_lb, off_n, cols)
+                    b_ny, b_b = _place(b_ny, b_b, b_col, b_nly, b_lb, off_n, cols, INTERPRET)
             else:  # one label per row (the diagonal forms), read once per program: nothing carried
-                b_y, b_b = _place(0.0, b_cb, b_col1, b_ly1, b_lb1, off_n, cols)
+                b_ny, b_b = _place(0.0, b_cb, b_col1, b_nly1, b_lb1, off_n, cols, INTERPRET)
         b_z = b_s * t2 + b_b
-        b_e = _exp2(-tl.abs(b_z), INTERPRET)  # e = exp(−|z|) ∈ [0, 1]
+        b_e = _exp2_neg_abs(b_z, INTERPRET)  # e = exp(−|z|) ∈ [0, 1]
         if WRITE_G:
             b_r = b_e * _rcp(1.0 + b_e, INTERPRET)  # r = σ(−|z|)
-            b_c = tl.where(b_z >= 0.0, 1.0, 0.0) - b_y  # 1 − y or −y, exact for y = 1
+            b_c = tl.where(b_z >= 0.0, 1.0, 0.0) + b_ny  # 1 − y or −y, exact for y = 1
             # −r where z ≥ 0 (z is never −0: b2 is not), else r: one bit operation
             b_sr = b_r.to(tl.int32, bitcast=True) ^ (~b_z.to(tl.int32, bitcast=True) & -0x80000000)
             b_sr = b_sr.to(tl.float32, bitcast=True)
             b_gr = b_c + b_sr  # (1 − y) − r or r − y, rounded once
             # (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e): two terms ≥ 0
-            b_rows += tl.sum(tl.fma(b_r, _log2_1p_over_r(b_e), b_z * b_c), 1)
+            b_rows += tl.sum(tl.fma(b_r, _log2_1p_over_r(b_e, SHORT), b_z * b_c), 1)
             b_gs += tl.sum(b_gr * b_s, 1)
             b_g += tl.sum(b_gr, 1)
             g_desc.store([off_m, off_n], b_gr.to(g_desc.dtype))
         else:
-            b_m = tl.fma(-b_y, b_z, tl.maximum(b_z, 0.0))  # the same z·c, rounded once
-            b_rows += tl.sum(tl.fma(b_e, _log2_1p_over(b_e), b_m), 1)
+            b_m = tl.fma(b_ny, b_z, tl.maximum(b_z, 0.0))  # the same z·c, rounded once
+            b_rows += tl.sum(tl.fma(b_e, _log2_1p_over(b_e, SHORT), b_m), 1)
     tl.store(rows_ptr + pid_s * M + o_m, b_rows * LN2, mask=m_m)
     if WRITE_G:
         b_g = tl.where(m_m, b_g, 0.0)  # rows past M saw S = 0, not nothing (their G·S is 0 already)

@@ -49,6 +49,14 @@ def test_kernel_compiles(rows, arch, dtype, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode,goal", [("fwd", 16), ("grad", 25)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_sm90_16bit_epilogue_meets_its_goal(rows, dtype, mode, goal):
+    r = rows["sm_90", dtype, mode]
+    assert r["epilogue_per_pair"] <= goal and r["blocks_per_sm"] >= 2 and r["spill_bytes"] == 0
+
+
+@pytest.mark.slow
 def test_optional_archs_are_reported_or_say_why(report, rows):
     for arch in ("sm_100", "sm_120"):
         reported = [r for r in rows.values() if r["arch"] == arch]
