@@ -1,15 +1,17 @@
 // The native CPU kernel of prcl's loss (docs/design.md), without allocating q @ d.T:
 //
 //     rows_i = Σ_j l_ij,   l = softplus(z) − y·z,   z = t·q·dᵀ + b,   pairs with y < 0 excluded
-//     G_ij = w_i·(σ(z_ij) − y_ij):   G·d (B, D),   Gᵀ·q (N, D),   Σ G∘S,   Σ G      (w = None means 1)
+//     G_ij = w_i·(σ(z_ij) − y_ij):   c·G·d (B, D),   c·Gᵀ·q (N, D),   Σ G∘S,   Σ G      (w = None means 1)
 //
-// the convention of prcl/panels.py: no factor t on G·d and Gᵀ·q (prcl/ops.py applies it). Labels come
-// in the ops' layout (prcl/ops.py): a dense (B, N) matrix, or K (index, label) columns per row.
-// Float32 arithmetic; bf16/fp16 inputs are upcast once.
+// the pieces of prcl/panels.py, with the gradients times c = grad_scale (t times the reduction's
+// weight, from prcl/ops.py; 1 when absent). Labels come in the ops' layout (prcl/ops.py): a dense
+// (B, N) matrix, or K (index, label) columns per row. Float32 arithmetic: bf16/fp16 rows are converted
+// tile by tile into float32 buffers, never a float32 copy of q or d, and with `rounded` the gradients
+// leave in the inputs' dtype, rounded once; without it, in float32 (the ring strategy sums them).
 //
 // 1. The pair matrix is cut into tiles of TM query rows × TN document columns. A tile's similarity
 //    block S = q_P·d_jᵀ comes from the BLAS GEMM behind at::mm_out (MKL in the torch wheels), written
-//    into a per-thread float32 buffer of TM×TN: workspace is tiles × threads, never B×N.
+//    into a per-thread float32 buffer of TM×TN: workspace is tiles × busy threads, never B×N.
 // 2. One pass over the tile does the special functions, with the tile row's labels beside it (a row
 //    of the dense matrix, or a zeroed scratch row where the sparse columns are set and reset);
 //    e = exp(−|z|) serves everything; with r = e/(1 + e) = σ(−|z|):
@@ -24,7 +26,12 @@
 //    N alone. Row tiles run one after another; inside one, threads take whole chunks. A chunk owns
 //    its rows of Gᵀ·q (each summed over row tiles in order) and its own partial of G·d, of the row
 //    sums and of Σ G∘S, Σ G; the partials are added in chunk order. Which thread ran a chunk
-//    changes nothing. The forward-only pass works the same way on (row tile, chunk) items.
+//    changes nothing. The forward-only pass works the same way, without the gradients.
+// 5. The gradients are multiplied by c and rounded to the output dtype once, from float32: G·d per row
+//    tile, after its chunk partials are added; Gᵀ·q per column tile when B fits one row tile, else
+//    from one float32 N×D accumulator (for float32 output, the output itself). So the workspace
+//    beyond the outputs is tiles, TM·D floats per chunk and, past one row tile with 16-bit inputs,
+//    that accumulator.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -61,8 +68,12 @@ int64_t min_tile_n(int64_t D) { return std::min<int64_t>(512, std::max<int64_t>(
 // Document tiles are dealt into this many chunks (fewer when N is small). Results do not depend on
 // the thread count as long as it is ≤ kChunks; more threads get one chunk each (chunks = threads),
 // and then the grouping of the partial sums, hence the last bits, follows the thread count.
-// Workspace: chunks·TM·D floats of G·d partials plus threads·TM·TN floats of S tiles.
+// Workspace: chunks·TM·D floats of G·d partials plus threads·TM·TN floats of S tiles (threads ≤
+// chunks), and for 16-bit inputs TM·D + threads·TN·D floats of converted rows.
 constexpr int64_t kChunks = 8;
+
+// Threads that find work among `items` independent items.
+int64_t busy_threads(int64_t items) { return std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads())); }
 
 struct Plan {
   int64_t tm, tn;      // tile shape
@@ -238,25 +249,40 @@ void check_inputs(const at::Tensor& q, const at::Tensor& d, const at::Tensor& sc
               " and d", d.sizes());
   TORCH_CHECK(q.is_cpu() && d.is_cpu() && scale.is_cpu() && bias.is_cpu(),
               "prcl native: q, d, scale and bias must be CPU tensors");
-  TORCH_CHECK(q.is_floating_point() && d.is_floating_point(),
-              "prcl native: q and d must be floating point, got ", q.scalar_type(), " and ",
+  TORCH_CHECK(q.is_floating_point() && q.scalar_type() == d.scalar_type(),
+              "prcl native: q and d must be floating point of one dtype, got ", q.scalar_type(), " and ",
               d.scalar_type());
   TORCH_CHECK(scale.numel() == 1 && bias.numel() == 1,
               "prcl native: scale and bias must hold one value each");
 }
 
-// The kernel sits below autograd: detached float32 rows, copied only when dtype or layout require it.
-at::Tensor fp32_rows(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
+// The kernel sits below autograd: detached rows in their own dtype, copied only when not contiguous.
+at::Tensor rows_of(const at::Tensor& x) { return x.detach().contiguous(); }
 
-// Per thread: one S tile (TM×TN float32, uninitialised), then one row of TN zeroed label scratch.
-int64_t workspace_floats(const Plan& p) { return p.tm * p.tn + p.tn; }
-
-std::unique_ptr<float[]> tile_workspace(const Plan& p) {
-  const int64_t per = workspace_floats(p), threads = at::get_num_threads();
-  std::unique_ptr<float[]> ws(new float[threads * per]);
-  for (int64_t i = 0; i < threads; ++i) std::fill_n(ws.get() + i * per + p.tm * p.tn, p.tn, 0.0f);
-  return ws;
+// A (rows × cols) float32 matrix over a raw buffer.
+at::Tensor tile_view(float* p, int64_t rows, int64_t cols) {
+  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
 }
+
+// Rows [r0, r0 + n) of x as float32: a view of x when it is float32, else converted into buf.
+at::Tensor fp32_block(const at::Tensor& x, int64_t r0, int64_t n, float* buf) {
+  const at::Tensor rows = x.narrow(0, r0, n);
+  if (x.scalar_type() == at::kFloat) return rows;
+  return tile_view(buf, n, x.size(1)).copy_(rows);
+}
+
+// Per busy thread: one S tile (TM×TN float32, uninitialised), one row of TN zeroed label scratch,
+// and, for inputs that are not float32, TN×D floats for a converted document tile.
+struct Workspace {
+  int64_t threads, s_floats, d_offset, per;
+  std::unique_ptr<float[]> buf;
+
+  Workspace(const Plan& p, int64_t D, bool convert)
+      : threads(busy_threads(p.chunks)), s_floats(p.tm * p.tn), d_offset(s_floats + p.tn),
+        per(d_offset + (convert ? p.tn * D : 0)), buf(new float[threads * per]) {
+    for (int64_t i = 0; i < threads; ++i) std::fill_n(buf.get() + i * per + s_floats, p.tn, 0.0f);
+  }
+};
 
 // The labels in the ops' layout: dense (B, N), or K (index, label) columns per row (index: int64,
 // outside [0, N) lists nothing). row() hands the epilogue a tile row's labels: a row of the dense
@@ -298,141 +324,155 @@ struct Labels {
   }
 };
 
-// A (rows × cols) float32 matrix over a raw buffer of this thread's workspace.
-at::Tensor tile_view(float* p, int64_t rows, int64_t cols) {
-  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// Runs work(item, workspace) for item in [0, n) on the intra-op threads, each thread taking the next
-// free item, where at::parallel_for alone would hand each a fixed share: on a shared machine (this
-// one ran at load 3–4 on 2 cores) a thread that loses its core would leave its share for the others
-// to wait on. Who runs an item cannot change a result: every item writes only what it owns.
+// Runs work(item, thread's workspace) for item in [0, n ≤ chunks) on the intra-op threads, each thread
+// taking the next free item, where at::parallel_for alone would hand each a fixed share: on a shared
+// machine (this one ran at load 3–4 on 2 cores) a thread that loses its core would leave its share for
+// the others to wait on. Who runs an item cannot change a result: every item writes only what it owns.
 template <typename Work>
-void for_each_item(int64_t n, float* workspace, int64_t workspace_floats, const Work& work) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+void for_each_item(int64_t n, Workspace& ws, const Work& work) {
+  const int64_t threads = busy_threads(n);
+  TORCH_INTERNAL_ASSERT(threads <= ws.threads);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: not inherited by worker threads
-    float* ws = workspace + at::get_thread_num() * workspace_floats;
-    for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) work(item, ws);
+    float* w = ws.buf.get() + at::get_thread_num() * ws.per;
+    for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) work(item, w);
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// rows_i = Σ_j l_ij. Work items are (row tile, chunk) pairs, all independent: each writes its own
-// partial row sums, added in chunk order afterwards.
+// rows_i = Σ_j l_ij. Row tiles run one after another; inside one, each chunk writes its own partial
+// row sums, added in chunk order afterwards.
 at::Tensor loss_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale,
                      const at::Tensor& bias, const at::Tensor& labels,
                      const c10::optional<at::Tensor>& label_index) {
   check_inputs(q_in, d_in, scale, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor q = fp32_rows(q_in), d = fp32_rows(d_in);
+  const at::Tensor q = rows_of(q_in), d = rows_of(d_in);
   const int64_t B = q.size(0), N = d.size(0), D = q.size(1);
   const float t = scale.item<float>(), b = bias.item<float>();
-  if (B == 0 || N == 0) return at::zeros({B}, q.options());
+  at::Tensor out = at::zeros({B}, q.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) return out;
   const Labels Y(labels, label_index, B, N);
   const Plan p = make_plan(B, N, D);
-  const int64_t row_tiles = (B + p.tm - 1) / p.tm;
   const Epilogue& ep = epilogue();
+  const bool convert = q.scalar_type() != at::kFloat;
+  Workspace ws(p, D, convert);
+  std::unique_ptr<float[]> q_buf(new float[convert ? p.tm * D : 0]);
 
-  std::vector<double> partial(static_cast<size_t>(p.chunks * B), 0.0);  // [chunk][row]
-  const auto workspace = tile_workspace(p);
-  for_each_item(row_tiles * p.chunks, workspace.get(), workspace_floats(p), [&](int64_t item, float* ws) {
-    const int64_t i0 = (item / p.chunks) * p.tm, c = item % p.chunks;
-    const int64_t mt = std::min(p.tm, B - i0);
-    const at::Tensor q_i = q.narrow(0, i0, mt);
-    double* rows = partial.data() + c * B + i0;
-    for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
-      const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
-      at::Tensor s = tile_view(ws, mt, nt);
-      at::mm_out(s, q_i, d.narrow(0, j0, nt).t());  // S = q_i·d_jᵀ  (mt, nt)
-      float* scratch = ws + p.tm * p.tn;
-      for (int64_t r = 0; r < mt; ++r) {
-        rows[r] += ep.row(ws + r * nt, Y.row(i0 + r, j0, nt, scratch), nt, t, b);
-        Y.clear(i0 + r, j0, nt, scratch);
-      }
-    }
-  });
-  at::Tensor out = at::empty({B}, q.options());
+  std::vector<double> partial(static_cast<size_t>(p.chunks * p.tm));  // [chunk][row of the tile]
   float* o = out.data_ptr<float>();
-  for (int64_t r = 0; r < B; ++r) {
-    double acc = 0.0;
-    for (int64_t c = 0; c < p.chunks; ++c) acc += partial[c * B + r];
-    o[r] = static_cast<float>(acc);
+  for (int64_t i0 = 0; i0 < B; i0 += p.tm) {
+    const int64_t mt = std::min(p.tm, B - i0);
+    const at::Tensor q_i = fp32_block(q, i0, mt, q_buf.get());
+    std::fill(partial.begin(), partial.end(), 0.0);
+    for_each_item(p.chunks, ws, [&](int64_t c, float* w) {
+      double* rows = partial.data() + c * p.tm;
+      for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
+        const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
+        at::Tensor s = tile_view(w, mt, nt);
+        at::mm_out(s, q_i, fp32_block(d, j0, nt, w + ws.d_offset).t());  // S = q_i·d_jᵀ  (mt, nt)
+        float* scratch = w + ws.s_floats;
+        for (int64_t r = 0; r < mt; ++r) {
+          rows[r] += ep.row(w + r * nt, Y.row(i0 + r, j0, nt, scratch), nt, t, b);
+          Y.clear(i0 + r, j0, nt, scratch);
+        }
+      }
+    });
+    for (int64_t r = 0; r < mt; ++r) {
+      double acc = 0.0;
+      for (int64_t c = 0; c < p.chunks; ++c) acc += partial[c * p.tm + r];
+      o[i0 + r] = static_cast<float>(acc);
+    }
   }
   return out;
 }
 
-// Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij (prcl/panels.py's convention).
+// Row sums, grad_scale·G·d, grad_scale·Gᵀ·q, Σ G∘S and Σ G of Σ_i w_i Σ_j l_ij (prcl/panels.py's
+// pieces, scaled): the two gradients in the inputs' dtypes when `rounded`, else float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_grads(
     const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale, const at::Tensor& bias,
     const at::Tensor& labels, const c10::optional<at::Tensor>& label_index,
-    const c10::optional<at::Tensor>& w_in) {
+    const c10::optional<at::Tensor>& w_in, const c10::optional<at::Tensor>& grad_scale, bool rounded) {
   check_inputs(q_in, d_in, scale, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor q = fp32_rows(q_in), d = fp32_rows(d_in);
+  const at::Tensor q = rows_of(q_in), d = rows_of(d_in);
   const int64_t B = q.size(0), N = d.size(0), D = q.size(1);
   at::Tensor w;
   if (w_in.has_value()) {
     TORCH_CHECK(w_in->dim() == 1 && w_in->size(0) == B, "prcl native: w must be (B,) = (", B,
                 ",), got ", w_in->sizes());
-    w = fp32_rows(*w_in);
+    w = w_in->detach().to(at::kFloat).contiguous();
   }
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float t = scale.item<float>(), b = bias.item<float>();
-  if (B == 0 || N == 0) {
-    return {at::zeros({B}, q.options()), at::zeros({B, D}, q.options()), at::zeros({N, D}, q.options()),
-            at::zeros({}, q.options()), at::zeros({}, q.options())};
-  }
+  const float gscale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor rows_out = at::zeros({B}, f32);
+  at::Tensor dq = at::zeros({B, D}, rounded ? q.options() : f32);
+  at::Tensor dd = at::zeros({N, D}, rounded ? d.options() : f32);
+  if (B == 0 || N == 0) return {rows_out, dq, dd, at::zeros({}, f32), at::zeros({}, f32)};
   const Labels Y(labels, label_index, B, N);
   const Plan p = make_plan(B, N, D);
   const Epilogue& ep = epilogue();
-
-  at::Tensor rows_out = at::empty({B}, q.options());
-  at::Tensor gd = at::empty({B, D}, q.options());   // G·d: row tile P is written once, after its pass
-  at::Tensor gq = at::zeros({N, D}, q.options());   // Gᵀ·q: chunk-owned rows, summed over row tiles
-  at::Tensor gd_part = at::empty({p.chunks, p.tm, D}, q.options());
+  const bool convert = q.scalar_type() != at::kFloat;
+  // Gᵀ·q summed over row tiles in float32: into dd itself when that is float32; with one row tile
+  // and a 16-bit dd, no sum: each column tile's rows go out through the thread's converted-tile buffer
+  const int64_t row_tiles = (B + p.tm - 1) / p.tm;
+  const at::Tensor dd_acc = dd.scalar_type() == at::kFloat ? dd
+                            : row_tiles > 1                ? at::empty({N, D}, f32)
+                                                           : at::Tensor();
+  Workspace ws(p, D, convert);
+  std::unique_ptr<float[]> q_buf(new float[convert ? p.tm * D : 0]);
+  at::Tensor dq_part = at::empty({p.chunks, p.tm, D}, f32);  // G·d partials of the row tile, per chunk
   std::vector<double> rows_part(static_cast<size_t>(p.chunks * p.tm));
   std::vector<double> sums_part(static_cast<size_t>(2 * p.chunks));
   double gs_total = 0.0, g_total = 0.0;
-  const auto workspace = tile_workspace(p);
 
   for (int64_t i0 = 0; i0 < B; i0 += p.tm) {
     const int64_t mt = std::min(p.tm, B - i0);
-    const at::Tensor q_i = q.narrow(0, i0, mt);
+    const at::Tensor q_i = fp32_block(q, i0, mt, q_buf.get());
     std::fill(rows_part.begin(), rows_part.end(), 0.0);
     std::fill(sums_part.begin(), sums_part.end(), 0.0);
-    for_each_item(p.chunks, workspace.get(), workspace_floats(p), [&](int64_t c, float* ws) {
-      at::Tensor gd_c = gd_part[c].narrow(0, 0, mt);
+    for_each_item(p.chunks, ws, [&](int64_t c, float* w) {
+      at::Tensor gd_c = dq_part[c].narrow(0, 0, mt);
       double* rows = rows_part.data() + c * p.tm;
+      float* d_buf = w + ws.d_offset;
       for (int64_t tile = p.tile_begin(c); tile < p.tile_begin(c + 1); ++tile) {
         const int64_t j0 = tile * p.tn, nt = std::min(p.tn, N - j0);
-        const at::Tensor d_j = d.narrow(0, j0, nt);
-        at::Tensor s = tile_view(ws, mt, nt);
+        const at::Tensor d_j = fp32_block(d, j0, nt, d_buf);
+        at::Tensor s = tile_view(w, mt, nt);
         at::mm_out(s, q_i, d_j.t());  // S = q_i·d_jᵀ  (mt, nt)
-        float* scratch = ws + p.tm * p.tn;
+        float* scratch = w + ws.s_floats;
         for (int64_t r = 0; r < mt; ++r) {
           float row_sums[2] = {0.0f, 0.0f};  // Σ G∘S, Σ G of the row
           const float* y = Y.row(i0 + r, j0, nt, scratch);
-          rows[r] += ep.grad_row(ws + r * nt, y, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
+          rows[r] += ep.grad_row(w + r * nt, y, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
           Y.clear(i0 + r, j0, nt, scratch);
           sums_part[2 * c] += row_sums[0];
           sums_part[2 * c + 1] += row_sums[1];
         }
-        gq.narrow(0, j0, nt).addmm_(s.t(), q_i);              // Gᵀ·q_i  (nt, D)
-        if (tile == p.tile_begin(c)) at::mm_out(gd_c, s, d_j);  // G·d_j   (mt, D)
+        if (tile == p.tile_begin(c)) at::mm_out(gd_c, s, d_j);  // G·d_j  (mt, D)
         else gd_c.addmm_(s, d_j);
+        if (!dd_acc.defined()) {  // Gᵀ·q_i (nt, D) is final: into d_j's buffer, which G·d_j is done with
+          at::Tensor gq = tile_view(d_buf, nt, D);
+          dd.narrow(0, j0, nt).copy_(at::mm_out(gq, s.t(), q_i).mul_(gscale));
+        } else if (i0 == 0) {
+          at::Tensor gq = dd_acc.narrow(0, j0, nt);
+          at::mm_out(gq, s.t(), q_i);
+        } else {
+          dd_acc.narrow(0, j0, nt).addmm_(s.t(), q_i);
+        }
       }
     });
     // the chunks' partials, added in chunk order: the sums do not depend on who ran which chunk
     // (on this thread: chunks·TM·D adds per row tile, next to 6·TM·N·D flops of GEMMs)
-    const float* part = gd_part.data_ptr<float>();
-    float* out = gd.data_ptr<float>() + i0 * D;
-    std::memcpy(out, part, mt * D * sizeof(float));
+    float* part = dq_part.data_ptr<float>();
     for (int64_t c = 1; c < p.chunks; ++c) {
       const float* src = part + c * p.tm * D;
-      for (int64_t k = 0; k < mt * D; ++k) out[k] += src[k];
+      for (int64_t k = 0; k < mt * D; ++k) part[k] += src[k];
     }
+    dq.narrow(0, i0, mt).copy_(dq_part[0].narrow(0, 0, mt).mul_(gscale));
     float* rows = rows_out.data_ptr<float>() + i0;
     for (int64_t r = 0; r < mt; ++r) {
       double acc = 0.0;
@@ -444,8 +484,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_grad
       g_total += sums_part[2 * c + 1];
     }
   }
-  return {rows_out, gd, gq, at::scalar_tensor(gs_total, q.options()),
-          at::scalar_tensor(g_total, q.options())};
+  if (dd_acc.defined()) {
+    dd_acc.mul_(gscale);
+    if (!dd_acc.is_same(dd)) dd.copy_(dd_acc);
+  }
+  return {rows_out, dq, dd, at::scalar_tensor(gs_total, f32), at::scalar_tensor(g_total, f32)};
 }
 
 std::string info() {
@@ -462,7 +505,8 @@ TORCH_LIBRARY_FRAGMENT(prcl, m) {
       "Tensor? label_index) -> Tensor");
   m.def(
       "native_loss_grads(Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor labels, "
-      "Tensor? label_index, Tensor? w) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? label_index, Tensor? w, Tensor? grad_scale=None, bool rounded=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("native_info() -> str", &prcl_native::info);
 }
 

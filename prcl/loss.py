@@ -39,13 +39,13 @@ def pair_bce(q, d, labels, label_index, scale, bias, reduction, backend):
     y, index = kernel_labels(labels, label_index, q.shape[0], q.device)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, d, t, b))
     if reduction != "none" and needs_grad:
-        total = torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend)[0]
-    else:
-        rows = torch.ops.prcl.pair_bce_rows(q, d, t, b, y, index, backend)
-        if reduction == "none":
-            return rows
-        total = rows.sum()
-    return total / q.shape[0] if reduction == "mean" else total
+        # the mean's 1/B goes into the op, so that the gradients are rounded once, with it applied
+        weight = 1.0 / q.shape[0] if reduction == "mean" else 1.0
+        return torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend, weight, True)[0]
+    rows = torch.ops.prcl.pair_bce_rows(q, d, t, b, y, index, backend)
+    if reduction == "none":
+        return rows
+    return rows.sum() / q.shape[0] if reduction == "mean" else rows.sum()
 
 
 def pair_bce_grads(q, d, labels, label_index, t, b, grad_rows, backend):

@@ -1,7 +1,8 @@
 """The native CPU kernel (kernels/pair_bce_cpu.cpp, built by CMakeLists.txt into prcl/libprcl_cpu.so).
 
     rows(q, d, t, b, Y)     = [Σ_j l_ij]_i,  l = softplus(z) − y·z                          (B,) float32
-    grads(q, d, t, b, Y, w) = rows, G·d, Gᵀ·q, Σ G∘S, Σ G  with G_ij = w_i (σ(z_ij) − y_ij)  (prcl.panels)
+    grads(q, d, t, b, Y, w, c, rounded) = rows, c·G·d, c·Gᵀ·q, Σ G∘S, Σ G  with G_ij = w_i (σ(z_ij) − y_ij)
+                            (prcl.panels; c·G·d and c·Gᵀ·q in q's dtype when rounded, else float32)
 
 The same backend interface as prcl.torch_impl (labels Y in the layout of prcl.ops), served by the C++
 ops `prcl::native_loss_rows` and `prcl::native_loss_grads`: one fused, tiled, multi-threaded pass
@@ -114,12 +115,12 @@ def rows(q, d, scale, bias, labels, label_index):
     return torch.ops.prcl.native_loss_rows(q, d, scale, bias, labels, label_index)
 
 
-def grads(q, d, scale, bias, labels, label_index, w):
-    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
+def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
+    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
     if q.dtype == torch.float64:
-        return torch_impl.grads(q, d, scale, bias, labels, label_index, w)
+        return torch_impl.grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded)
     _require()
-    return torch.ops.prcl.native_loss_grads(q, d, scale, bias, labels, label_index, w)
+    return torch.ops.prcl.native_loss_grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded)
 
 
 def _register_fakes():
@@ -131,6 +132,7 @@ def _register_fakes():
         return q.new_empty(q.shape[0], dtype=f32)
 
     @torch.library.register_fake("prcl::native_loss_grads")
-    def _(q, d, scale, bias, labels, label_index, w):
-        return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=f32),
-                d.new_empty(d.shape, dtype=f32), q.new_empty((), dtype=f32), q.new_empty((), dtype=f32))
+    def _(q, d, scale, bias, labels, label_index, w, grad_scale=None, rounded=False):
+        return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=q.dtype if rounded else f32),
+                d.new_empty(d.shape, dtype=d.dtype if rounded else f32), q.new_empty((), dtype=f32),
+                q.new_empty((), dtype=f32))

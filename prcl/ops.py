@@ -12,11 +12,14 @@ positive (σ → 1, y = 1) keeps its digits (see docs/design.md, "Labels inside 
 
 `rows` is the forward-only pass (2·B·N·D); its backward recomputes with per-row upstream gradients
 (`rows_backward`, 6·B·N·D). `total` computes the gradient inside the forward (6·B·N·D) and returns it
-as extra outputs, so its backward only rescales: the path for scalar losses. Gradients leave the ops
-in float32 and are rounded once, to the inputs' dtypes, by autograd.
+as extra outputs, so its backward only rescales: the path for scalar losses; `weight` folds the
+reduction's 1/B into it, so that backward's rescaling is by the upstream gradient alone (1, exact, for
+`loss.backward()`). Gradients are accumulated in float32 and leave the ops either rounded once to the
+inputs' dtypes (`rounded=True`, autograd's path: no float32 (B+N)×D copies outlive the kernel) or in
+float32 (the ring strategy sums them across calls before its one rounding).
 
 Backends ("triton", "torch", "native") implement `rows(q, d, t, b, labels, label_index)` and
-`grads(q, d, t, b, labels, label_index, w)` -> (rows, G·d, Gᵀ·q, Σ G∘S, Σ G) with
+`grads(q, d, t, b, labels, label_index, w, c, rounded)` -> (rows, c·G·d, c·Gᵀ·q, Σ G∘S, Σ G) with
 G_ij = w_i·(σ(z_ij) − y_ij) (prcl.panels); all run on CPU tensors, triton through its interpreter.
 """
 import functools
@@ -69,10 +72,11 @@ def _impl(name):
                                     "native": "prcl.native"}[name])
 
 
-def _grads(q, d, scale, bias, labels, label_index, w, backend):
-    rows, gd, gq, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w)
-    t = scale.to(acc_dtype(q.dtype))
-    return rows, gd * t, gq * t, gs, g
+def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded):
+    """rows and the gradients of weight·Σ_i w_i Σ_j l_ij w.r.t. q, d, t, b."""
+    grad_scale = scale.to(acc_dtype(q.dtype)) * weight
+    rows, dq, dd, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded)
+    return rows, dq, dd, gs * weight, g * weight
 
 
 def _no_double_backward():
@@ -105,22 +109,28 @@ def _rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, lab
 
 
 def _rows_bwd(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-              grad_rows: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              grad_rows: Tensor, backend: str, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = grad_rows.to(acc_dtype(q.dtype)).contiguous()
-    _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend)
+    _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend, 1.0, rounded)
     return dq, dd, dt, db
 
 
 def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend)
-    return rows.sum(), dq, dd, dt, db
+           backend: str, weight: float = 1.0, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend, weight, rounded)
+    return rows.sum() * weight, dq, dd, dt, db
 
 
 pair_bce_rows = _define(f"pair_bce_rows({_ARGS}, str backend) -> Tensor", _rows)
 pair_bce_rows_backward = _define(
-    f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend) -> (Tensor, Tensor, Tensor, Tensor)", _rows_bwd)
-pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
+    f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend, bool rounded=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor)", _rows_bwd)
+pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend, float weight=1.0, bool rounded=False) "
+                         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
+
+
+def _grad_dtype(x, rounded):
+    return x.dtype if rounded else acc_dtype(x.dtype)
 
 
 @torch.library.register_fake("prcl::pair_bce_rows", lib=_lib)
@@ -129,9 +139,9 @@ def _(q, d, scale, bias, labels, label_index, backend):
 
 
 @torch.library.register_fake("prcl::pair_bce_rows_backward", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, grad_rows, backend):
+def _(q, d, scale, bias, labels, label_index, grad_rows, backend, rounded=False):
     acc = acc_dtype(q.dtype)
-    return (q.new_empty(q.shape, dtype=acc), d.new_empty(d.shape, dtype=acc),
+    return (q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)), d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)),
             q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
@@ -144,18 +154,19 @@ def _rows_setup(ctx, inputs, output):
 def _rows_backward(ctx, grad_rows):
     _no_double_backward()
     q, d, scale, bias, labels, label_index = ctx.saved_tensors
-    dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend)
-    return dq.to(q.dtype), dd.to(d.dtype), dt.to(scale.dtype), db.to(bias.dtype), None, None, None
+    dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend, True)
+    return dq, dd, dt.to(scale.dtype), db.to(bias.dtype), None, None, None
 
 
 torch.library.register_autograd("prcl::pair_bce_rows", _rows_backward, setup_context=_rows_setup, lib=_lib)
 
 
 @torch.library.register_fake("prcl::pair_bce_total", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, backend):
+def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False):
     acc = acc_dtype(q.dtype)
-    return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=acc), d.new_empty(d.shape, dtype=acc),
-            q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
+    return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)),
+            d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)), q.new_empty((), dtype=acc),
+            q.new_empty((), dtype=acc))
 
 
 def _total_setup(ctx, inputs, output):
@@ -170,10 +181,11 @@ def _total_setup(ctx, inputs, output):
 def _total_backward(ctx, grad_total, *_):
     _no_double_backward()
     if grad_total is None:  # the loss itself was not used (grads are not materialised)
-        return (None,) * 7
-    # the gradient was computed in the forward; backward only scales it by the upstream gradient
+        return (None,) * 9
+    # the gradient was computed (and, on autograd's path, rounded) in the forward; backward only scales
+    # it by the upstream gradient, exactly when that is 1 or a power of two
     grads = ((grad_total * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 torch.library.register_autograd("prcl::pair_bce_total", _total_backward, setup_context=_total_setup, lib=_lib)

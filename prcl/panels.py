@@ -3,6 +3,9 @@
     G_ij = σ(z_ij) − y_ij  (0 for excluded pairs),  W = diag(w):
     dq = t·W·G·d      dd = t·Gᵀ·(W·q)      dt = Σ W·G∘S      db = Σ W·G
 
+Backends return G·d and Gᵀ·q times grad_scale = c (prcl.ops passes t times the reduction's weight),
+in float32, or rounded once to the inputs' dtype when asked (`out_dtype`).
+
 A backend supplies `block(q_rows, d_cols, labels, label_index, col, w_rows) -> (loss row sums, G,
 Σ W·G∘S, Σ W·G)` for one panel, whose labels are the panel's rows of the kernel label layout (prcl.ops)
 and whose first document is `col`; this driver feeds each panel's G to the two gradient GEMMs, so
@@ -29,8 +32,9 @@ def panel_labels(labels, label_index, i, j, rows, cols):
     return labels[i:i + rows], label_index[i:i + rows]
 
 
-def panel_grads(q, d, labels, label_index, w, block, panel_elems):
-    """Returns row sums of l (B,), G·d (B, D), Gᵀ·q (N, D), Σ G∘S and Σ G (0-dim) in acc_dtype."""
+def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, out_dtype=None):
+    """Returns row sums of l (B,), c·G·d (B, D), c·Gᵀ·q (N, D) (in out_dtype, if given), Σ G∘S and
+    Σ G (0-dim) in acc_dtype."""
     (B, D), N = q.shape, d.shape[0]
     acc = acc_dtype(q.dtype)
     rows = q.new_zeros(B, dtype=acc)
@@ -54,6 +58,9 @@ def panel_grads(q, d, labels, label_index, w, block, panel_elems):
             _accumulate_mm(gq[j:j + pn], G.T, q_w)
             gs += gs_ij
             g += g_ij
+    gd, gq = gd.mul_(grad_scale), gq.mul_(grad_scale)
+    if out_dtype is not None:
+        gd, gq = gd.to(out_dtype), gq.to(out_dtype)
     return rows, gd, gq, gs, g
 
 

@@ -61,8 +61,8 @@ def rows(q, d, scale, bias, labels, label_index):
     return out
 
 
-def grads(q, d, scale, bias, labels, label_index, w):
-    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
+def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
+    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
 
     def block(q_i, d_j, y, index, col, w_i):
         s = q_i @ d_j.T
@@ -73,5 +73,6 @@ def grads(q, d, scale, bias, labels, label_index, w):
             g, gs = w_i @ G.sum(1), w_i @ (G * s).sum(1)
         return loss.sum(1), G, gs, g
 
-    return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, PANEL_ELEMS)
+    return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, PANEL_ELEMS, grad_scale,
+                       q.dtype if rounded else None)
 

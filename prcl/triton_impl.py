@@ -113,8 +113,8 @@ def rows(q, d, scale, bias, labels, label_index):
         return _launch(_aligned(q), _aligned(d), scale, bias, labels, label_index, 0, None, None)[0]
 
 
-def grads(q, d, scale, bias, labels, label_index, w):
-    """Row sums and the raw gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
+def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
+    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
     q, d = _aligned(q), _aligned(d)
     workspace = []
 
@@ -126,4 +126,5 @@ def grads(q, d, scale, bias, labels, label_index, w):
         return rows, G, gs, g
 
     with _on(q.device):
-        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS)
+        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS, grad_scale,
+                           q.dtype if rounded else None)
