@@ -43,6 +43,7 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
    sums them in a fixed order, so results are deterministic (no atomics).
 6. WRITE_G stores G for one panel (the descriptor clips the edges); the two gradient GEMMs
    (G·d, Gᵀ·q) run on it afterwards.
+pair_pass_kernel is the other gradient design, two passes that keep G in registers (its docstring).
 """
 import triton
 import triton.language as tl
@@ -118,6 +119,17 @@ def _log2_1p_over_r(e, SHORT: tl.constexpr):
 
 
 @triton.jit
+def _gradient(b_z, b_e, b_ny, INTERPRET: tl.constexpr):
+    """(G = σ(z) − y, r = σ(−|z|), c = 1 − y or −y) from z₂, e = 2^(−|z₂|) and −y (see 4.)."""
+    b_r = b_e * _rcp(1.0 + b_e, INTERPRET)
+    b_c = tl.where(b_z >= 0.0, 1.0, 0.0) + b_ny  # exact for y = 1
+    # −r where z ≥ 0 (z is never −0: b2 is not), else r: one bit operation
+    b_sr = b_r.to(tl.int32, bitcast=True) ^ (~b_z.to(tl.int32, bitcast=True) & -0x80000000)
+    b_sr = b_sr.to(tl.float32, bitcast=True)
+    return b_c + b_sr, b_r, b_c  # (1 − y) − r or r − y, rounded once
+
+
+@triton.jit
 def _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik, stride_ym, stride_yn, col0, N, b2):
     """Sparse label column c of each row: (its column in this launch, −1 if none or not in 0..N−1;
     −y; the bias, EXCLUDED for a negative label)."""
@@ -128,17 +140,16 @@ def _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik, stride_ym, s
 
 
 @triton.jit
-def _place(b_ny, b_b, b_col, b_nly, b_lb, off_n, cols, INTERPRET: tl.constexpr):
-    """The (−y, bias) tiles with one label per row placed: one compare and two selects per pair, in
-    PTX on the GPU (see 3.)."""
-    row = (b_col - off_n)[:, None]
+def _place(b_ny, b_b, b_at, b_here, b_nly, b_lb, INTERPRET: tl.constexpr):
+    """The (−y, bias) tiles with one label per row placed where its column b_at equals b_here (shapes
+    that broadcast to the tile's): one compare and two selects per pair, in PTX on the GPU (see 3.)."""
     if INTERPRET:
-        hit = row == cols[None, :]
-        ny, b = tl.where(hit, b_nly[:, None], b_ny), tl.where(hit, b_lb[:, None], b_b)
+        hit = b_at == b_here
+        ny, b = tl.where(hit, b_nly, b_ny), tl.where(hit, b_lb, b_b)
     else:
         ny, b = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.eq.s32 p, $2, $3; selp.f32 $0, $4, $5, p; selp.f32 $1, $6, $7, p; }",
-            "=f,=f,r,r,f,f,f,f", [row, cols[None, :], b_nly[:, None], b_ny, b_lb[:, None], b_b],
+            "=f,=f,r,r,f,f,f,f", [b_at, b_here, b_nly, b_ny, b_lb, b_b],
             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
     return ny, b
 
@@ -203,18 +214,15 @@ def pair_tile_kernel(
                 for c in range(0, K):
                     b_col, b_nly, b_lb = _row_label(idx_ptr, y_ptr, o_m64, m_m, c, stride_im, stride_ik,
                                                    stride_ym, stride_yn, col0, N, b2)
-                    b_ny, b_b = _place(b_ny, b_b, b_col, b_nly, b_lb, off_n, cols, INTERPRET)
+                    b_ny, b_b = _place(b_ny, b_b, (b_col - off_n)[:, None], cols[None, :], b_nly[:, None],
+                                       b_lb[:, None], INTERPRET)
             else:  # one label per row (the diagonal forms), read once per program: nothing carried
-                b_ny, b_b = _place(0.0, b_cb, b_col1, b_nly1, b_lb1, off_n, cols, INTERPRET)
+                b_ny, b_b = _place(0.0, b_cb, (b_col1 - off_n)[:, None], cols[None, :], b_nly1[:, None],
+                                   b_lb1[:, None], INTERPRET)
         b_z = b_s * t2 + b_b
         b_e = _exp2_neg_abs(b_z, INTERPRET)  # e = exp(−|z|) ∈ [0, 1]
         if WRITE_G:
-            b_r = b_e * _rcp(1.0 + b_e, INTERPRET)  # r = σ(−|z|)
-            b_c = tl.where(b_z >= 0.0, 1.0, 0.0) + b_ny  # 1 − y or −y, exact for y = 1
-            # −r where z ≥ 0 (z is never −0: b2 is not), else r: one bit operation
-            b_sr = b_r.to(tl.int32, bitcast=True) ^ (~b_z.to(tl.int32, bitcast=True) & -0x80000000)
-            b_sr = b_sr.to(tl.float32, bitcast=True)
-            b_gr = b_c + b_sr  # (1 − y) − r or r − y, rounded once
+            b_gr, b_r, b_c = _gradient(b_z, b_e, b_ny, INTERPRET)
             # (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e): two terms ≥ 0
             b_rows += tl.sum(tl.fma(b_r, _log2_1p_over_r(b_e, SHORT), b_z * b_c), 1)
             b_gs += tl.sum(b_gr * b_s, 1)
@@ -233,3 +241,125 @@ def pair_tile_kernel(
         pid = pid_s * tl.num_programs(0) + pid_m
         tl.store(stats_ptr + 2 * pid, tl.sum(b_gs, 0))
         tl.store(stats_ptr + 2 * pid + 1, tl.sum(b_g, 0))
+
+
+@triton.jit
+def pair_pass_kernel(
+    own_desc, str_desc,  # owned rows (O, D), streamed rows (S, D): q, d in the row pass; d, q in the column pass
+    scale_ptr, bias_ptr, w_ptr,  # t and b 0-dim, w (M,) of the queries
+    y_ptr, idx_ptr,  # labels as pair_tile_kernel's, always (query, document)-indexed
+    rows_ptr, stats_ptr, acc_ptr,  # row pass: rows (SPLIT, O), stats (programs, 2); acc (SPLIT, O, D), all f32
+    O, S, D, K, stride_ym, stride_yn, stride_im, stride_ik, tiles_per_split,
+    BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ROW_PASS: tl.constexpr,
+    HAS_W: tl.constexpr, DENSE_Y: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, MANY_LABELS: tl.constexpr, RAGGED_S: tl.constexpr,
+):
+    """One pass of the two-pass gradient (D ≤ BLOCK_D ≤ 256, docs/design.md "Two-pass gradient"): a
+    program owns BLOCK_O rows and a split of the streamed tiles; per tile it computes S (queries ×
+    documents in the row pass, documents × queries in the column pass), G as pair_tile_kernel does
+    (rounded once to the inputs' dtype), and accumulates G·streamed rows in float32 registers. The row
+    pass also sums the loss rows, Σ w·G∘S and Σ w·G; the column pass weights the streamed queries by w
+    (rounded to their dtype, as prcl.panels does), the row pass its own rows' G·d. Rows or columns past
+    the edges are zero-filled by the descriptors: their products add 0."""
+    pid_o = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    off_o = pid_o * BLOCK_O
+    o_o = off_o + tl.arange(0, BLOCK_O)
+    m_o = o_o < O
+    o_o64 = o_o.to(tl.int64)
+    cols = tl.arange(0, BLOCK_S)
+    SHORT: tl.constexpr = own_desc.dtype != tl.float32
+    t2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    b2 = tl.load(bias_ptr).to(tl.float32) * LOG2E + 0.0
+    b_own = own_desc.load([off_o, 0])  # [BLOCK_O, BLOCK_D], the whole of D
+    if UPCAST:
+        b_own = b_own.to(tl.float32)
+    b_acc = tl.zeros([BLOCK_O, BLOCK_D], dtype=tl.float32)
+    n_tiles = tl.cdiv(S, BLOCK_S)
+    if ROW_PASS:
+        b_rows = tl.zeros([BLOCK_O], dtype=tl.float32)
+        b_gs = tl.zeros([BLOCK_O], dtype=tl.float32)
+        b_g = tl.zeros([BLOCK_O], dtype=tl.float32)
+        if RAGGED_S:
+            b_last = tl.where(cols < S - (n_tiles - 1) * BLOCK_S, b2, EXCLUDED)
+        if not DENSE_Y and not MANY_LABELS:
+            b_col1, b_nly1, b_lb1 = _row_label(idx_ptr, y_ptr, o_o64, m_o, 0, stride_im, stride_ik, stride_ym,
+                                              stride_yn, 0, S, b2)
+    first = pid_s * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, n_tiles)
+    for tile in range(first, last):
+        off_s = tile * BLOCK_S
+        o_s = off_s + cols
+        m_s = o_s < S
+        b_str = str_desc.load([off_s, 0])  # [BLOCK_S, BLOCK_D]
+        if UPCAST:  # the interpreter multiplies bf16 bit patterns in tl.dot (triton #11584)
+            b_str = b_str.to(tl.float32)
+        b_s = tl.dot(b_own, b_str.T, input_precision=INPUT_PRECISION)  # [BLOCK_O, BLOCK_S]
+        if DENSE_Y:
+            if ROW_PASS:
+                p_y = y_ptr + o_o64[:, None] * stride_ym + o_s[None, :] * stride_yn
+            else:
+                p_y = y_ptr + o_s.to(tl.int64)[None, :] * stride_ym + o_o64[:, None] * stride_yn
+            b_y = tl.load(p_y, mask=m_o[:, None] & m_s[None, :], other=-1.0).to(tl.float32)
+            b_b = tl.where(b_y >= 0.0, b2, EXCLUDED)
+            b_ny = tl.minimum(-b_y, 0.0)
+        elif ROW_PASS:  # the owned queries' labels, placed in the streamed documents' columns
+            if RAGGED_S:
+                b_cb = tl.where(tile == n_tiles - 1, b_last, b2)[None, :]
+            else:
+                b_cb = b2
+            if MANY_LABELS:
+                b_ny = tl.zeros([BLOCK_O, BLOCK_S], dtype=tl.float32)
+                b_b = tl.zeros([BLOCK_O, BLOCK_S], dtype=tl.float32) + b_cb
+                for c in range(0, K):
+                    b_col, b_nly, b_lb = _row_label(idx_ptr, y_ptr, o_o64, m_o, c, stride_im, stride_ik,
+                                                   stride_ym, stride_yn, 0, S, b2)
+                    b_ny, b_b = _place(b_ny, b_b, (b_col - off_s)[:, None], cols[None, :], b_nly[:, None],
+                                       b_lb[:, None], INTERPRET)
+            else:
+                b_ny, b_b = _place(0.0, b_cb, (b_col1 - off_s)[:, None], cols[None, :], b_nly1[:, None],
+                                   b_lb1[:, None], INTERPRET)
+        else:  # the streamed queries' labels, placed in the owned documents' rows
+            o_s64 = o_s.to(tl.int64)
+            here = tl.arange(0, BLOCK_O)[:, None]
+            if MANY_LABELS:
+                b_ny = tl.zeros([BLOCK_O, BLOCK_S], dtype=tl.float32)
+                b_b = tl.zeros([BLOCK_O, BLOCK_S], dtype=tl.float32) + b2
+                for c in range(0, K):
+                    b_col, b_nly, b_lb = _row_label(idx_ptr, y_ptr, o_s64, m_s, c, stride_im, stride_ik,
+                                                   stride_ym, stride_yn, 0, O, b2)
+                    b_ny, b_b = _place(b_ny, b_b, (b_col - off_o)[None, :], here, b_nly[None, :], b_lb[None, :],
+                                       INTERPRET)
+            else:
+                b_col, b_nly, b_lb = _row_label(idx_ptr, y_ptr, o_s64, m_s, 0, stride_im, stride_ik, stride_ym,
+                                               stride_yn, 0, O, b2)
+                b_ny, b_b = _place(0.0, b2, (b_col - off_o)[None, :], here, b_nly[None, :], b_lb[None, :],
+                                   INTERPRET)
+        b_z = b_s * t2 + b_b
+        b_e = _exp2_neg_abs(b_z, INTERPRET)
+        b_gr, b_r, b_c = _gradient(b_z, b_e, b_ny, INTERPRET)
+        if ROW_PASS:
+            b_rows += tl.sum(tl.fma(b_r, _log2_1p_over_r(b_e, SHORT), b_z * b_c), 1)
+            b_gs += tl.sum(b_gr * b_s, 1)
+            b_g += tl.sum(b_gr, 1)
+        b_g16 = b_gr.to(own_desc.dtype)  # G rounded once to the inputs' dtype, as the panel design stores it
+        if UPCAST:
+            b_g16 = b_g16.to(tl.float32)
+        if HAS_W and not ROW_PASS:
+            b_w = tl.load(w_ptr + o_s, mask=m_s, other=0.0).to(tl.float32)
+            b_str = (b_str.to(tl.float32) * b_w[:, None]).to(str_desc.dtype)
+            if UPCAST:
+                b_str = b_str.to(tl.float32)
+        b_acc = tl.dot(b_g16, b_str, b_acc, input_precision=INPUT_PRECISION)
+    if ROW_PASS and HAS_W:  # dq = t·W·G·d: the weights on the thin side (see prcl/panels.py)
+        b_w = tl.load(w_ptr + o_o, mask=m_o, other=0.0).to(tl.float32)
+        b_acc = b_acc * b_w[:, None]
+        b_gs = b_gs * b_w
+        b_g = b_g * b_w
+    o_d = tl.arange(0, BLOCK_D)
+    tl.store(acc_ptr + (pid_s * O + o_o64)[:, None] * D + o_d[None, :], b_acc, mask=m_o[:, None] & (o_d < D)[None, :])
+    if ROW_PASS:
+        tl.store(rows_ptr + pid_s * O + o_o, b_rows * LN2, mask=m_o)
+        pid = pid_s * tl.num_programs(0) + pid_o
+        tl.store(stats_ptr + 2 * pid, tl.sum(b_gs, 0))
+        tl.store(stats_ptr + 2 * pid + 1, tl.sum(tl.where(m_o, b_g, 0.0), 0))  # rows past O saw S = 0

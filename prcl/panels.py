@@ -58,10 +58,15 @@ def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, ou
             _accumulate_mm(gq[j:j + pn], G.T, q_w)
             gs += gs_ij
             g += g_ij
+    return (rows, *finish_grads(gd, gq, grad_scale, out_dtype), gs, g)
+
+
+def finish_grads(gd, gq, grad_scale, out_dtype):
+    """c·G·d and c·Gᵀ·q from their float32 sums, rounded once to out_dtype when given."""
     gd, gq = gd.mul_(grad_scale), gq.mul_(grad_scale)
     if out_dtype is not None:
         gd, gq = gd.to(out_dtype), gq.to(out_dtype)
-    return rows, gd, gq, gs, g
+    return gd, gq
 
 
 def _mm(a, b, acc):

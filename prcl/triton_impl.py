@@ -3,7 +3,9 @@
 Forward only (2·B·N·D): one launch over the whole B×N, no workspace.
 Gradient (6·B·N·D): per panel, one launch writes G = σ(z_ij) − y_ij in the input dtype, then the
 two gradient GEMMs G·d and Gᵀ·q run on cuBLAS with float32 outputs; the workspace is one panel,
-whatever B·N is. Nothing here reads a tensor value on the host.
+whatever B·N is. Or, for 16-bit inputs and D ≤ 128 on sm_90-class GPUs (`two_pass`), a row pass and
+a column pass that accumulate G·d and Gᵀ·q in registers, G never in memory (docs/design.md,
+"Two-pass gradient"). Nothing here reads a tensor value on the host.
 """
 import contextlib
 
@@ -13,11 +15,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prcl import tuning
 from prcl.contract import triton_interpreting as interpreting
-from prcl.kernels.pair_bce import pair_tile_kernel
-from prcl.panels import panel_grads
+from prcl.kernels.pair_bce import pair_pass_kernel, pair_tile_kernel
+from prcl.panels import finish_grads, panel_grads
 
 PANEL_ELEMS = 1 << 26  # 128 MiB of bf16 G: panels of 8192 × 8192 keep the gradient GEMMs large
 ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
+# The gradient's design: None chooses by the performance model (docs/design.md, "Two-pass gradient"),
+# True or False forces the two-pass kernels (D ≤ 256 only) or the G panels (tests, prcl.gpu_check)
+TWO_PASS = None
 
 
 def kernel_config(dtype, write_g, arch, D=768):
@@ -113,9 +118,60 @@ def rows(q, d, scale, bias, labels, label_index):
         return _launch(_aligned(q), _aligned(d), scale, bias, labels, label_index, 0, None, None)[0]
 
 
+def two_pass(q):
+    """Whether the gradient runs as two passes (no G in memory) rather than G panels and cuBLAS."""
+    D = q.shape[1]
+    if TWO_PASS is not None or interpreting():
+        return bool(TWO_PASS) and D <= tuning.TWO_PASS_MAX_D
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return q.dtype != torch.float32 and tuning.gpu_class(10 * major + minor) == "sm90" and D <= tuning.TWO_PASS_CROSSOVER_D
+
+
+def _pass(own, streamed, scale, bias, y, index, w, row_pass):
+    """One launch of pair_pass_kernel: own (O, D) against streamed (S, D), the queries being own in the
+    row pass. Returns (Σ over streamed rows of G·streamed, (O, D) float32; and in the row pass the loss
+    row sums (O,), Σ G∘S, Σ G)."""
+    (O, D), S = own.shape, streamed.shape[0]
+    if interpreting():
+        cfg, programs = dict(BLOCK_O=16, BLOCK_S=16, num_warps=1, num_stages=1), 4
+    else:
+        cfg = tuning.two_pass_config(D)
+        programs = 4 * torch.cuda.get_device_properties(own.device).multi_processor_count
+    BO, BS = cfg["BLOCK_O"], cfg["BLOCK_S"]
+    BD = max(16, triton.next_power_of_2(D))
+    o_tiles, s_tiles = triton.cdiv(O, BO), triton.cdiv(S, BS)
+    tiles_per_split = triton.cdiv(s_tiles, min(s_tiles, max(1, programs // o_tiles)))
+    split = triton.cdiv(s_tiles, tiles_per_split)
+    acc = own.new_empty(split, O, D, dtype=torch.float32)
+    rows = own.new_empty(split, O, dtype=torch.float32) if row_pass else acc
+    stats = own.new_empty(o_tiles * split, 2, dtype=torch.float32) if row_pass else acc
+    dense = index is None
+    fp32 = own.dtype == torch.float32
+    pair_pass_kernel[(o_tiles, split)](
+        _desc(own, [BO, BD]), _desc(streamed, [BS, BD]), scale, bias, w if w is not None else acc, y,
+        y if dense else index, rows, stats, acc, O, S, D, 0 if dense else index.shape[1], *y.stride(),
+        *((0, 0) if dense else index.stride()), tiles_per_split,
+        BLOCK_D=BD, ROW_PASS=row_pass, HAS_W=w is not None, DENSE_Y=dense,
+        UPCAST=interpreting() and own.dtype == torch.bfloat16, INTERPRET=interpreting(),
+        MANY_LABELS=not dense and index.shape[1] != 1, RAGGED_S=S % BS != 0,
+        INPUT_PRECISION="tf32" if not fp32 or fp32_matmul_allows_tf32() else "ieee",
+        **cfg,
+    )
+    if not row_pass:
+        return (acc.sum(0),)
+    total = stats.sum(0)
+    return acc.sum(0), rows.sum(0), total[0], total[1]
+
+
 def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
     q, d = _aligned(q), _aligned(d)
+    out_dtype = q.dtype if rounded else None
+    if two_pass(q):
+        with _on(q.device):
+            gd, rows, gs, g = _pass(q, d, scale, bias, labels, label_index, w, True)
+            gq, = _pass(d, q, scale, bias, labels, label_index, w, False)
+        return (rows, *finish_grads(gd, gq, grad_scale, out_dtype), gs, g)
     workspace = []
 
     def block(q_i, d_j, y, index, col, w_i):
@@ -126,5 +182,4 @@ def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
         return rows, G, gs, g
 
     with _on(q.device):
-        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS, grad_scale,
-                           q.dtype if rounded else None)
+        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS, grad_scale, out_dtype)

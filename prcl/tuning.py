@@ -43,6 +43,21 @@ _TABLE = {
 }
 
 
+# The two-pass gradient (docs/design.md, "Two-pass gradient"): its BLOCK_O × D float32 accumulator
+# lives in registers, so D ≤ TWO_PASS_MAX_D; the launcher chooses it for 16-bit inputs on sm_90-class
+# GPUs up to the model's crossover. 4 warps: ≥ 2 blocks per SM at every D (prcl.compile_report)
+TWO_PASS_MAX_D = 256
+TWO_PASS_CROSSOVER_D = 128
+_TWO_PASS = dict(BLOCK_O=64, BLOCK_S=64, num_warps=4, num_stages=2)
+
+
+def two_pass_config(D):
+    """Tiles of the two-pass kernels for D ≤ TWO_PASS_MAX_D (a fresh dict)."""
+    if D > TWO_PASS_MAX_D:
+        raise ValueError(f"D: the two-pass gradient holds D ≤ {TWO_PASS_MAX_D} in registers, got {D}")
+    return dict(_TWO_PASS)
+
+
 def gpu_class(arch):
     """"sm80", "sm90" (datacenter Hopper/Blackwell) or "consumer" (~100 KB shared memory)."""
     if not isinstance(arch, int) or arch < 80:

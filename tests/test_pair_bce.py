@@ -416,3 +416,56 @@ def test_fp32_matmul_precision_read_through_the_current_api():
         assert fp32_matmul_allows_tf32() is True
     finally:
         matmul.fp32_precision, torch.backends.fp32_precision = saved
+
+
+@pytest.fixture
+def two_pass(monkeypatch):
+    """The Triton gradient forced to the two-pass kernels; counts their launches."""
+    from prcl import triton_impl
+
+    monkeypatch.setattr(triton_impl, "TWO_PASS", True)
+    launches = []
+    real = triton_impl._pass
+    monkeypatch.setattr(triton_impl, "_pass", lambda *a: launches.append(a[-1]) or real(*a))
+    return launches
+
+
+# B = 1; ragged everywhere; B = 5 against N = 70 splits the row pass over column tiles
+TWO_PASS_SHAPES = [(1, 4, 3), (5, 70, 24), (37, 45, 19)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", TWO_PASS_SHAPES, ids=_ids)
+def test_two_pass_matches_oracle(shape, form, reduction, dtype, two_pass):
+    B, N, D = shape
+    dtype = DTYPES[dtype]
+    q, d, gen = make_inputs(B, N, D, dtype, seed=B * 1000 + N)
+    labels, label_index = make_labels(form, B, N, gen)
+    check_against_oracle(by("triton"), q, d, labels, label_index, dtype, reduction)
+    assert two_pass == [True, False]  # a row pass and a column pass, no G panel
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+def test_two_pass_late_training_accuracy(form, dtype, two_pass):
+    cos, scale, bias = 0.95, 20.0, -10.0
+    B, N, D = 48, 64, 40
+    dtype = DTYPES[dtype]
+    q, d, gen = cases.late_training_inputs(B, N, D, cos, device=DEVICE)
+    labels, label_index = make_labels(form, B, N, gen)
+    if form == "graded":
+        labels = torch.ones(B, device=DEVICE)
+    for reduction in ("mean", "none"):
+        check_against_oracle(by("triton"), q.to(dtype), d.to(dtype), labels, label_index, dtype, reduction,
+                             floor=LATE_FLOOR, scale=scale, bias=bias)
+
+
+def test_two_pass_only_where_d_fits_its_registers(two_pass):
+    from prcl import triton_impl, tuning
+
+    assert triton_impl.two_pass(torch.empty(2, tuning.TWO_PASS_MAX_D))
+    assert not triton_impl.two_pass(torch.empty(2, tuning.TWO_PASS_MAX_D + 1))
+    with pytest.raises(ValueError, match="D"):
+        tuning.two_pass_config(tuning.TWO_PASS_MAX_D + 1)
