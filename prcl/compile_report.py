@@ -31,6 +31,12 @@ tile loop's address range (cold paths after EXIT, the IEEE division's slow path 
 counted; loop bookkeeping of the tile loop is. Instructions are not weighted by issue cost or
 latency (MUFU, conversions and FFMA count alike).
 
+A second table (sm_90, fp16/bf16) measures the gradient kernels' whole tile loops for the performance
+model in docs/design.md ("Two-pass gradient"): loop_per_pair is every SASS instruction of the tile
+loop (the loop holding the most `tl.dot` instructions, the largest such), MMAs included and an MMA loop
+counted once, per pair a thread owns; rows for the panel kernel at D = 64 (one K step) and for both
+passes of the two-pass gradient (pair_pass_kernel) at D ∈ TWO_PASS_DS, in the launcher's tiles.
+
 The kernel's signature is read from the JIT function: constexprs from kernel_config where it names
 them, WRITE_G and INPUT_PRECISION from the row, every other constexpr flag off (the plain case:
 no weights, sparse labels, as the diagonal default runs). Tensor descriptors get the blocks of
@@ -54,13 +60,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from prcl.kernels.pair_bce import pair_tile_kernel
+from prcl.kernels.pair_bce import pair_pass_kernel, pair_tile_kernel
 from prcl.triton_impl import kernel_config
+from prcl.tuning import two_pass_config
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 ARCHS = (80, 90, 100, 120)
 OPTIONAL_ARCHS = (100, 120)  # reported when the installed triton and ptxas can target them
-DESC_BLOCKS = {"q_desc": ("BLOCK_M", "BLOCK_K"), "d_desc": ("BLOCK_N", "BLOCK_K"), "g_desc": ("BLOCK_M", "BLOCK_N")}
+DESC_BLOCKS = {"q_desc": ("BLOCK_M", "BLOCK_K"), "d_desc": ("BLOCK_N", "BLOCK_K"), "g_desc": ("BLOCK_M", "BLOCK_N"),
+               "own_desc": ("BLOCK_O", "BLOCK_D"), "str_desc": ("BLOCK_S", "BLOCK_D")}
 POINTER_TYPES = {"idx_ptr": "*i64"}
 # Per SM: 32-bit registers, shared memory bytes, resident warps, resident blocks (CUDA occupancy tables)
 SM_LIMITS = {80: (65536, 167936, 64, 32), 90: (65536, 233472, 64, 32),
@@ -70,9 +78,19 @@ RESERVED_SHARED = 1024  # per block, held back by the CUDA runtime on sm_80 and 
 
 def compile_kernel(arch, dtype, write_g):
     cfg = kernel_config(dtype, write_g, arch)
+    return _compile(pair_tile_kernel, arch, dtype, cfg, dict(WRITE_G=write_g)), cfg
+
+
+def compile_pass(arch, dtype, D, row_pass):
+    """A pass of the two-pass gradient at width D (a power of two), in the launcher's configuration."""
+    cfg = dict(two_pass_config(D), BLOCK_D=D)
+    return _compile(pair_pass_kernel, arch, dtype, cfg, dict(ROW_PASS=row_pass)), cfg
+
+
+def _compile(fn, arch, dtype, cfg, flags):
     ty = TRITON_TYPES[dtype]
-    known = dict(cfg, WRITE_G=write_g, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    params = pair_tile_kernel.params
+    known = dict(cfg, **flags, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    params = fn.params
     names = [p.name for p in params]
     constexprs, signature = {}, {}
     for p in params:
@@ -81,7 +99,7 @@ def compile_kernel(arch, dtype, write_g):
             signature[p.name] = "constexpr"
         elif p.name.endswith("_desc"):
             if p.name not in DESC_BLOCKS:
-                raise ValueError(f"pair_tile_kernel argument {p.name!r}: no block shape in DESC_BLOCKS")
+                raise ValueError(f"{fn.__name__} argument {p.name!r}: no block shape in DESC_BLOCKS")
             rows, cols = (cfg[b] for b in DESC_BLOCKS[p.name])
             signature[p.name] = f"tensordesc<{ty}[{rows},{cols}]>"
         elif p.name.endswith("_ptr"):
@@ -89,12 +107,11 @@ def compile_kernel(arch, dtype, write_g):
         else:
             signature[p.name] = "i32"
     aligned = [n for n in names if n.endswith("_ptr") or n == "D"]
-    src = ASTSource(fn=pair_tile_kernel, signature=signature,
+    src = ASTSource(fn=fn, signature=signature,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    return kernel, cfg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
 def _tool(name):
@@ -210,6 +227,17 @@ def epilogue_instructions(instructions, labels, source_file, dot_lines, mma_loop
                and not (_name(f) == source_file and line in mma_loop_lines))
 
 
+def tile_loop_instructions(instructions, labels, source_file, dot_lines):
+    """Every SASS instruction of the tile loop, MMAs and any MMA loop (one iteration) included: the
+    loop that holds the most instructions attributed to the `tl.dot` lines, the largest such."""
+    source_file = os.path.basename(source_file)
+    dots = [a for a, _, f, line in instructions if _name(f) == source_file and line in dot_lines]
+    ranges = loops(instructions, labels)
+    held = {r: sum(r[0] <= a <= r[1] for a in dots) for r in ranges}
+    tile = max(ranges, key=lambda r: (held[r], r[1] - r[0]))
+    return sum(1 for a, *_ in instructions if tile[0] <= a <= tile[1])
+
+
 def _name(path):
     return path and os.path.basename(path)
 
@@ -241,6 +269,39 @@ def report(arch, dtype, write_g, kernel, cfg):
                 epilogue_per_pair=round(epilogue / pairs_per_thread, 1), mma=mma, tma="cp.async.bulk.tensor" in ptx)
 
 
+TWO_PASS_DS = (64, 128, 256)
+
+
+def gradient_loops(arch=90, dtypes=(torch.float16, torch.bfloat16)):
+    """Whole tile loops of the gradient kernels per pair a thread owns, the inputs of the model in
+    docs/design.md ("Two-pass gradient"): the panel kernel at D = 64 (one K step; each further 64 of D
+    adds one MMA loop iteration), and each pass of the two-pass gradient at TWO_PASS_DS."""
+    out = []
+    for dtype in dtypes:
+        cases = [("panels", 64, kernel_config(dtype, True, arch, 64), None)]
+        cases += [(f"two-pass {'rows' if rp else 'cols'}", D, None, rp) for D in TWO_PASS_DS for rp in (True, False)]
+        for design, D, cfg, row_pass in cases:
+            if row_pass is None:
+                kernel = _compile(pair_tile_kernel, arch, dtype, cfg, dict(WRITE_G=True))
+                fn, tile, pairs = pair_tile_kernel, f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", \
+                    cfg["BLOCK_M"] * cfg["BLOCK_N"]
+            else:
+                kernel, cfg = compile_pass(arch, dtype, D, row_pass)
+                fn, tile, pairs = pair_pass_kernel, f"{cfg['BLOCK_O']}x{cfg['BLOCK_S']}x{D}", cfg["BLOCK_O"] * cfg["BLOCK_S"]
+            sass, usage = cubin_tools(kernel.asm["cubin"])
+            registers = int(re.search(r"REG:(\d+)", usage)[1])
+            shared = kernel.metadata.shared + int(re.search(r"SHARED:(\d+)", usage)[1])
+            file, dots, _ = mma_source_lines(fn.fn)
+            loop = tile_loop_instructions(*parse_sass(sass), file, dots)
+            warps = cfg["num_warps"]
+            out.append(dict(arch=f"sm_{arch}", dtype=TRITON_TYPES[dtype], design=design, D=D, tile=tile, warps=warps,
+                            stages=cfg["num_stages"], shared=shared, registers=registers,
+                            spill_bytes=spill_bytes(kernel.asm["ptx"], arch),
+                            blocks_per_sm=blocks_per_sm(arch, registers, shared, warps),
+                            loop_per_pair=round(loop * 32 * warps / pairs, 1)))
+    return out
+
+
 def rows_for(arch):
     """The rows of one arch; an optional arch the toolchain cannot compile for gives (None, reason)."""
     configs = [(dtype, write_g) for dtype in TRITON_TYPES for write_g in (False, True)]
@@ -269,17 +330,25 @@ def main(argv=None):
         got, reason = rows_for(arch)
         rows.extend(got or [])
         skipped.extend([reason] if reason else [])
+    loops_ = gradient_loops() if 90 in args.arch else []
     if args.json:
-        print(json.dumps(dict(triton=triton.__version__, rows=rows, skipped=skipped)))
+        print(json.dumps(dict(triton=triton.__version__, rows=rows, skipped=skipped, gradient_loops=loops_)))
         return 0
     print(f"triton {triton.__version__}, pair_tile_kernel")
+    _print_table(rows)
+    for reason in skipped:
+        print(reason)
+    if loops_:
+        print("\nsm_90 gradient kernels, whole tile loop (loop_per_pair: SASS instructions per pair a thread owns)")
+        _print_table(loops_)
+    return 0
+
+
+def _print_table(rows):
     print("| " + " | ".join(rows[0]) + " |")
     print("|" + "---|" * len(rows[0]))
     for r in rows:
         print("| " + " | ".join(str(v) for v in r.values()) + " |")
-    for reason in skipped:
-        print(reason)
-    return 0
 
 
 if __name__ == "__main__":

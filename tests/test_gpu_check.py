@@ -68,8 +68,9 @@ def test_timings_time_every_case_and_record_missing_peers(dry_run):
     rows = dry_run[2]["sections"]["timings"]["rows"]
     cases = {r["case"] for r in rows}
     assert {"main", "fwd vs GEMM", "fp32"} <= cases and sum(c.startswith("D=") for c in cases) >= 2
+    assert {r["impl"] for r in rows if r["case"].startswith("design")} == {*gpu_check.DESIGNS, "3-GEMM floor"}
     for r in rows:
-        if r["impl"] in ("prcl", "eager", "3-GEMM floor", "gemm"):
+        if r["impl"] in ("prcl", "eager", "3-GEMM floor", "gemm", *gpu_check.DESIGNS):
             assert "error" not in r and r["ms"] > 0 and r["rounds"] >= 3, r
         else:
             assert ("ms" in r) != ("error" in r), r  # a peer either ran or says why not
