@@ -44,10 +44,12 @@ _TABLE = {
 
 
 # The two-pass gradient (docs/design.md, "Two-pass gradient"): its BLOCK_O × D float32 accumulator
-# lives in registers, so D ≤ TWO_PASS_MAX_D; the launcher chooses it for 16-bit inputs on sm_90-class
-# GPUs up to the model's crossover. 4 warps: ≥ 2 blocks per SM at every D (prcl.compile_report)
+# lives in registers, so D ≤ TWO_PASS_MAX_D; the launcher would choose it for 16-bit inputs on sm_90-class
+# GPUs at D ≤ TWO_PASS_CROSSOVER_D. The model's margin (+18–31 % at D ≤ 128 if its MMAs overlap, a loss
+# if not) is within what it leaves out, so the crossover stays 0 (panels everywhere) until
+# `python -m prcl.gpu_check` times both designs on a GPU. 4 warps: ≥ 2 blocks per SM at every D.
 TWO_PASS_MAX_D = 256
-TWO_PASS_CROSSOVER_D = 128
+TWO_PASS_CROSSOVER_D = 0
 _TWO_PASS = dict(BLOCK_O=64, BLOCK_S=64, num_warps=4, num_stages=2)
 
 
