@@ -20,6 +20,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -216,8 +217,14 @@ class LLMEncoder:
             model_kwargs["gguf_file"] = gguf_file
         if dtype is not None:
             model_kwargs["dtype"] = dtype
+        # a GGUF is parsed three times (tokenizer, config, weights) and de-quantised: ~15 s on CPU for
+        # SmolLM2-135M, most of it outside transformers' progress bar
+        source = os.path.join(path, gguf_file) if gguf_file else path
+        logger.info("model: %s: loading%s", source, " (reading and de-quantising the GGUF)" if gguf_file else "")
+        start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **model_kwargs)
+        logger.info("model: %s: loaded in %.1f s", source, time.perf_counter() - start)
         return cls(model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize,
                    gradient_checkpointing=gradient_checkpointing, varlen_attn=varlen_attn)
 

@@ -1,5 +1,7 @@
 """prcl.encoders on tiny random decoder LLMs (tests/tiny_llm.py): nothing is downloaded."""
 import itertools
+import logging
+import re
 import warnings
 
 import pytest
@@ -444,6 +446,29 @@ def test_from_pretrained_round_trip(tmp_path):
     loaded = LLMEncoder.from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float32)
     assert loaded.model.config._attn_implementation == "eager" and loaded.model.config.is_causal is False
     torch.testing.assert_close(loaded.encode(TEXTS), expected, atol=FP32_ATOL, rtol=0)
+
+
+def test_gguf_load_is_announced_before_it_starts_and_timed(tmp_path, monkeypatch, caplog):
+    """Reading and de-quantising a GGUF takes seconds outside transformers' progress bar: the file is named
+    before the load starts, and its duration after."""
+    import transformers
+
+    model, tok = tiny_model_and_tokenizer(causal_lm=True)
+    said_before_model_load = []
+
+    def load_model(path, **kw):
+        said_before_model_load.extend(r.getMessage() for r in caplog.records)
+        assert (path, kw["gguf_file"]) == (str(tmp_path), "tiny.gguf")
+        return model
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path, **kw: tok)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", load_model)
+    caplog.set_level(logging.INFO, logger="prcl.encoders")
+    LLMEncoder.from_pretrained(tmp_path / "tiny.gguf")
+    gguf = re.escape(str(tmp_path / "tiny.gguf"))
+    assert len(said_before_model_load) == 1
+    assert re.fullmatch(rf"model: {gguf}: loading \(reading and de-quantising the GGUF\)", said_before_model_load[0])
+    assert re.fullmatch(rf"model: {gguf}: loaded in \d+\.\d s", caplog.records[-1].getMessage())
 
 
 def smollm2_gguf():

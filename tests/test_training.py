@@ -324,6 +324,7 @@ def test_cli_train_then_encode(tmp_path):
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "mrr" in run.stdout
+    assert f"model: {tmp_path / 'model'}: loading" in run.stderr and "loaded in" in run.stderr
     steps = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 3
     assert json.loads((tmp_path / "out" / "config.json").read_text())["lora_r"] == 4

@@ -196,6 +196,7 @@ def encode_main(argv=None):
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if not args.out.endswith((".pt", ".npy")):
             raise ValueError(f"out: expected a .pt or .npy file name, got {args.out!r}")
