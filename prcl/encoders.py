@@ -425,7 +425,10 @@ class LLMEncoder:
     def save_adapter(self, directory):
         if not self._is_peft():
             raise ValueError("save_adapter needs a LoRA adapter: call add_lora() or load_adapter() first")
-        self.model.save_pretrained(os.fspath(directory))
+        # The base embeddings are frozen and never resized, so the adapter holds the LoRA weights only. peft's
+        # default ("auto") looks for the base model's config.json to compare vocabularies: beside a GGUF there
+        # is none, and its fallback, a Hub lookup, warns "Could not find a config file in ..." when it fails.
+        self.model.save_pretrained(os.fspath(directory), save_embedding_layers=False)
 
     def load_adapter(self, directory, *, is_trainable=False):
         """Attach an adapter saved by save_adapter to this (adapter-free) model."""

@@ -308,6 +308,24 @@ def test_adapter_round_trip_and_merge(tmp_path):
     assert merged.model.config.is_causal is False
 
 
+def test_adapter_save_of_a_model_without_config_json_is_silent(tmp_path, caplog):
+    """A GGUF's directory holds no config.json: peft's default save looked for one (locally, then on the
+    Hub) and warned "Could not find a config file in ..." on every save."""
+    enc = encoder()
+    enc.model.name_or_path = str(tmp_path)  # what from_pretrained("dir/model.gguf") records
+    enc.add_lora(r=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc.save_adapter(tmp_path / "adapter")
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert names and all("lora_" in name for name in names)  # no copy of the (frozen) embeddings
+
+
 def test_bf16_close_to_fp32():
     enc = encoder()
     fp32 = enc.encode(TEXTS)

@@ -317,7 +317,9 @@ def test_cli_train_then_encode(tmp_path):
     tok.save_pretrained(tmp_path / "model")
     data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
     (tmp_path / "c.json").write_text(json.dumps({"lr": 1e-3, "max_steps": 100, "lora_r": 4}))
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # shown even where Python hides them by default: prcl's calls into transformers/peft/torch raise none
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="always::DeprecationWarning,always::FutureWarning")
     cmd = [sys.executable, "-m", "prcl", "train", "--model", str(tmp_path / "model"), "--data", data,
            "--out", str(tmp_path / "out"), "--eval", data, "--batch-size", "4", "--mini-batch-size", "3",
            "--max-steps", "3", "--config", str(tmp_path / "c.json"), "--no-progress"]
@@ -325,6 +327,7 @@ def test_cli_train_then_encode(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "mrr" in run.stdout
     assert f"model: {tmp_path / 'model'}: loading" in run.stderr and "loaded in" in run.stderr
+    assert "DeprecationWarning" not in run.stderr and "FutureWarning" not in run.stderr, run.stderr
     steps = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 3
     assert json.loads((tmp_path / "out" / "config.json").read_text())["lora_r"] == 4
