@@ -28,6 +28,7 @@ from sentence_transformers import (  # noqa: E402
     SentenceTransformerTrainingArguments,
 )
 
+from prcl.contract import DEFAULT_SCALE  # noqa: E402
 from prcl.integrations.sentence_transformers import CachedPairRelevanceLoss, PairRelevanceLoss  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -82,7 +83,7 @@ def main():
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--scale", type=float, default=10.0)
+    ap.add_argument("--scale", type=float, default=DEFAULT_SCALE)
     ap.add_argument("--learnable", action="store_true", help="learn the logit scale and bias")
     ap.add_argument("--logit-lr", type=float, default=0.1, help="their learning rate (Adam: ~ step size)")
     ap.add_argument("--no-graded", dest="graded", action="store_false", help="leave out the relevance-0.5 rows")

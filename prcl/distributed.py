@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 
 from prcl import loss
-from prcl.contract import DTYPES, REDUCTIONS, check_inputs, default_bias
+from prcl.contract import DEFAULT_SCALE, DTYPES, REDUCTIONS, check_inputs, default_bias
 from prcl.ops import auto_backend, check_backend
 
 STRATEGIES = ("gather", "ring")
@@ -173,7 +173,7 @@ class _Plan:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
 
-def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bias=None, reduction="mean",
+def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_SCALE, bias=None, reduction="mean",
                          backend=None, process_group=None, strategy=None):
     """Rank r's share of the global-batch loss; the values on the ranks sum to the one-process loss.
 

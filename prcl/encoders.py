@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import prcl
+from prcl.contract import DEFAULT_SCALE
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +462,7 @@ def _as_list(texts, name="texts"):
     return texts
 
 
-def contrastive_loss_step(encoder, queries, positives, negatives=None, *, instruction=None, scale=10.0,
+def contrastive_loss_step(encoder, queries, positives, negatives=None, *, instruction=None, scale=DEFAULT_SCALE,
                           bias=None, labels=None, packed=False, backend=None):
     """PRCL loss of one batch, ready for `.backward()`.
 

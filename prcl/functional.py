@@ -11,12 +11,12 @@ from typing import Optional, Union
 from torch import Tensor
 
 from prcl import loss, reference
-from prcl.contract import check_inputs
+from prcl.contract import DEFAULT_SCALE, check_inputs
 from prcl.ops import auto_backend, check_backend
 
 
 def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, label_index: Optional[Tensor] = None,
-                   scale: Union[float, Tensor] = 10.0, bias: Union[float, Tensor, None] = None,
+                   scale: Union[float, Tensor] = DEFAULT_SCALE, bias: Union[float, Tensor, None] = None,
                    reduction: str = "mean", backend: Optional[str] = None, process_group=None) -> Tensor:
     """Pair relevance classification loss over every query × document pair.
 

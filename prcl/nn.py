@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prcl.contract import default_bias
+from prcl.contract import DEFAULT_SCALE, default_bias
 from prcl.functional import fused_pair_bce
 
 
@@ -38,7 +38,7 @@ class PairBCELoss(nn.Module):
         reduction, backend: as for prcl.fused_pair_bce.
     """
 
-    def __init__(self, scale: float = 10.0, bias: Optional[float] = None, *, learnable_scale: bool = False,
+    def __init__(self, scale: float = DEFAULT_SCALE, bias: Optional[float] = None, *, learnable_scale: bool = False,
                  learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
         _check(scale, bias)

@@ -8,7 +8,7 @@ takes float64 inputs, so that the tests' gold values come from the same code.
 import torch
 import torch.nn.functional as F
 
-from prcl.contract import DTYPES, check_inputs, default_bias
+from prcl.contract import DEFAULT_SCALE, DTYPES, check_inputs, default_bias
 
 
 def dense_labels(labels, label_index, B, N, device):
@@ -25,7 +25,7 @@ def dense_labels(labels, label_index, B, N, device):
     return Y
 
 
-def pair_bce(q, d, labels=None, *, label_index=None, scale=10.0, bias=None, reduction="mean",
+def pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_SCALE, bias=None, reduction="mean",
              backend=None, process_group=None):
     check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, DTYPES + (torch.float64,))
     if process_group is not None:

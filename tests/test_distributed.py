@@ -173,7 +173,7 @@ def _check_bf16(rank, group):
     want = _one_process(Q, Dd, Y, 10.0, None, "mean", None)
     rows, cols = (slice(0, 3), slice(0, 4)) if rank == 0 else (slice(3, 8), slice(4, 11))
     q, d = Q[rows].clone().requires_grad_(), Dd[cols].clone().requires_grad_()
-    out = prcl.fused_pair_bce(q, d, local[rank][0], label_index=local[rank][1], backend="torch",
+    out = prcl.fused_pair_bce(q, d, local[rank][0], label_index=local[rank][1], scale=10.0, backend="torch",
                               process_group=group)
     out.backward()
     assert q.grad.dtype == d.grad.dtype == torch.bfloat16

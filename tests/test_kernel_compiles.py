@@ -2,6 +2,7 @@
 GPU, in the launcher's own configurations: no register spills in the 16-bit paths, wgmma and TMA on
 sm_90; and the compile report's machine-code measures (epilogue instructions per pair, blocks per SM)
 count what their definitions say."""
+import inspect
 import json
 import os
 import subprocess
@@ -120,13 +121,16 @@ def test_epilogue_count_follows_its_definition():
 
 
 def test_mma_source_lines_find_the_innermost_dot_loop():
-    source, dots, loop_lines = compile_report.mma_source_lines(compile_report.pair_tile_kernel.fn)
+    fn = compile_report.pair_tile_kernel.fn
+    source, dots, loop_lines = compile_report.mma_source_lines(fn)
     with open(source) as f:
         text = f.read().splitlines()
     assert dots and all("tl.dot(" in text[line - 1] for line in dots)
     first = min(loop_lines)
     assert text[first - 1].lstrip().startswith("for ") and dots <= loop_lines
-    assert "tl.dot(" not in "\n".join(text[max(loop_lines):])  # nothing after the loop is a dot
+    body, start = inspect.getsourcelines(fn)
+    end = start + len(body) - 1
+    assert "tl.dot(" not in "\n".join(text[max(loop_lines):end])  # nothing after the loop is a dot
 
 
 @pytest.mark.parametrize("arch,registers,shared,warps,expected", [

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast  # noqa: E402
 
 import prcl  # noqa: E402
+from prcl.contract import DEFAULT_SCALE  # noqa: E402
 from prcl.integrations.sentence_transformers import (  # noqa: E402
     CachedPairRelevanceLoss,
     PairRelevanceLoss,
@@ -236,7 +237,7 @@ def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir, form):
     ours.backward()
     y = expected_labels(anchors, columns, labels).float()
     ref = prcl.fused_pair_bce(F.normalize(ref_in[0], dim=-1), F.normalize(torch.cat(ref_in[1:]), dim=-1), y,
-                              scale=10.0)
+                              scale=DEFAULT_SCALE)
     ref.backward()
     torch.testing.assert_close(ours, ref)
     for a, b in zip(ours_in, ref_in):
@@ -328,7 +329,7 @@ def test_gather_across_devices_needs_torch_distributed(model_dir):
 def test_config_and_citation(model_dir):
     loss_fn = CachedPairRelevanceLoss(tiny_model(model_dir), learnable_bias=True, mini_batch_size=8)
     config = loss_fn.get_config_dict()
-    assert config["scale"] == 10.0 and config["bias"].startswith("-log(N-1)") and config["mini_batch_size"] == 8
+    assert config["scale"] == DEFAULT_SCALE and config["bias"].startswith("-log(N-1)") and config["mini_batch_size"] == 8
     assert "Sigmoid Loss" in loss_fn.citation and "Memory Limited" in loss_fn.citation
 
 
@@ -378,7 +379,7 @@ def test_trainer_steps(model_dir, tmp_path, variant):
     if variant == "learnable":
         optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
         assert id(loss_fn.logit_scale) in optimised and id(loss_fn.logit_bias) in optimised
-        assert loss_fn.logit_scale.item() != pytest.approx(math.log(10.0))
+        assert loss_fn.logit_scale.item() != pytest.approx(math.log(DEFAULT_SCALE))
         assert loss_fn.logit_bias.item() != 0.0
 
 

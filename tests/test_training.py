@@ -396,3 +396,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     norms = [[json.loads(x)["grad_norm"] for x in (tmp_path / run / "out" / "metrics.jsonl").read_text().splitlines()]
              for run in ("one", "two")]
     torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_train_config_scale_is_the_library_default():
+    """TrainConfig spells the default scale out (the CLI parses it without importing torch): it must
+    stay prcl's one default."""
+    from prcl.contract import DEFAULT_SCALE
+
+    assert TrainConfig().scale == DEFAULT_SCALE
+    assert parse_train_args(["--model", "m", "--data", "d.jsonl", "--out", "o"]).scale == DEFAULT_SCALE

@@ -26,7 +26,7 @@ class TrainConfig:
     max_grad_norm: float = None
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss or gradient instead of stopping
     loss: str = "prcl"
-    scale: float = 10.0
+    scale: float = 5.0  # prcl.contract.DEFAULT_SCALE (not imported: `prcl train --help` runs without torch)
     learn_scale: bool = False
     bias: float = None  # None = −log(N − 1) from each batch's N
     dedup: bool = True

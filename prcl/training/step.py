@@ -16,6 +16,7 @@ import math
 import torch
 
 import prcl
+from prcl.contract import DEFAULT_SCALE
 
 LOSSES = ("prcl", "softmax")
 
@@ -45,7 +46,7 @@ def info_nce(q, d, labels, label_index, *, scale, reduction="mean", n_queries=No
     return per_query.sum() / (n_queries or B)
 
 
-def batch_loss(q, d, batch, *, loss="prcl", scale=10.0, bias=None, backend=None, process_group=None):
+def batch_loss(q, d, batch, *, loss="prcl", scale=DEFAULT_SCALE, bias=None, backend=None, process_group=None):
     """Loss of a Batch's embeddings q (B, D), d (N, D); scale/bias may be tensors that learn."""
     labels, label_index = batch.labels.to(q.device), batch.label_index.to(q.device)
     if loss == "prcl":
