@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import prcl
 from prcl.contract import DEFAULT_SCALE
@@ -388,9 +389,9 @@ class LLMEncoder:
         return self._embed_tokens(self.tokenize(texts, instruction), packed).to(dtype)
 
     @torch.no_grad()
-    def encode(self, texts, instruction=None, batch_size=32, *, packed=False):
+    def encode(self, texts, instruction=None, batch_size=32, *, packed=False, progress=False):
         """(len(texts), hidden) float32 embeddings for inference: eval mode, no grad, batches of batch_size
-        texts of similar length (less padding), returned in input order."""
+        texts of similar length (less padding), returned in input order; `progress` shows a tqdm bar."""
         texts = _as_list(texts)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -402,9 +403,11 @@ class LLMEncoder:
         was_training = self.model.training
         self.model.eval()
         try:
-            for k in range(0, len(order), batch_size):
-                idx = order[k: k + batch_size]
-                out[idx] = self._embed_tokens([seqs[i] for i in idx], packed)
+            with tqdm(total=len(order), unit="text", desc="encode", disable=not progress) as bar:
+                for k in range(0, len(order), batch_size):
+                    idx = order[k: k + batch_size]
+                    out[idx] = self._embed_tokens([seqs[i] for i in idx], packed)
+                    bar.update(len(idx))
         finally:
             self.model.train(was_training)
         return out

@@ -311,7 +311,7 @@ def test_config_file_and_flag_precedence(tmp_path):
         _read_config(tmp_path / "bad.json")
 
 
-def test_cli_train_then_encode(tmp_path):
+def test_cli_train_then_encode(tmp_path, capsys):
     model, tok = tiny_model_and_tokenizer("llama")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
@@ -336,6 +336,8 @@ def test_cli_train_then_encode(tmp_path):
     out = tmp_path / "emb.npy"
     assert encode_main(["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "out" / "adapter"),
                         "--data", texts, "--out", str(out)]) == 0
+    bar = capsys.readouterr().err  # the tqdm bar of the embedding phase
+    assert "encode: 100%" in bar and "2/2" in bar, bar
     import numpy as np
 
     emb = np.load(out)

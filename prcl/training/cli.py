@@ -208,7 +208,7 @@ def encode_main(argv=None):
         if args.adapter:
             enc.load_adapter(args.adapter)
         enc.model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        emb = enc.encode(texts, instruction=args.instruction, batch_size=args.batch_size).float().cpu()
+        emb = enc.encode(texts, instruction=args.instruction, batch_size=args.batch_size, progress=True).float().cpu()
     except ValueError as e:
         return _fail("prcl encode", e)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
