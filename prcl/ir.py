@@ -249,7 +249,8 @@ def is_sentence_transformer(path):
 def load_encode(model, *, adapter=None, gguf_file=None, batch_size=32, max_length=512, pooling="mean",
                 device=None):
     """encode(texts, instruction) for a model path: a sentence-transformers directory (modules.json;
-    the instruction is its prompt) or an LLM for prcl.encoders.LLMEncoder (directory or .gguf)."""
+    the instruction is its prompt) or an LLM for prcl.encoders.LLMEncoder (directory or .gguf); each
+    call shows a progress bar (`prcl eval` embeds the whole corpus)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,7 +264,7 @@ def load_encode(model, *, adapter=None, gguf_file=None, batch_size=32, max_lengt
 
         def encode(texts, instruction):
             return st.encode(texts, prompt=instruction, batch_size=batch_size, convert_to_tensor=True,
-                             normalize_embeddings=True, show_progress_bar=False).float()
+                             normalize_embeddings=True, show_progress_bar=True).float()
         return encode
     from prcl.encoders import LLMEncoder
 
@@ -271,7 +272,8 @@ def load_encode(model, *, adapter=None, gguf_file=None, batch_size=32, max_lengt
     if adapter:
         enc.load_adapter(adapter)
     enc.model.to(device)
-    return lambda texts, instruction: enc.encode(texts, instruction=instruction, batch_size=batch_size)
+    return lambda texts, instruction: enc.encode(texts, instruction=instruction, batch_size=batch_size,
+                                                 progress=True)
 
 
 # ---- prcl eval -------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def test_examples_to_beir():
     assert set(qrels["q0"].values()) == {1}
 
 
-def test_prcl_eval_cli_writes_run_and_metrics(tmp_path):
+def test_prcl_eval_cli_writes_run_and_metrics(tmp_path, capsys):
     model, tok = tiny_model_and_tokenizer("llama")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
@@ -184,6 +184,7 @@ def test_prcl_eval_cli_writes_run_and_metrics(tmp_path):
     argv = ["--model", str(tmp_path / "model"), "--corpus", str(corpus), "--queries", str(queries),
             "--qrels", str(qrels), "--out", str(out), "--chunk-size", "4", "--k", "1", "10"]
     assert main(argv) == 0
+    assert "encode: 100%" in capsys.readouterr().err  # the embedding phases show progress
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     run = {}
     for line in (out / "run.trec").read_text().splitlines():

@@ -327,6 +327,7 @@ def test_cli_train_then_encode(tmp_path, capsys):
     assert run.returncode == 0, run.stderr
     assert "mrr" in run.stdout
     assert f"model: {tmp_path / 'model'}: loading" in run.stderr and "loaded in" in run.stderr
+    assert "eval at step 0: embedding 22 queries" in run.stderr and "eval at step 3 (" in run.stderr
     assert "DeprecationWarning" not in run.stderr and "FutureWarning" not in run.stderr, run.stderr
     steps = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 3

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import logging
+import time
 
 import torch
 
@@ -45,12 +46,14 @@ def evaluate_and_record(encoder, examples, step, path, *, ks, batch_size, autoca
     """evaluate() in eval mode, one line appended to path (OUT/eval.jsonl) and to the log."""
     model = encoder.model
     model.eval()
+    logger.info("eval at step %d: embedding %d queries and their documents", step, len(examples))
+    t0 = time.perf_counter()
     try:
         result = evaluate(encoder, examples, ks=ks, batch_size=batch_size, autocast=autocast)
     finally:
         model.train()
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, **result}) + "\n")
-    logger.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                                                         if k.startswith(("recall", "mrr", "ndcg"))))
+    logger.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0,
+                ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith(("recall", "mrr", "ndcg"))))
     return result
