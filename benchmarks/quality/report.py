@@ -1,25 +1,34 @@
-"""Table (mean ± std over seeds) and plot of run_minilm.py's results.
+"""Table (mean ± std over seeds) and plot of run_minilm.py's results, one row per setting.
 
-    python benchmarks/quality/report.py      # results/minilm.jsonl -> results/minilm.md, results/minilm.png
+    python benchmarks/quality/report.py [--results results/minilm.jsonl]   # -> the same name .md and .png
 """
 import argparse
 import json
+import shlex
 import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
-ORDER = ("zero-shot", "infonce", "prcl-binary", "prcl-graded", "prcl-all")
+# flags that do not change what is trained or measured
+NOT_SETTINGS = {"--seed", "--results", "--split", "--threads"}
+
+
+def settings(command):
+    """The run's flags but the seed and where results go, as written: the row's key."""
+    args = shlex.split(command)[2:]
+    pairs = [(a, b) for a, b in zip(args[::2], args[1::2]) if a not in NOT_SETTINGS]
+    loss = dict(pairs).get("--loss")
+    return loss, " ".join(f"{a} {b}" for a, b in pairs if a != "--loss")
 
 
 def groups(records):
     out = {}
     for r in records:
-        key = (r["loss"], r["split"], r.get("steps"), r.get("batch_size"), r.get("lr"), r["max_seq_length"])
-        out.setdefault(key, []).append(r)
+        out.setdefault(settings(r["command"]) + (r["split"],), []).append(r)
     for rs in out.values():
         rs.sort(key=lambda r: r["seed"])
-    return dict(sorted(out.items(), key=lambda kv: (ORDER.index(kv[0][0]), str(kv[0][1:]))))
+    return out
 
 
 def fmt(values):
@@ -29,24 +38,23 @@ def fmt(values):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(HERE / "results" / "minilm.jsonl"))
+    ap.add_argument("--title", default="all-MiniLM-L6-v2 on man pages 2/3")
     args = ap.parse_args()
     path = Path(args.results)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = groups(records)
-    lines = ["| loss | split | steps × batch | lr | seeds | " + " | ".join(METRICS) + " | CPU-s per run (mean) |",
-             "|---" * (6 + len(METRICS)) + "|"]
-    for (loss, split, steps, batch, lr, _), rs in rows.items():
-        train = [r["cpu_s"] for r in rs]
-        lines.append(f"| {loss} | {split} | {f'{steps} × {batch}' if steps else '—'} | {lr or '—'} | "
-                     f"{','.join(str(r['seed']) for r in rs)} | "
+    lines = ["| loss | settings | split | seeds | " + " | ".join(METRICS) + " | CPU-s per run (mean) |",
+             "|---" * (5 + len(METRICS)) + "|"]
+    for (loss, flags, split), rs in rows.items():
+        lines.append(f"| {loss} | {flags or '—'} | {split} | {','.join(str(r['seed']) for r in rs)} | "
                      + " | ".join(fmt([r[m] for r in rs]) for m in METRICS)
-                     + f" | {statistics.mean(train):.0f} |")
-    lines += ["", "Commands, one per run (in benchmarks/quality/, under OMP_NUM_THREADS=1 nice -n 10):", ""] + [f"    {r['command']}" for rs in rows.values() for r in rs]
-    first = records[0]
-    lines += ["", f"CPU: {first['cpu']}, {first['threads']} thread(s), torch {first['torch']}, "
-              f"max_seq_length {first['max_seq_length']}."]
+                     + f" | {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
+    cpus = sorted({f"{r['cpu']}, {r['threads']} thread(s), torch {r['torch']}" for r in records})
+    lines += ["", "Commands, one per run (in benchmarks/quality/, under OMP_NUM_THREADS=1 nice -n 10):", ""]
+    lines += [f"    {r['command']}" for rs in rows.values() for r in rs]
+    lines += ["", "CPU: " + "; ".join(cpus) + f"; max_seq_length {records[0]['max_seq_length']}."]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -55,15 +63,17 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for n, ((loss, split, *_), rs) in enumerate(rows.items()):
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(rows)))
+    for n, rs in enumerate(rows.values()):
         ys = [r["ndcg@10"] for r in rs]
-        ax.scatter([n] * len(ys), ys, color="C0", alpha=0.6)
-        ax.errorbar(n + 0.15, statistics.mean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else 0,
-                    fmt="s", color="C3", capsize=4)
-    ax.set_xticks(range(len(rows)), [k[0] for k in rows])
-    ax.set_ylabel(f"nDCG@10 ({next(iter(rows))[1]} split)")
-    ax.set_title("all-MiniLM-L6-v2 on man pages 2/3: dots = seeds, square = mean ± std", fontsize=9)
+        ax.scatter(ys, [n] * len(ys), color="C0", alpha=0.6, s=14)
+        ax.errorbar(statistics.mean(ys), n + 0.2, xerr=statistics.stdev(ys) if len(ys) > 1 else 0,
+                    fmt="s", color="C3", capsize=3, markersize=4)
+    ax.set_yticks(range(len(rows)), [f"{loss} {flags}".strip() for loss, flags, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("nDCG@10 (" + "/".join(sorted({split for *_, split in rows})) + " split)")
+    ax.set_title(f"{args.title}: dots = seeds, square = mean ± std", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
 
