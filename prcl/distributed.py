@@ -203,10 +203,10 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
     if strategy == "gather":
         d_all = _GatherRows.apply(d, plan) if want[1] else _gather_rows(d, plan)
         y, index = _global_labels(plan, q, d.shape[0], sum(n_sizes))
-        out = loss.pair_bce(q, d_all, y, index, scale, bias, "none" if plan.per_row else "sum", backend)
-    else:
-        t, b = loss.scalar(scale, q.device), loss.scalar(bias, q.device)
-        out = _RingLoss.apply(q, d, t, b, plan)
+        # the global mean's 1/B inside the op: the query gradients are rounded once, with it applied
+        return loss.pair_bce(q, d_all, y, index, scale, bias, reduction, backend, n_queries=sum(b_sizes))
+    t, b = loss.scalar(scale, q.device), loss.scalar(bias, q.device)
+    out = _RingLoss.apply(q, d, t, b, plan)
     return out / sum(b_sizes) if reduction == "mean" else out
 
 

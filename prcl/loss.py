@@ -32,20 +32,22 @@ def kernel_labels(labels, label_index, B, device):
     return labels, label_index
 
 
-def pair_bce(q, d, labels, label_index, scale, bias, reduction, backend):
-    """The loss of checked inputs on a named backend; bias=None is −log(N−1) of this call's N."""
+def pair_bce(q, d, labels, label_index, scale, bias, reduction, backend, n_queries=None):
+    """The loss of checked inputs on a named backend; bias=None is −log(N−1) of this call's N; the
+    mean divides by n_queries (default B: other ranks' queries count in the distributed mean)."""
+    n_queries = q.shape[0] if n_queries is None else n_queries
     t = scalar(scale, q.device)
     b = scalar(default_bias(d.shape[0]) if bias is None else bias, q.device)
     y, index = kernel_labels(labels, label_index, q.shape[0], q.device)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, d, t, b))
     if reduction != "none" and needs_grad:
         # the mean's 1/B goes into the op, so that the gradients are rounded once, with it applied
-        weight = 1.0 / q.shape[0] if reduction == "mean" else 1.0
+        weight = 1.0 / n_queries if reduction == "mean" else 1.0
         return torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend, weight, True)[0]
     rows = torch.ops.prcl.pair_bce_rows(q, d, t, b, y, index, backend)
     if reduction == "none":
         return rows
-    return rows.sum() / q.shape[0] if reduction == "mean" else rows.sum()
+    return rows.sum() / n_queries if reduction == "mean" else rows.sum()
 
 
 def pair_bce_grads(q, d, labels, label_index, t, b, grad_rows, backend):

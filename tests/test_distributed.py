@@ -269,3 +269,22 @@ def test_a_raising_rank_fails_promptly(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed"):
         _spawn(_raising_worker, 2, tmp_path, timeout_s)
     assert time.monotonic() - start < timeout_s / 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_rank_gather_rounds_gradients_once(tmp_path, dtype):
+    """The gather strategy's global mean enters the op, as in one process: with one rank the 16-bit
+    gradients equal the plain call's bitwise (a division after the op would round them twice)."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, d = torch.randn(37, 19, generator=gen).to(dtype), torch.randn(53, 19, generator=gen).to(dtype)
+        grads = []
+        for group in (dist.group.WORLD, None):
+            qg, dg = q.clone().requires_grad_(), d.clone().requires_grad_()
+            prcl.fused_pair_bce(qg, dg, backend="torch", process_group=group).backward()
+            grads.append((qg.grad, dg.grad))
+        (q_dist, d_dist), (q_one, d_one) = grads
+        assert torch.equal(q_dist, q_one) and torch.equal(d_dist, d_one)
+    finally:
+        dist.destroy_process_group()

@@ -469,3 +469,21 @@ def test_two_pass_only_where_d_fits_its_registers(two_pass):
     assert not triton_impl.two_pass(torch.empty(2, tuning.TWO_PASS_MAX_D + 1))
     with pytest.raises(ValueError, match="D"):
         tuning.two_pass_config(tuning.TWO_PASS_MAX_D + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradients_are_rounded_once(backend, reduction, dtype):
+    """autograd's 16-bit gradients are the op's float32 gradients rounded once: the mean's 1/B is
+    applied before that rounding, not after it (bitwise)."""
+    B, N = 37, 53
+    q, d, _ = make_inputs(B, N, 19, dtype)
+    ql, dl = q.clone().requires_grad_(), d.clone().requires_grad_()
+    prcl.fused_pair_bce(ql, dl, scale=7.0, bias=-3.0, reduction=reduction, backend=backend).backward()
+    t, b = torch.tensor(7.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE)
+    y, index = torch.ones(B, 1, device=DEVICE), torch.arange(B, device=DEVICE)[:, None]
+    weight = 1 / B if reduction == "mean" else 1.0
+    _, dq, dd, _, _ = torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend, weight, False)
+    assert dq.dtype == dd.dtype == torch.float32
+    assert torch.equal(ql.grad, dq.to(dtype)) and torch.equal(dl.grad, dd.to(dtype))

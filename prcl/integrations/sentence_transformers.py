@@ -114,7 +114,7 @@ def pair_targets(labels, rows, cols, batch_size):
     labels = torch.ones(batch_size, 1, device=device) if labels is None else labels.reshape(batch_size, -1)
     n_labelled = labels.shape[1]
     counts = torch.bincount(rows, minlength=batch_size)
-    k = n_labelled + int(counts.max())
+    k = n_labelled + (int(counts.max()) if rows.numel() else 0)  # a host read only when pairs are excluded
     label_index = torch.full((batch_size, k), -1, dtype=torch.int64, device=device)
     y = torch.full((batch_size, k), -1.0, device=device)
     label_index[:, :n_labelled] = (torch.arange(batch_size, device=device)[:, None]
@@ -226,7 +226,7 @@ class PairRelevanceLoss(PairBCELoss):
         q = F.normalize(embeddings[0].float(), dim=-1).to(dtype)
         d = F.normalize(torch.cat(embeddings[1:]).float(), dim=-1).to(dtype)
         if labels is not None and labels.shape[0] != q.shape[0]:
-            raise ValueError(f"labels: expected ({q.shape[0]},), one per anchor, got {tuple(labels.shape)}")
+            raise ValueError(f"labels: expected {q.shape[0]} rows, one per anchor, got {tuple(labels.shape)}")
         if not self.gather_across_devices:
             t, b = self.scale_and_bias(d.shape[0])
             return fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b)
