@@ -63,7 +63,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(rows)))
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.32 * len(rows)))
     for n, rs in enumerate(rows.values()):
         ys = [r["ndcg@10"] for r in rs]
         ax.scatter(ys, [n] * len(ys), color="C0", alpha=0.6, s=14)
