@@ -46,6 +46,14 @@ def cpu_name():
     return platform.processor()
 
 
+def append_record(record, results):
+    """One JSON line per run in the results file (report.py's input), and the record on stdout."""
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record, indent=1))
+
+
 def train_rows(queries, corpus, qrels, args):
     """(anchor, positive[, related], label) rows: the top-graded pages; with prcl-graded / prcl-all every
     judged page too, labelled grade / top grade / 1; with prcl-related a grade-1 page beside each row.
@@ -153,10 +161,7 @@ def main():
     record.update(max_seq_length=args.max_seq_length, wall_s=round(time.perf_counter() - t_start, 1),
                   cpu_s=round(time.process_time() - cpu_start, 1), threads=args.threads, cpu=cpu_name(),
                   torch=torch.__version__, command="python " + " ".join(sys.argv))
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record, indent=1))
+    append_record(record, args.results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from run_minilm import cpu_name
+from run_minilm import append_record, cpu_name
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,10 +81,7 @@ def main():
                   cpu_s=round(usage.children_user + usage.children_system + time.process_time() - cpu_start, 1),
                   threads=1, cpu=cpu_name(), torch=__import__("torch").__version__,
                   command="python " + " ".join(sys.argv))
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record, indent=1))
+    append_record(record, args.results)
 
 
 if __name__ == "__main__":
