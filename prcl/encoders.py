@@ -16,6 +16,7 @@ sequence lengths — torch's FlashAttention varlen kernel on CUDA, no mask tenso
 applies (CPU, fp32, an older torch or GPU) a packed batch takes a (tokens × tokens) block-diagonal mask.
 """
 import contextlib
+import functools
 import importlib.metadata
 import inspect
 import logging
@@ -73,13 +74,24 @@ def flash_attn_available():
 
 
 def torch_varlen_attn():
-    """torch.nn.attention.varlen.varlen_attn where this torch has it with grouped-query heads (enable_gqa),
-    else None. A FlashAttention kernel: CUDA only, fp16/bf16, Ampere or newer."""
+    """torch.nn.attention.varlen.varlen_attn, taking grouped-query heads (enable_gqa) on every torch that has it
+    (torch 2.11's has no enable_gqa: key and value heads are repeated for it), else None. A FlashAttention
+    kernel: CUDA only, fp16/bf16, Ampere or newer."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn if "enable_gqa" in inspect.signature(varlen_attn).parameters else None
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn
+    return functools.partial(_repeat_kv_heads, varlen_attn)
+
+
+def _repeat_kv_heads(varlen_attn, q, k, v, *args, enable_gqa=False, **kwargs):
+    """varlen_attn with grouped-query heads for a kernel without enable_gqa: query head h reads key/value head
+    h // (query heads / key-value heads), as transformers' repeat_kv lays them out."""
+    if enable_gqa:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, *args, **kwargs)
 
 
 def _sdpa_or_varlen(module, query, key, value, attention_mask, *, dropout=0.0, scaling=None, varlen_attn=None,

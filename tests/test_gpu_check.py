@@ -6,9 +6,13 @@ import subprocess
 import sys
 import time
 
+import types
+
 import pytest
+import torch
 
 from prcl import gpu_check
+from prcl.contract import check_inputs
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,18 @@ def test_lora_step_padded_and_packed(dry_run):
     assert rec["batch"]["tokens"] > 0 and rec["batch"]["trainable_params"] > 0
 
 
+def test_every_gpu_correctness_case_passes_the_input_checks():
+    """The GPU run's own case list (not the dry run's), through the checks every backend applies first: a case
+    its label form cannot take (the diagonal forms with B > N) would fail before any kernel ran."""
+    ck = types.SimpleNamespace(device=torch.device("cpu"), dry_run=False)
+    cases = gpu_check.correctness_cases(dry_run=False)
+    assert any(B > N for _, B, N, *_ in cases) and {c[4] for c in cases} == set(gpu_check.FORMS)
+    for dtype, B, N, D, form, layout, reduction, late in cases:
+        q, d, gen = gpu_check.inputs(ck, B, N, D, late=late)
+        labels, label_index = gpu_check.labels_for(ck, form, B, N, gen, converged=late)
+        check_inputs(q.float(), d.float(), labels, label_index, 7.0, -3.0, reduction, "triton")
+
+
 def test_failing_and_overrunning_sections_are_isolated(tmp_path, monkeypatch):
     def broken(ck, rec):
         rec["rows"] = ["partial"]
@@ -104,3 +120,30 @@ def test_failing_and_overrunning_sections_are_isolated(tmp_path, monkeypatch):
     assert "time box" in sections["slow"]["error"] and sections["slow"]["seconds"] < 3
     assert sections["fine"]["passed"] and "error" not in sections["fine"]
     assert "section broke" in (tmp_path / "log.txt").read_text()
+    assert "| fine | pass |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_hung_section_leaves_the_earlier_results_and_a_traceback(tmp_path):
+    """A call stuck where Python's time box cannot reach it (here: a C sleep with SIGALRM ignored, as inside a
+    hung CUDA synchronize) is ended by the C-level watchdog: the process exits, the finished sections' results
+    and summary are on disk, the summary names the section that hung and log.txt holds its traceback."""
+    script = f"""
+import signal, sys, time
+from prcl import gpu_check
+def fine(ck, rec):
+    rec["passed"] = True
+def hung(ck, rec):
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    time.sleep(60)
+gpu_check.WATCHDOG_GRACE_S = 1
+gpu_check.SECTIONS = (("fine", 10, fine), ("hung", 1, hung))
+sys.exit(gpu_check.main(["--out", {str(tmp_path)!r}, "--dry-run"]))
+"""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert proc.returncode != 0 and time.perf_counter() - t0 < 30
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["running"] == "hung" and results["sections"]["fine"]["passed"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| fine | pass |" in summary and "| hung | did not finish |" in summary
+    assert "Timeout" in (tmp_path / "log.txt").read_text() and "in hung" in (tmp_path / "log.txt").read_text()
