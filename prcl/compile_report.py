@@ -61,7 +61,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from prcl.kernels.pair_bce import pair_pass_kernel, pair_tile_kernel
-from prcl.triton_impl import kernel_config
+from prcl.triton_impl import input_precision, kernel_config
 from prcl.tuning import two_pass_config
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -89,7 +89,7 @@ def compile_pass(arch, dtype, D, row_pass):
 
 def _compile(fn, arch, dtype, cfg, flags):
     ty = TRITON_TYPES[dtype]
-    known = dict(cfg, **flags, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    known = dict(cfg, **flags, INPUT_PRECISION=input_precision(dtype))
     params = fn.params
     names = [p.name for p in params]
     constexprs, signature = {}, {}

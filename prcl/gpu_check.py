@@ -133,17 +133,17 @@ def environment(ck, rec):
 
 
 def _commit(source):
-    """The source tree's commit: git's, or PRCL_COMMIT for a copy without .git (e.g. a tree sent to a GPU machine),
-    marked "+changes" where the tree differs from it."""
+    """The source tree's commit: PRCL_COMMIT where set (a copy sent to a GPU machine has no .git, or a stale
+    one), else git's, marked "+changes" where the tree differs from it."""
+    if os.environ.get("PRCL_COMMIT"):
+        return os.environ["PRCL_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=source)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, timeout=10, cwd=source)
     except (OSError, subprocess.SubprocessError):
-        head = dirty = None
-    if head is not None and head.returncode == 0 and head.stdout.strip():
-        return head.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
-    return os.environ.get("PRCL_COMMIT") or None
+        return None
+    return head.stdout.strip() + (" +changes" if dirty.stdout.strip() else "") if head.returncode == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------

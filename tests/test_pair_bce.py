@@ -418,6 +418,22 @@ def test_fp32_matmul_precision_read_through_the_current_api():
         matmul.fp32_precision, torch.backends.fp32_precision = saved
 
 
+def test_fp32_dot_precision_follows_the_matmul_setting():
+    """float32 products: TF32 where torch's matmul setting allows it, else three TF32 products (about float32's
+    accuracy, on the tensor cores); 16-bit products are exact either way."""
+    from prcl.triton_impl import input_precision
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert input_precision(torch.float32) == "tf32x3" and input_precision(torch.bfloat16) == "tf32"
+        matmul.fp32_precision = "tf32"
+        assert input_precision(torch.float32) == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+
+
 @pytest.fixture
 def two_pass(monkeypatch):
     """The Triton gradient forced to the two-pass kernels; counts their launches."""
