@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +51,8 @@ import traceback
 from pathlib import Path
 
 import torch  # importing torch does not import triton: --dry-run can still choose its interpreter
+
+from prcl.bench.timing import rounds_for, summarize
 
 log = logging.getLogger("prcl.gpu_check")
 
@@ -471,10 +472,8 @@ def measure(ck, fn, budget_s=1.5):
     warm = time.perf_counter() - t0
     if ck.cuda:
         peak = torch.cuda.max_memory_allocated() - base
-    rounds = max(3, min(20, int(budget_s / max(warm, 1e-6))))
-    times = _timer(ck, fn, rounds)
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return statistics.median(times), q3 - q1, rounds, peak
+    rounds = rounds_for(warm, budget_s, hi=20)
+    return *summarize(_timer(ck, fn, rounds)), rounds, peak
 
 
 def timings(ck, rec):

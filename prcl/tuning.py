@@ -108,25 +108,13 @@ _picked = {}
 def pick(arch, dtype, grad, D, measure=None):
     """The tile configuration for this key, chosen once per process.
 
-    measure(cfg) -> time of one run with cfg on the real inputs (e.g. `cuda_time`); None: no timing,
+    measure(cfg) -> time of one run with cfg on the real inputs; None: no timing,
     the first candidate. Ties go to the earlier candidate."""
     key = (arch, dtype, bool(grad), d_bucket(D))
     if key not in _picked:
         options = candidates(arch, dtype, grad, D)
         _picked[key] = options[0] if measure is None or len(options) == 1 else min(options, key=measure)
     return dict(_picked[key])
-
-
-def cuda_time(run):
-    """Milliseconds of one run() on the current CUDA stream, measured with CUDA events after an untimed
-    run (which compiles the kernel)."""
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 def panel_shape(B, N, panel_elems):
