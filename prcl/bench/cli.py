@@ -39,7 +39,10 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"argument --threads: must be >= 1, got {args.threads}")
     import torch
 
     from prcl.bench.cases import default_docs, make_case
@@ -53,7 +56,7 @@ def main(argv=None):
         print("prcl bench: --device cuda, but torch sees no CUDA device")
         return 2
     N = args.docs or default_docs(args.batch, args.label_form)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         if min(args.batch, N, args.dim, args.repeats) < 1:
