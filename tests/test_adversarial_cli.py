@@ -529,6 +529,8 @@ def test_train_eval_and_prcl_eval_agree_on_graded_qrels(model_dir, tmp_path, cap
                  n_docs=len(LINES))
     assert ir.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "e"), "--k", "1", "5",
                     "10"]) == 0
+    assert f"prcl eval: corpus {tmp_path / 'set' / 'corpus.jsonl'}, queries {tmp_path / 'set' / 'queries.jsonl'}" in (
+        capsys.readouterr().err)  # says which corpus it reads
     by_eval = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
     data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
     assert train_main(["--model", str(model_dir), "--data", data, "--eval", str(qrels), "--out", str(tmp_path / "o"),

@@ -12,6 +12,7 @@ import gc
 import time
 
 from prcl.bench import DTYPE_NAMES, LABEL_FORMS, SCALE
+from prcl.files import resolve_device
 
 
 def parser():
@@ -51,9 +52,10 @@ def main(argv=None):
     from prcl.bench.timing import load_average
     from prcl.contract import check_inputs
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("prcl bench: --device cuda, but torch sees no CUDA device")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"prcl bench: {e}")
         return 2
     N = args.docs or default_docs(args.batch, args.label_form)
     if args.threads is not None:

@@ -388,18 +388,22 @@ def convert_pickle_checkpoint(path):
             raise CheckpointError(f"{f}: not converted: torch.load(weights_only=True) refused it ({reason})") from None
 
     old = load(path / "state.pt")
-    tensors = {f"weight.{n}": t.contiguous() for n, t in old["trainable"].items()}
-    if old["log_scale"] is not None:
-        tensors["log_scale"] = old["log_scale"]
-    state = {"format": FORMAT, "step": old["step"], "data": old["data"],
-             "counters": {"skipped_lines": old.get("skipped", 0), "nonfinite": 0},
-             "scheduler": old["scheduler"], "optimizer": _split_optimizer(old["optimizer"], tensors),
-             "settings": None, "schedule": None}
-    pickles = [path / "state.pt"]
-    for f in sorted(path.glob("rng-*.pt")):
-        rng = load(f)
-        rng_tensors = {"torch": rng["torch"], **{f"cuda.{i}": s for i, s in enumerate(rng["cuda"] or [])}}
-        save_file(rng_tensors, f.with_suffix(".safetensors"), metadata={"python": json.dumps(rng["python"])})
+    try:
+        tensors = {f"weight.{n}": t.contiguous() for n, t in old["trainable"].items()}
+        if old["log_scale"] is not None:
+            tensors["log_scale"] = old["log_scale"]
+        state = {"format": FORMAT, "step": old["step"], "data": old["data"],
+                 "counters": {"skipped_lines": old.get("skipped", 0), "nonfinite": 0},
+                 "scheduler": old["scheduler"], "optimizer": _split_optimizer(old["optimizer"], tensors),
+                 "settings": None, "schedule": None}
+        pickles = [path / "state.pt"]
+        rngs = {f: load(f) for f in sorted(path.glob("rng-*.pt"))}
+        rngs = {f: ({"torch": rng["torch"], **{f"cuda.{i}": s for i, s in enumerate(rng["cuda"] or [])}},
+                    {"python": json.dumps(rng["python"])}) for f, rng in rngs.items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # not the layout an earlier prcl wrote
+        raise CheckpointError(f"{path}: not converted: not an earlier prcl checkpoint ({type(e).__name__}: {e})") from None
+    for f, (rng_tensors, meta) in rngs.items():
+        save_file(rng_tensors, f.with_suffix(".safetensors"), metadata=meta)
         pickles.append(f)
     save_file(tensors, path / TENSORS)
     write_text(path / STATE, json.dumps(state, allow_nan=False) + "\n")

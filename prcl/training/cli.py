@@ -23,7 +23,8 @@ HELP = {
     "model": "local model directory, or a .gguf file (or a directory with --gguf-file)",
     "data": "training JSONL: {query, positive, negatives, instruction?, graded?} per line",
     "out": "output directory: metrics.jsonl, eval.jsonl, checkpoint-STEP/, adapter/",
-    "eval": "held-out JSONL: recall@k, nDCG@10, MRR@10 and MAP (as prcl eval computes them)",
+    "eval": "held-out JSONL, or BEIR/TREC qrels DIR/qrels/SPLIT.tsv (graded, against DIR/corpus.jsonl): recall@k, "
+            "nDCG@10, MRR@10 and MAP, read and computed by prcl eval's code",
     "gguf_file": "GGUF file name inside the --model directory",
     "batch_size": "queries per micro-step over all ranks (B)",
     "mini_batch_size": "texts per encoder call with cached embeddings (GradCache); omit for no cache",

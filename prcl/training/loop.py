@@ -95,7 +95,10 @@ class _Metrics:
                                          "the line to resume") from None
                     logger.warning("%s:%d: dropped a partial last line", self.path, lineno)
                     continue
-                if record is not None and record.get("step", 0) <= resume_step:
+                if record is not None and not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                    raise ValueError(f"{self.path}:{lineno}: not a metrics record (an object with an int step); "
+                                     "remove or repair the line to resume")
+                if record is not None and record["step"] <= resume_step:
                     keep.append(line)
         write_text(self.path, "".join(ln + "\n" for ln in keep))
 
