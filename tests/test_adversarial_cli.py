@@ -391,6 +391,26 @@ def test_a_second_run_on_the_same_out_is_refused(run, tmp_path, capsys):
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
+def test_two_runs_started_together_on_one_out(model_dir, tmp_path):
+    """Two `prcl train` processes on one --out: one trains, the other stops with one line (the lock, or the
+    finished run's checkpoints if it came late); metrics.jsonl holds one run's steps, in order."""
+    import subprocess
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
+    argv = [sys.executable, "-m", "prcl", "train", "--model", str(model_dir), "--data", data,
+            "--out", str(tmp_path / "out"), *TINY, "--max-steps", "4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    err = next(e for rc, e in results if rc == 1).strip().splitlines()
+    assert "Traceback" not in "".join(err)
+    assert "is in use by another prcl train (pid" in err[-1] or "already holds checkpoint-" in err[-1], err[-1]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_a_stale_lock_is_taken_over_with_a_warning(run, tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
@@ -491,6 +511,11 @@ def test_forged_tensors_and_rng_are_named(run, tmp_path, capsys):
     assert train_main(run + ["--resume", "--max-steps", "3"]) == 1
     assert error_line(capsys) == (f"prcl train: error: {path / 'tensors.safetensors'}: {name} (3,) fits no trained "
                                   "parameter")
+    step = next(n for n in tensors if n.endswith(".step"))
+    save_file({**tensors, step: torch.tensor(0.0)}, path / "tensors.safetensors")  # AdamW would divide by 0
+    checkpoint.write_manifest(path)
+    assert train_main(run + ["--resume", "--max-steps", "3"]) == 1
+    assert error_line(capsys).endswith(f"tensors.safetensors: {step} must be one count of steps in [1, 2], got 0.0")
     save_file(tensors, path / "tensors.safetensors")
     save_file({"torch": torch.zeros(7, dtype=torch.uint8)}, path / "rng-0.safetensors", metadata={"python": "[]"})
     checkpoint.write_manifest(path)

@@ -147,7 +147,17 @@ def check_state(path, state, tensors, rng):
             raise CheckpointError(f"{path / TENSORS}: unexpected tensor {name!r}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{path / TENSORS}: {name} holds non-finite values")
+        # AdamW divides by 1 - beta ** step and takes the square root of exp_avg_sq
+        if name.endswith(".step") and not (t.numel() == 1 and 1 <= t.item() <= step):
+            raise CheckpointError(f"{path / TENSORS}: {name} must be one count of steps in [1, {step}], got "
+                                  f"{t.tolist()}")
+        if name.endswith(".exp_avg_sq") and (t < 0).any():
+            raise CheckpointError(f"{path / TENSORS}: {name} holds negative values")
     rng_tensors, meta = rng
+    for name, t in rng_tensors.items():
+        _require((name == "torch" or name.startswith("cuda.") and name[5:].isdigit()) and t.dtype == torch.uint8
+                 and t.dim() == 1, path, f"the rng file's tensor {name!r}", [str(t.dtype), list(t.shape)],
+                 "a torch or cuda.N generator state (1-D uint8)")
     want = torch.get_rng_state()
     t = rng_tensors.get("torch")
     _require(t is not None and t.dtype == want.dtype and t.shape == want.shape, path, "the rng file's torch state",
