@@ -6,7 +6,6 @@ Imports nothing heavy, so that argument and file errors answer before torch load
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil

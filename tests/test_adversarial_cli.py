@@ -101,10 +101,11 @@ def test_bad_option_is_one_line_naming_it(run, capsys, flags, message):
     assert not Path(run[5]).exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda(run, capsys):
+def test_device_cuda_without_cuda(run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, as a CPU-only one
     assert train_main(run + ["--device", "cuda"]) == 1
-    assert error_line(capsys) == "prcl train: error: device: 'cuda', but torch sees 0 CUDA device(s) here; pass --device cpu"
+    assert error_line(capsys) == ("prcl train: error: device: 'cuda', but torch sees 0 CUDA device(s) here; pass "
+                                  "--device cpu")
 
 
 def test_scale_that_overflows_is_not_blamed_on_lr(run, capsys):
@@ -272,11 +273,12 @@ def test_encode_output_and_text_faults(model_dir, tmp_path, capsys):
     (tmp_path / "dir.npy").mkdir()
     cases = [
         (["--data", str(texts), "--out", str(tmp_path / "dir.npy")],
-         f"out: '{tmp_path / 'dir.npy'}' is a directory; --out takes a new or regular file, never written through a link"),
+         f"out: '{tmp_path / 'dir.npy'}' is a directory; --out takes a new or regular file, never written through "
+         "a link"),
         (["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "e.npy")],
          f"data: no such file '{tmp_path / 'missing.txt'}'"),
         (["--data", str(texts), "--out", str(tmp_path / "e.npy")],
-         f"{texts}:2: not UTF-8 (invalid continuation byte at byte 7)"),
+          f"{texts}:2: not UTF-8 (invalid continuation byte at byte 7)"),
     ]
     for extra, message in cases:
         assert encode_main(base + extra) == 1
@@ -304,7 +306,8 @@ def test_adapter_from_another_base_model(model_dir, tmp_path, capsys):
     tok.save_pretrained(other)
     LLMEncoder.from_pretrained(other).add_lora(r=4, alpha=8).save_adapter(tmp_path / "adapter")
     write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
-    argv = ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy"), "--adapter", str(tmp_path / "adapter")]
+    argv = ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy"),
+            "--adapter", str(tmp_path / "adapter")]
     assert encode_main(["--model", str(model_dir)] + argv) == 1
     assert error_line(capsys) == (f"prcl encode: error: adapter: {tmp_path / 'adapter'} was trained on {other}, not "
                                   f"on {model_dir}; pass the --model it was trained with")
@@ -374,7 +377,8 @@ def test_eval_out_with_a_linked_run_file(model_dir, tmp_path, capsys):
     (tmp_path / "o" / "run.trec").symlink_to(tmp_path / "victim")
     assert ir.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (f"prcl eval: error: out: {tmp_path / 'o' / 'run.trec'} is a symbolic link; prcl "
-                                  "eval writes only through paths that are not links: remove it, or choose another --out")
+                                  "eval writes only through paths that are not links: remove it, or choose another "
+                                  "--out")
     assert (tmp_path / "victim").read_text() == "precious"
 
 
@@ -492,8 +496,8 @@ def test_forged_data_position_past_the_end_is_named(run, tmp_path, capsys):
     size = (tmp_path / "train.jsonl").stat().st_size
     tamper(tmp_path / "out", set_key("data", "offset", value=size + 100))
     assert train_main(run + ["--resume", "--max-steps", "3"]) == 1
-    assert error_line(capsys).startswith(f"prcl train: error: resume: {tmp_path / 'out' / 'checkpoint-2' / 'state.json'}: "
-                                         f"data position {{'epoch': ")
+    state = tmp_path / "out" / "checkpoint-2" / "state.json"
+    assert error_line(capsys).startswith(f"prcl train: error: resume: {state}: data position {{'epoch': ")
     tamper(tmp_path / "out", set_key("data", "offset", value=5))  # inside the first line
     assert train_main(run + ["--resume", "--max-steps", "3"]) == 1
     assert f"is not a position in {tmp_path / 'train.jsonl'} ({size} bytes)" in error_line(capsys)

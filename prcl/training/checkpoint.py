@@ -106,7 +106,7 @@ def check_state(path, state, tensors, rng):
     _require(isinstance(state, dict) and state.get("format") == FORMAT, f, "the object", state.get("format") if
              isinstance(state, dict) else state, f"a prcl checkpoint state of format {FORMAT}")
     step = state.get("step")
-    _require(_count(step, 1) and path.name.endswith(f"-{step}"), f, "step", step, f"the int in the folder's name")
+    _require(_count(step, 1) and path.name.endswith(f"-{step}"), f, "step", step, "the int in the folder's name")
     data = state.get("data")
     _require(isinstance(data, dict) and all(_count(data.get(k)) for k in ("epoch", "offset", "lineno", "taken")),
              f, "data", data, "{epoch, offset, lineno, taken} as ints >= 0")
@@ -123,7 +123,8 @@ def check_state(path, state, tensors, rng):
     _require(isinstance(groups, list) and groups and isinstance(opt.get("state"), dict), f, "optimizer", opt,
              "{state, param_groups}")
     for k, g in enumerate(groups):
-        _require(isinstance(g, dict) and all(_finite(g.get(key)) and g[key] >= 0 for key in ("lr", "eps", "weight_decay"))
+        _require(isinstance(g, dict)
+                 and all(_finite(g.get(key)) and g[key] >= 0 for key in ("lr", "eps", "weight_decay"))
                  and isinstance(g.get("betas"), list) and len(g["betas"]) == 2
                  and all(_finite(b) and 0 <= b < 1 for b in g["betas"])
                  and isinstance(g.get("params"), list) and all(map(_count, g["params"])),
@@ -411,7 +412,8 @@ def convert_pickle_checkpoint(path):
         rngs = {f: ({"torch": rng["torch"], **{f"cuda.{i}": s for i, s in enumerate(rng["cuda"] or [])}},
                     {"python": json.dumps(rng["python"])}) for f, rng in rngs.items()}
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # not the layout an earlier prcl wrote
-        raise CheckpointError(f"{path}: not converted: not an earlier prcl checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not converted: not an earlier prcl checkpoint "
+                              f"({type(e).__name__}: {e})") from None
     for f, (rng_tensors, meta) in rngs.items():
         save_file(rng_tensors, f.with_suffix(".safetensors"), metadata=meta)
         pickles.append(f)

@@ -105,7 +105,8 @@ def _read_config(path):
         else:
             data = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:  # tomllib's and json's decode errors are ValueErrors
-        raise ValueError(f"config: {path}: not valid {'TOML' if str(path).endswith('.toml') else 'JSON'} ({e})") from None
+        kind = "TOML" if str(path).endswith(".toml") else "JSON"
+        raise ValueError(f"config: {path}: not valid {kind} ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must hold an object of options, got {type(data).__name__}")
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
@@ -143,8 +144,6 @@ def parse_train_args(argv):
 def train_main(argv=None):
     try:
         cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
-        import torch
-
         from prcl.training.loop import train
 
         device = resolve_device(cfg.device)

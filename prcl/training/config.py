@@ -6,9 +6,9 @@ import os
 from prcl.files import check_model_path, regular_file
 
 SCHEDULES = ("linear", "cosine", "constant")
-# the settings that decide the trainable weights' names and shapes: a resume must use the checkpoint's
 DTYPES = (None, "float32", "bfloat16", "float16")
-MAX_TIMEOUT = 365 * 24 * 3600  # torch's process-group timeout overflows far above this; a year is no limit
+MAX_TIMEOUT = 365 * 24 * 3600  # timedelta and torch's process-group timeout overflow far above; a year is no limit
+# the settings that decide the trainable weights' names and shapes: a resume must use the checkpoint's
 WEIGHT_SETTINGS = ("model", "gguf_file", "lora_r", "lora_alpha", "lora_layers", "learn_scale")
 
 

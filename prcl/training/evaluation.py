@@ -20,7 +20,9 @@ def read_eval_set(path, max_queries=None):
     if is_beir(path):
         queries, corpus, qrels = ir.read_split(path)
         instructions = {}
-        queries = dict(list(queries.items())[:max_queries])
+        # a BEIR queries.jsonl often holds every split's queries: keep those this split judges relevant
+        judged = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())][:max_queries]
+        queries = {q: queries[q] for q in judged}
     else:
         queries, instructions, corpus, qrels = ir.examples_to_beir(read_examples(path)[:max_queries])
     if not queries:
