@@ -297,6 +297,38 @@ def test_encode_strips_a_utf8_bom(model_dir, tmp_path):
     assert np.array_equal(np.load(str(plain) + ".npy"), np.load(str(bom) + ".npy"))
 
 
+def test_bom_opening_training_data_and_beir_files_is_dropped(tmp_path):
+    from prcl.training.data import read_examples
+
+    rows = toy_rows()[:2]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    assert [ex.query for ex in read_examples(path)] == [r["query"] for r in rows]
+    qrels = beir(tmp_path / "set")
+    for f in (qrels, tmp_path / "set" / "corpus.jsonl", tmp_path / "set" / "queries.jsonl"):
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    queries, corpus, judged = ir.read_split(qrels)
+    assert "q0" in queries and "d0" in corpus and judged["q0"] == {"d0": 2, "d1": 1}
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_bad_device_for_eval_encode_and_bench(model_dir, tmp_path, capsys, device):
+    from prcl.bench.cli import main as bench_main
+
+    qrels = beir(tmp_path / "set")
+    write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
+    want = (f"device: unknown device {device!r}; expected cpu, cuda or cuda:N" if device == "bogus" else
+            f"device: {device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s) here; pass --device cpu")
+    assert ir.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "o"),
+                    "--device", device]) == 1
+    assert error_line(capsys).startswith(f"prcl eval: error: {want}")
+    assert encode_main(["--model", str(model_dir), "--data", str(tmp_path / "t.jsonl"),
+                        "--out", str(tmp_path / "e.npy"), "--device", device]) == 1
+    assert error_line(capsys).startswith(f"prcl encode: error: {want}")
+    assert bench_main(["--device", device]) == 2
+    assert capsys.readouterr().out.strip().startswith(f"prcl bench: {want}")
+
+
 def test_adapter_from_another_base_model(model_dir, tmp_path, capsys):
     from prcl.encoders import LLMEncoder
 
