@@ -19,6 +19,7 @@ import contextlib
 import functools
 import importlib.metadata
 import inspect
+import json
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 import prcl
 from prcl.contract import DEFAULT_SCALE
+from prcl.files import regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -447,13 +449,28 @@ class LLMEncoder:
         self.model.save_pretrained(os.fspath(directory), save_embedding_layers=False)
 
     def load_adapter(self, directory, *, is_trainable=False):
-        """Attach an adapter saved by save_adapter to this (adapter-free) model."""
+        """Attach an adapter saved by save_adapter to this (adapter-free) model; ValueError when the adapter
+        was trained on another base model (by its name, as resume compares models, or by its shapes)."""
         from peft import PeftModel
 
         if self._is_peft():
             raise ValueError("the model already carries a LoRA adapter; merge_lora() it first")
-        with _quiet_peft():
-            self.model = PeftModel.from_pretrained(self.model, os.fspath(directory), is_trainable=is_trainable)
+        config = os.path.join(directory, "adapter_config.json")
+        try:
+            base = json.loads(Path(regular_file(config, "adapter")).read_text()).get("base_model_name_or_path")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            raise ValueError(f"adapter: {config} is not a peft adapter config") from None
+        here = getattr(self.model.config, "_name_or_path", "")
+        if base and here and os.path.basename(os.path.normpath(base)) != os.path.basename(os.path.normpath(here)):
+            raise ValueError(f"adapter: {directory} was trained on {base}, not on {here}; pass the --model it was "
+                             "trained with")
+        try:
+            with _quiet_peft():
+                self.model = PeftModel.from_pretrained(self.model, os.fspath(directory), is_trainable=is_trainable)
+        except RuntimeError as e:  # "Error(s) in loading state_dict ... size mismatch for ..."
+            mismatch = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).strip())
+            raise ValueError(f"adapter: {directory} does not fit this model ({mismatch[:300]}); pass the --model it "
+                             "was trained with") from None
         return self
 
     def merge_lora(self):

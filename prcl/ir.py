@@ -8,7 +8,8 @@ Search is exact (every query against every document) and streams the corpus in c
 embedded, scored against all queries and merged into a running top-k, so neither the corpus
 embeddings nor a queries × corpus score matrix exist beyond one chunk. The metrics are trec_eval's,
 computed by ir-measures (pytrec_eval): graded gains in nDCG, grade >= 1 relevant elsewhere.
-A bad line in any file raises ValueError as `FILE:LINE: reason`.
+A bad line in any file raises ValueError as `FILE:LINE: reason`. Ids hold no whitespace (a TREC run or
+qrels line could not be split back into its fields); a UTF-8 byte-order mark opening a file is dropped.
 """
 import argparse
 import json
@@ -17,24 +18,28 @@ import sys
 import time
 from pathlib import Path
 
+from prcl.files import USER_ERRORS, check_model_path, fail, regular_file, resolve_device, write_text
+
 BEIR_HEADER = ("query-id", "corpus-id", "score")
 
 
-def _lines(path):
-    """Yields (line number, text) of a UTF-8 file's non-blank lines."""
-    with open(path, "rb") as f:
+def lines(path, what):
+    """Yields (line number, text) of a UTF-8 file's non-blank lines; `what` names the file in errors."""
+    with open(regular_file(path, what), "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
             if line.strip():
                 yield lineno, line
 
 
 def _jsonl(path, kind):
     """Yields (line number, object) for the non-blank lines of a JSON Lines file."""
-    for lineno, line in _lines(path):
+    for lineno, line in lines(path, "queries" if kind == "query" else "corpus"):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -50,6 +55,7 @@ def _read_texts(path, kind, with_title, keep=None):
         _id = obj.get("_id")
         if not isinstance(_id, str) or not _id.strip():
             raise ValueError(f'{path}:{lineno}: "_id" must be a non-empty string, got {json.dumps(_id)}')
+        check_id(_id, f"{path}:{lineno}: _id")
         if _id in first:
             raise ValueError(f"{path}:{lineno}: duplicate _id {_id!r} (first on line {first[_id]})")
         fields = ("title", "text") if with_title else ("text",)
@@ -87,7 +93,7 @@ def iter_qrels(path):
     TREC fields (the second, the iteration, is ignored). A pair judged twice is an error.
     """
     trec, seen = None, {}
-    for lineno, line in _lines(path):
+    for lineno, line in lines(path, "qrels"):
         fields = line.split()
         if trec is None:
             trec = tuple(fields) != BEIR_HEADER
@@ -126,16 +132,38 @@ def read_qrels(path, queries=None, corpus=None):
 
 
 def beir_paths(qrels):
-    """(corpus.jsonl, queries.jsonl) of the BEIR layout DIR/qrels/SPLIT.tsv: both in DIR."""
-    root = Path(qrels).resolve().parent.parent
-    return root / "corpus.jsonl", root / "queries.jsonl"
+    """(corpus.jsonl, queries.jsonl) of the BEIR layout DIR/qrels/SPLIT.tsv: both in DIR. ValueError when
+    qrels is not in a qrels/ folder, or is a link into another dataset's (which corpus was meant?)."""
+    here = Path(os.path.abspath(qrels)).parent
+    if here.name != "qrels":
+        raise ValueError(f"qrels: {qrels} is not in a qrels/ folder (the BEIR layout is DIR/qrels/SPLIT.tsv "
+                         "beside DIR/corpus.jsonl and DIR/queries.jsonl); pass --corpus and --queries")
+    linked = Path(qrels).resolve().parent
+    if linked != here.resolve():
+        raise ValueError(f"qrels: {qrels} is a link into {linked}, another folder than the one it is in; pass "
+                         f"--corpus and --queries to say which corpus to read")
+    return here.parent / "corpus.jsonl", here.parent / "queries.jsonl"
+
+
+def split_paths(qrels, corpus=None, queries=None):
+    """(corpus, queries) of a qrels file: the given ones, else the BEIR layout's (beir_paths)."""
+    if corpus is None or queries is None:
+        default_corpus, default_queries = beir_paths(qrels)
+        corpus, queries = corpus or default_corpus, queries or default_queries
+    return corpus, queries
 
 
 def read_split(qrels, corpus=None, queries=None):
     """(queries, corpus, qrels) of one split; corpus/queries default to the BEIR layout's (beir_paths)."""
-    default_corpus, default_queries = beir_paths(qrels)
-    queries, corpus = read_queries(queries or default_queries), read_corpus(corpus or default_corpus)
+    corpus, queries = split_paths(qrels, corpus, queries)
+    queries, corpus = read_queries(queries), read_corpus(corpus)
     return queries, corpus, read_qrels(qrels, queries, corpus)
+
+
+def check_id(_id, what):
+    if any(c.isspace() for c in _id):
+        raise ValueError(f"{what} {_id!r} contains whitespace, which a TREC run or qrels line cannot hold; "
+                         "rename it (e.g. spaces to underscores)")
 
 
 # ---- search ----------------------------------------------------------------------------------------------
@@ -232,12 +260,23 @@ def examples_to_beir(examples):
     return queries, instructions, corpus, qrels
 
 
+def ranked(docs):
+    """(doc id, score) best first, ties broken as trec_eval (and so compute_metrics) breaks them: by doc id,
+    descending."""
+    return sorted(docs.items(), key=lambda x: (x[1], x[0]), reverse=True)
+
+
 def write_run(path, run, name="prcl"):
-    """TREC run file: `qid Q0 docid rank score name`, best first."""
-    with open(path, "w") as f:
-        for qid, docs in run.items():
-            for rank, (did, s) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), 1):
-                f.write(f"{qid} Q0 {did} {rank} {s:.6f} {name}\n")
+    """TREC run file: `qid Q0 docid rank score name`, best first, scores at full precision (repr): a
+    reader of the file ranks as compute_metrics did."""
+    check_id(name, "run name")
+    text = []
+    for qid, docs in run.items():
+        check_id(qid, "query id")
+        for rank, (did, s) in enumerate(ranked(docs), 1):
+            check_id(did, "document id")
+            text.append(f"{qid} Q0 {did} {rank} {float(s)!r} {name}\n")
+    write_text(path, "".join(text))
 
 
 # ---- encoders --------------------------------------------------------------------------------------------
@@ -251,9 +290,8 @@ def load_encode(model, *, adapter=None, gguf_file=None, batch_size=32, max_lengt
     """encode(texts, instruction) for a model path: a sentence-transformers directory (modules.json;
     the instruction is its prompt) or an LLM for prcl.encoders.LLMEncoder (directory or .gguf); each
     call shows a progress bar (`prcl eval` embeds the whole corpus)."""
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_model_path(model, gguf_file, prog="prcl eval")
+    device = resolve_device(device)
     if is_sentence_transformer(model):
         if adapter or gguf_file:
             raise ValueError("adapter/gguf_file: apply to LLM encoders, not to a sentence-transformers model")
@@ -302,25 +340,34 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if any(k < 1 for k in args.k):
-            raise ValueError(f"k: expected positive cut-offs, got {args.k}")
-        queries, corpus, qrels = read_split(args.qrels, args.corpus, args.queries)
+        if any(k < 1 for k in args.k) or min(args.chunk_size, args.batch_size, args.max_length) < 1:
+            raise ValueError(f"k, chunk_size, batch_size and max_length: expected positive ints, got {args.k}, "
+                             f"{args.chunk_size}, {args.batch_size} and {args.max_length}")
+        out = Path(args.out)
+        # the output's faults are found before the evaluation, not after it
+        for path in (out, out / "run.trec", out / "metrics.json"):
+            if path.is_symlink():
+                raise ValueError(f"out: {path} is a symbolic link; prcl eval writes only through paths that are "
+                                 "not links: remove it, or choose another --out")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out: {args.out!r} is a file; --out takes a directory")
+        corpus_path, queries_path = split_paths(args.qrels, args.corpus, args.queries)
+        print(f"prcl eval: corpus {corpus_path}, queries {queries_path}, qrels {args.qrels}", file=sys.stderr)
+        queries, corpus, qrels = read_split(args.qrels, corpus_path, queries_path)
         encode = load_encode(args.model, adapter=args.adapter, gguf_file=args.gguf_file,
                              batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling,
                              device=args.device)
         t0 = time.perf_counter()
         metrics, run = evaluate(encode, queries, corpus, qrels, instructions=args.instruction,
                                 ks=tuple(args.k), chunk_size=args.chunk_size)
-    except ValueError as e:
-        print(f"prcl eval: error: {e}", file=sys.stderr)
-        return 1
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run(out / "run.trec", run)
-    record = {"metrics": metrics, "model": args.model, "adapter": args.adapter, "corpus": args.corpus,
-              "queries": args.queries, "qrels": args.qrels, "instruction": args.instruction}
-    (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+        metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        out.mkdir(parents=True, exist_ok=True)
+        write_run(out / "run.trec", run)
+        record = {"metrics": metrics, "model": args.model, "adapter": args.adapter, "corpus": str(corpus_path),
+                  "queries": str(queries_path), "qrels": args.qrels, "instruction": args.instruction}
+        write_text(out / "metrics.json", json.dumps(record, indent=1) + "\n")
+    except USER_ERRORS as e:
+        return fail("prcl eval", e)
     for key, value in metrics.items():
         print(f"{key:12s} {value:.4f}" if isinstance(value, float) else f"{key:12s} {value}")
     return 0

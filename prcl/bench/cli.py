@@ -12,6 +12,7 @@ import gc
 import time
 
 from prcl.bench import DTYPE_NAMES, LABEL_FORMS, SCALE
+from prcl.files import resolve_device
 
 
 def parser():
@@ -39,7 +40,10 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"argument --threads: must be >= 1, got {args.threads}")
     import torch
 
     from prcl.bench.cases import default_docs, make_case
@@ -48,12 +52,13 @@ def main(argv=None):
     from prcl.bench.timing import load_average
     from prcl.contract import check_inputs
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("prcl bench: --device cuda, but torch sees no CUDA device")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"prcl bench: {e}")
         return 2
     N = args.docs or default_docs(args.batch, args.label_form)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         if min(args.batch, N, args.dim, args.repeats) < 1:

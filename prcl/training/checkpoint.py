@@ -8,25 +8,27 @@
         adapter/              the LoRA adapter, as `prcl encode --adapter` loads it
         manifest.json         size and SHA-256 of every other file, written last
 
-A checkpoint is written into .checkpoint-STEP.tmp and renamed, so a crash leaves the old or the new
-one. On resume every file is checked against the manifest; a damaged checkpoint is reported and the
-newest intact older one is used. Nothing is unpickled: an earlier prcl's checkpoints (state.pt and
+A checkpoint is written into .checkpoint-STEP.tmp and renamed, so a crash or a full disk leaves the old
+or the new one. On resume every file is checked against the manifest, and then what it holds (types,
+ranges, sizes: a file can be intact and still forged); a damaged checkpoint is reported and the newest
+intact older one is used. Nothing is unpickled: an earlier prcl's checkpoints (state.pt and
 rng-RANK.pt pickles) are refused unless --convert-checkpoint asks to rewrite them, which reads them
 with torch.load(weights_only=True) (tensors and plain containers only, never code).
 """
+import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
+import math
 import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from prcl.files import remove, sha256, write_text
 from prcl.training.config import WEIGHT_SETTINGS
 from prcl.training.distributed import barrier
 
@@ -51,23 +53,12 @@ def checkpoint_dirs(out):
 
 # ---- files -----------------------------------------------------------------------------------------------
 
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_manifest(path):
     """Record the size and SHA-256 of every file under path; the manifest's presence marks it complete."""
     files = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[f.relative_to(path).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-    _write_atomic(path / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
+        files[f.relative_to(path).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
+    write_text(path / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
 
 
 def verify(path):
@@ -79,14 +70,104 @@ def verify(path):
         raise CheckpointError(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
     for name, entry in files.items():
         f = path / name
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(
+                entry.get("sha256"), str) or ".." in Path(name).parts or Path(name).is_absolute():
+            raise CheckpointError(f"{manifest}: entry {name!r} is not a file of the checkpoint with its size and hash")
+        if f.is_symlink():
+            raise CheckpointError(f"{f}: a symbolic link, which prcl never writes into a checkpoint")
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
         size = f.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{f}: {size} bytes, {entry['bytes']} were written (truncated or replaced)")
-        if _sha256(f) != entry["sha256"]:
+        if sha256(f) != entry["sha256"]:
             raise CheckpointError(f"{f}: SHA-256 differs from the manifest's (bytes altered)")
     return files
+
+
+def _require(ok, path, field, value, want):
+    if not ok:
+        raise CheckpointError(f"{path}: {field} must be {want}, got {json.dumps(value, default=repr)[:80]}")
+
+
+def _count(v, lo=0):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_state(path, state, tensors, rng):
+    """CheckpointError naming the first value of a checkpoint of the wrong type or out of range: its files
+    matched the manifest, yet a hand-edited or forged state must not reach the optimizer or the data stream.
+    What depends on this run (weight shapes, the data file's size) is checked by TrainingState.restore."""
+    f = path / STATE
+    _require(isinstance(state, dict) and state.get("format") == FORMAT, f, "the object", state.get("format") if
+             isinstance(state, dict) else state, f"a prcl checkpoint state of format {FORMAT}")
+    step = state.get("step")
+    _require(_count(step, 1) and path.name.endswith(f"-{step}"), f, "step", step, "the int in the folder's name")
+    data = state.get("data")
+    _require(isinstance(data, dict) and all(_count(data.get(k)) for k in ("epoch", "offset", "lineno", "taken")),
+             f, "data", data, "{epoch, offset, lineno, taken} as ints >= 0")
+    counters = state.get("counters")
+    _require(isinstance(counters, dict) and _count(counters.get("skipped_lines"))
+             and _count(counters.get("nonfinite")) and counters["nonfinite"] <= step, f, "counters", counters,
+             "{skipped_lines, nonfinite} as ints >= 0, nonfinite <= step")
+    sched = state.get("scheduler")
+    _require(isinstance(sched, dict) and sched.get("last_epoch") == step and _count(sched.get("_step_count"))
+             and all(isinstance(sched.get(k), list) and all(map(_finite, sched[k])) for k in ("base_lrs", "_last_lr")),
+             f, "scheduler", sched, "a scheduler state at this step with finite learning rates")
+    opt = state.get("optimizer")
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    _require(isinstance(groups, list) and groups and isinstance(opt.get("state"), dict), f, "optimizer", opt,
+             "{state, param_groups}")
+    for k, g in enumerate(groups):
+        _require(isinstance(g, dict)
+                 and all(_finite(g.get(key)) and g[key] >= 0 for key in ("lr", "eps", "weight_decay"))
+                 and isinstance(g.get("betas"), list) and len(g["betas"]) == 2
+                 and all(_finite(b) and 0 <= b < 1 for b in g["betas"])
+                 and isinstance(g.get("params"), list) and all(map(_count, g["params"])),
+                 f, f"optimizer.param_groups[{k}]", g, "AdamW's settings (lr, eps, weight_decay >= 0, betas in [0, 1))")
+    for i, per_param in opt["state"].items():
+        _require(i.isdigit() and isinstance(per_param, dict), f, f"optimizer.state[{i!r}]", per_param, "an object")
+    settings, schedule = state.get("settings"), state.get("schedule")
+    _require(settings is None or isinstance(settings, dict) and set(settings) == set(WEIGHT_SETTINGS), f,
+             "settings", settings, f"null or an object of {', '.join(WEIGHT_SETTINGS)}")
+    _require(schedule is None or isinstance(schedule, dict) and set(schedule) == {"lr", "max_steps", "warmup_steps",
+             "schedule"}, f, "schedule", schedule, "null or an object of lr, max_steps, warmup_steps, schedule")
+    prints = state.get("data_fingerprint")
+    _require(prints is None or isinstance(prints, list) and all(
+        isinstance(p, dict) and isinstance(p.get("path"), str) and _count(p.get("bytes"))
+        and isinstance(p.get("sha256"), str) for p in prints), f, "data_fingerprint", prints,
+        "null or a list of {path, bytes, sha256}")
+    for name, t in tensors.items():
+        kind = name.split(".", 1)[0]
+        if kind not in ("weight", "log_scale", "optimizer") or (kind == "optimizer" and (
+                len(name.split(".")) != 3 or not name.split(".")[1].isdigit())):
+            raise CheckpointError(f"{path / TENSORS}: unexpected tensor {name!r}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path / TENSORS}: {name} holds non-finite values")
+        # AdamW divides by 1 - beta ** step and takes the square root of exp_avg_sq
+        if name.endswith(".step") and not (t.numel() == 1 and 1 <= t.item() <= step):
+            raise CheckpointError(f"{path / TENSORS}: {name} must be one count of steps in [1, {step}], got "
+                                  f"{t.tolist()}")
+        if name.endswith(".exp_avg_sq") and (t < 0).any():
+            raise CheckpointError(f"{path / TENSORS}: {name} holds negative values")
+    rng_tensors, meta = rng
+    for name, t in rng_tensors.items():
+        _require((name == "torch" or name.startswith("cuda.") and name[5:].isdigit()) and t.dtype == torch.uint8
+                 and t.dim() == 1, path, f"the rng file's tensor {name!r}", [str(t.dtype), list(t.shape)],
+                 "a torch or cuda.N generator state (1-D uint8)")
+    want = torch.get_rng_state()
+    t = rng_tensors.get("torch")
+    _require(t is not None and t.dtype == want.dtype and t.shape == want.shape, path, "the rng file's torch state",
+             None if t is None else [str(t.dtype), list(t.shape)], f"{want.dtype} of shape {list(want.shape)}")
+    try:
+        version, internal, gauss = json.loads((meta or {})["python"])
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the rng file's Python state is not one ({type(e).__name__}: {e})") from None
 
 
 # ---- RNG -------------------------------------------------------------------------------------------------
@@ -147,6 +228,7 @@ class TrainingState:
     stream: object  # ExampleStream
     step: int = 0
     nonfinite: int = 0  # steps skipped under --skip-nonfinite
+    data_fingerprint: list = None  # prcl.files.fingerprint of the data files, compared on resume
 
     def pack(self, settings, schedule):
         """(tensors, JSON state) of this state; `settings` and `schedule` are stored to be compared on resume."""
@@ -157,11 +239,12 @@ class TrainingState:
                  "counters": {"skipped_lines": self.stream.skipped.count, "nonfinite": self.nonfinite},
                  "scheduler": self.scheduler.state_dict(),
                  "optimizer": _split_optimizer(self.optimizer.state_dict(), tensors),
-                 "settings": settings, "schedule": schedule}
+                 "settings": settings, "schedule": schedule, "data_fingerprint": self.data_fingerprint}
         return tensors, state
 
     def restore(self, path, tensors, state, settings):
-        """Load a checkpoint's tensors and state; ValueError naming the setting or weight that differs."""
+        """Load a checkpoint's tensors and state (checked by check_state); ValueError naming the setting,
+        weight or value that does not fit this run."""
         saved = state.get("settings")  # None in a converted checkpoint of an earlier prcl
         for name in WEIGHT_SETTINGS if saved is not None else ():
             if saved[name] != settings[name]:
@@ -181,14 +264,27 @@ class TrainingState:
                                  "here; resume with the same --model and --lora-r")
         if self.head.learnable_scale != ("log_scale" in tensors):
             raise ValueError(f"resume: --learn-scale differs from {path}'s")
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved_groups = state["optimizer"]["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise CheckpointError(f"{path / STATE}: optimizer.param_groups hold other parameters than this run trains")
+        for name, t in tensors.items():
+            _, i, key = (name.split(".", 2) + ["", ""])[:3]
+            if name.startswith("optimizer.") and (int(i) >= len(trained) or key in ("exp_avg", "exp_avg_sq")
+                                                  and t.shape != trained[int(i)].shape):
+                raise CheckpointError(f"{path / TENSORS}: {name} {tuple(t.shape)} fits no trained parameter")
         with torch.no_grad():
             for n, t in weights.items():
                 params[n].copy_(t)
             if self.head.learnable_scale:
                 self.head.logit_scale.copy_(tensors["log_scale"])
-        self.optimizer.load_state_dict(_join_optimizer(state["optimizer"], tensors))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["data"])
+        try:
+            self.optimizer.load_state_dict(_join_optimizer(state["optimizer"], tensors))
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # torch's own checks of the states
+            raise CheckpointError(f"{path / STATE}: the optimizer or scheduler state does not load "
+                                  f"({type(e).__name__}: {e})") from None
+        self.stream.load_state_dict(state["data"], source=path / STATE)
         self.stream.skipped.count = state["counters"]["skipped_lines"]
         self.nonfinite = state["counters"]["nonfinite"]
         self.step = state["step"]
@@ -197,28 +293,43 @@ class TrainingState:
 # ---- save and load ---------------------------------------------------------------------------------------
 
 def save(out, tensors, state, *, step, rank, world, encoder, keep):
-    """Write OUT/checkpoint-STEP (every rank calls this: each writes its RNG), keep the newest `keep`."""
+    """Write OUT/checkpoint-STEP (every rank calls this: each writes its RNG), keep the newest `keep`.
+    A failed write (a full disk) removes the partial checkpoint and raises OSError naming it; the
+    checkpoints before it are untouched."""
     out = Path(out)
     tmp, final = out / f".checkpoint-{step}.tmp", out / f"checkpoint-{step}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)  # a link there is removed, never followed
         tmp.mkdir(parents=True)
     barrier(world)
-    # each rank's RNG differs (per-rank dropout seeds); weights, optimizer and data position do not
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, tmp / f"rng-{rank}.safetensors", metadata=rng_meta)
-    if rank == 0:
-        save_file(tensors, tmp / TENSORS)
-        (tmp / STATE).write_text(json.dumps(state, allow_nan=False) + "\n")
-        if getattr(encoder, "has_lora", False):
-            encoder.save_adapter(tmp / "adapter")  # usable by `prcl encode --adapter` as is
+
+    @contextlib.contextmanager
+    def writing():
+        try:
+            yield
+        except (OSError, SafetensorError) as e:
+            remove(tmp)
+            last = checkpoint_dirs(out)
+            raise OSError(f"{final}: not written ({e}); " + (f"{last[-1][1]} is intact: free space and pass "
+                          "--resume" if last else "no earlier checkpoint")) from None
+
+    with writing():
+        # each rank's RNG differs (per-rank dropout seeds); weights, optimizer and data position do not
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / f"rng-{rank}.safetensors", metadata=rng_meta)
+        if rank == 0:
+            save_file(tensors, tmp / TENSORS)
+            write_text(tmp / STATE, json.dumps(state, allow_nan=False) + "\n")
+            if getattr(encoder, "has_lora", False):
+                encoder.save_adapter(tmp / "adapter")  # usable by `prcl encode --adapter` as is
     barrier(world)
     if rank == 0:
-        write_manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        with writing():
+            write_manifest(tmp)
+        remove(final)
         os.replace(tmp, final)
         for _, old in checkpoint_dirs(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
     barrier(world)
 
 
@@ -229,9 +340,11 @@ def _load(path, rank):
         raise ValueError(f"resume: {path} holds no {rng} (written by fewer ranks); resume with as many ranks "
                          "as the run that wrote it")
     try:
-        return load_file(path / TENSORS), json.loads((path / STATE).read_text()), load_rng(path / rng)
+        loaded = load_file(path / TENSORS), json.loads((path / STATE).read_text()), load_rng(path / rng)
     except (SafetensorError, ValueError) as e:  # intact bytes that do not parse: not written by prcl
         raise CheckpointError(f"{path}: not a prcl checkpoint ({type(e).__name__}: {e})") from None
+    check_state(path, loaded[1], loaded[0], loaded[2])
+    return loaded
 
 
 def _is_pickle_checkpoint(path):
@@ -286,21 +399,26 @@ def convert_pickle_checkpoint(path):
             raise CheckpointError(f"{f}: not converted: torch.load(weights_only=True) refused it ({reason})") from None
 
     old = load(path / "state.pt")
-    tensors = {f"weight.{n}": t.contiguous() for n, t in old["trainable"].items()}
-    if old["log_scale"] is not None:
-        tensors["log_scale"] = old["log_scale"]
-    state = {"format": FORMAT, "step": old["step"], "data": old["data"],
-             "counters": {"skipped_lines": old.get("skipped", 0), "nonfinite": 0},
-             "scheduler": old["scheduler"], "optimizer": _split_optimizer(old["optimizer"], tensors),
-             "settings": None, "schedule": None}
-    pickles = [path / "state.pt"]
-    for f in sorted(path.glob("rng-*.pt")):
-        rng = load(f)
-        rng_tensors = {"torch": rng["torch"], **{f"cuda.{i}": s for i, s in enumerate(rng["cuda"] or [])}}
-        save_file(rng_tensors, f.with_suffix(".safetensors"), metadata={"python": json.dumps(rng["python"])})
+    try:
+        tensors = {f"weight.{n}": t.contiguous() for n, t in old["trainable"].items()}
+        if old["log_scale"] is not None:
+            tensors["log_scale"] = old["log_scale"]
+        state = {"format": FORMAT, "step": old["step"], "data": old["data"],
+                 "counters": {"skipped_lines": old.get("skipped", 0), "nonfinite": 0},
+                 "scheduler": old["scheduler"], "optimizer": _split_optimizer(old["optimizer"], tensors),
+                 "settings": None, "schedule": None}
+        pickles = [path / "state.pt"]
+        rngs = {f: load(f) for f in sorted(path.glob("rng-*.pt"))}
+        rngs = {f: ({"torch": rng["torch"], **{f"cuda.{i}": s for i, s in enumerate(rng["cuda"] or [])}},
+                    {"python": json.dumps(rng["python"])}) for f, rng in rngs.items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # not the layout an earlier prcl wrote
+        raise CheckpointError(f"{path}: not converted: not an earlier prcl checkpoint "
+                              f"({type(e).__name__}: {e})") from None
+    for f, (rng_tensors, meta) in rngs.items():
+        save_file(rng_tensors, f.with_suffix(".safetensors"), metadata=meta)
         pickles.append(f)
     save_file(tensors, path / TENSORS)
-    (path / STATE).write_text(json.dumps(state, allow_nan=False) + "\n")
+    write_text(path / STATE, json.dumps(state, allow_nan=False) + "\n")
     for f in pickles:
         f.unlink()
     write_manifest(path)

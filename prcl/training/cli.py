@@ -11,9 +11,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+from prcl.files import USER_ERRORS, check_model_path, fail, regular_file, remove, resolve_device
 from prcl.training.config import SCHEDULES, TrainConfig
 
 REQUIRED = ("model", "data", "out")
@@ -21,7 +23,8 @@ HELP = {
     "model": "local model directory, or a .gguf file (or a directory with --gguf-file)",
     "data": "training JSONL: {query, positive, negatives, instruction?, graded?} per line",
     "out": "output directory: metrics.jsonl, eval.jsonl, checkpoint-STEP/, adapter/",
-    "eval": "held-out JSONL: recall@k, nDCG@10, MRR@10 and MAP (as prcl eval computes them)",
+    "eval": "held-out JSONL, or BEIR/TREC qrels DIR/qrels/SPLIT.tsv (graded, against DIR/corpus.jsonl): recall@k, "
+            "nDCG@10, MRR@10 and MAP, read and computed by prcl eval's code",
     "gguf_file": "GGUF file name inside the --model directory",
     "batch_size": "queries per micro-step over all ranks (B)",
     "mini_batch_size": "texts per encoder call with cached embeddings (GradCache); omit for no cache",
@@ -59,6 +62,8 @@ HELP = {
     "checkpoint_every": "write OUT/checkpoint-STEP every N steps and at the end (0: at the end only)",
     "keep_checkpoints": "checkpoints kept; resume falls back to an older one if the newest is damaged",
     "resume": "continue from the newest intact checkpoint in --out",
+    "allow_data_change": "with --resume: continue although the data files differ from those the run started "
+                         "with (by default a changed data set is refused)",
     "overwrite": "start afresh in an --out holding another run (deletes its checkpoints)",
     "convert_checkpoint": "with --resume: rewrite an earlier prcl's pickle checkpoint (state.pt) as "
                           "safetensors + JSON, reading it with torch.load(weights_only=True)",
@@ -90,13 +95,18 @@ def _train_parser():
 
 
 def _read_config(path):
-    text = Path(path).read_text()
-    if str(path).endswith(".toml"):
-        import tomllib
+    regular_file(path, "config")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+        if str(path).endswith(".toml"):
+            import tomllib
 
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:  # tomllib's and json's decode errors are ValueErrors
+        kind = "TOML" if str(path).endswith(".toml") else "JSON"
+        raise ValueError(f"config: {path}: not valid {kind} ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must hold an object of options, got {type(data).__name__}")
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
@@ -111,7 +121,14 @@ def _read_config(path):
                 raise ValueError(f"config: {key} in {path} must be {t.__name__}, got {value!r}")
         if t is bool and not isinstance(value, bool):
             raise ValueError(f"config: {key} in {path} must be true or false, got {value!r}")
-        out[name] = tuple(value) if t is tuple else value
+        if t is tuple:
+            # a string is a sequence too: "15" would become k = ("1", "5")
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"config: {key} in {path} must be a list of ints, got {value!r}")
+            value = tuple(value)
+        out[name] = value
     return out
 
 
@@ -124,27 +141,24 @@ def parse_train_args(argv):
     return TrainConfig(**options)
 
 
-def _fail(prog, err):
-    print(f"{prog}: error: {err}", file=sys.stderr)
-    return 1
-
-
 def train_main(argv=None):
-    cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
-    import torch
+    try:
+        cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
+        from prcl.training.loop import train
+
+        device = resolve_device(cfg.device)
+    except USER_ERRORS as e:
+        return fail("prcl train", e)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from prcl.training.loop import train
-
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.threads is None and torch.device(device).type == "cpu":
+    if cfg.threads is None and device.type == "cpu":
         cfg.threads = 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it
             summary = train(cfg)
-    except (ValueError, FloatingPointError) as e:  # bad data, options or checkpoints; a diverged run
-        return _fail("prcl train", e)
+    except USER_ERRORS as e:  # bad data, options or checkpoints; a diverged run; a full disk
+        return fail("prcl train", e)
     before, after = summary["eval_before"], summary["eval_after"]
     if before and after:
         for key in after:
@@ -156,23 +170,22 @@ def train_main(argv=None):
 def read_texts(path, field="text"):
     """Texts of a .jsonl/.json file (a JSON string per line, or an object's `field`) or of a plain text
     file (one text per non-empty line)."""
+    from prcl.ir import lines
+
     texts = []
     is_json = str(path).endswith((".jsonl", ".json"))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not is_json:
-                texts.append(line.rstrip("\n"))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            text = obj.get(field) if isinstance(obj, dict) else obj
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: expected a JSON string or an object with a string {field!r}")
-            texts.append(text)
+    for lineno, line in lines(path, "data"):
+        if not is_json:
+            texts.append(line.rstrip("\r\n"))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        text = obj.get(field) if isinstance(obj, dict) else obj
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: expected a JSON string or an object with a string {field!r}")
+        texts.append(text)
     if not texts:
         raise ValueError(f"data: no texts in {path}")
     return texts
@@ -200,23 +213,34 @@ def encode_main(argv=None):
     try:
         if not args.out.endswith((".pt", ".npy")):
             raise ValueError(f"out: expected a .pt or .npy file name, got {args.out!r}")
+        if os.path.isdir(args.out) or os.path.islink(args.out):
+            raise ValueError(f"out: {args.out!r} is a {'link' if os.path.islink(args.out) else 'directory'}; "
+                             "--out takes a new or regular file, never written through a link")
+        if args.batch_size < 1 or args.max_length < 1:
+            raise ValueError(f"batch_size and max_length: expected positive ints, got {args.batch_size} and "
+                             f"{args.max_length}")
         from prcl.encoders import LLMEncoder
 
+        check_model_path(args.model, args.gguf_file, prog="prcl encode")
+        device = resolve_device(args.device)
         texts = read_texts(args.data, args.field)
         enc = LLMEncoder.from_pretrained(args.model, gguf_file=args.gguf_file, pooling=args.pooling,
                                          max_length=args.max_length)
         if args.adapter:
             enc.load_adapter(args.adapter)
-        enc.model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        enc.model.to(device)
         emb = enc.encode(texts, instruction=args.instruction, batch_size=args.batch_size, progress=True).float().cpu()
-    except ValueError as e:
-        return _fail("prcl encode", e)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    if args.out.endswith(".npy"):
-        import numpy as np
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out + ".tmp" + os.path.splitext(args.out)[1]  # np.save appends .npy to other names
+        remove(tmp)
+        if args.out.endswith(".npy"):
+            import numpy as np
 
-        np.save(args.out, emb.numpy())
-    else:
-        torch.save(emb, args.out)
+            np.save(tmp, emb.numpy())
+        else:
+            torch.save(emb, tmp)
+        os.replace(tmp, args.out)  # replaces a link made since the check, never writes through it
+    except USER_ERRORS as e:
+        return fail("prcl encode", e)
     print(f"{args.out}: {tuple(emb.shape)} embeddings")
     return 0

@@ -1,8 +1,13 @@
 """TrainConfig: every option of `prcl train`, checked before anything is loaded."""
 import dataclasses
+import math
 import os
 
+from prcl.files import check_model_path, regular_file
+
 SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = (None, "float32", "bfloat16", "float16")
+MAX_TIMEOUT = 365 * 24 * 3600  # timedelta and torch's process-group timeout overflow far above; a year is no limit
 # the settings that decide the trainable weights' names and shapes: a resume must use the checkpoint's
 WEIGHT_SETTINGS = ("model", "gguf_file", "lora_r", "lora_alpha", "lora_layers", "learn_scale")
 
@@ -51,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2  # two, so that a damaged last checkpoint has an intact predecessor
     resume: bool = False
+    allow_data_change: bool = False  # with --resume: continue although the data differ from the run's start
     overwrite: bool = False  # start afresh in an --out that holds another run (its checkpoints are deleted)
     convert_checkpoint: bool = False  # with --resume: rewrite an earlier prcl's pickle checkpoint first
     seed: int = 0
@@ -66,14 +72,10 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ValueError(f"{name}: required")
         for name in ("data", "eval"):
-            if getattr(self, name) and not os.path.isfile(getattr(self, name)):
-                raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
-        if self.model and not os.path.exists(self.model):
-            # transformers would take a missing path for a hub name and try the network
-            raise ValueError(f"model: no such file or directory {self.model!r} (prcl train loads local "
-                             "models only: a model directory or a .gguf file)")
-        if self.model and self.gguf_file and not os.path.isfile(os.path.join(self.model, self.gguf_file)):
-            raise ValueError(f"gguf_file: no such file {os.path.join(self.model, self.gguf_file)!r}")
+            if getattr(self, name):
+                regular_file(getattr(self, name), name)
+        if self.model:
+            check_model_path(self.model, self.gguf_file, prog="prcl train")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"out: {self.out!r} is a file; --out takes a directory")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batch_size", "keep_checkpoints",
@@ -89,12 +91,21 @@ class TrainConfig:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.scale > 0:
-            raise ValueError(f"scale: must be > 0, got {self.scale}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if not self.dist_timeout > 0:
-            raise ValueError(f"dist_timeout: must be > 0 seconds, got {self.dist_timeout}")
+        for name in ("scale", "lr", "dist_timeout", "max_grad_norm"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {v!r}")
+        for name in ("weight_decay", "lora_dropout", "bias"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"{name}: must be a finite number, got {v!r}")
+        if self.weight_decay < 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"weight_decay and lora_dropout: expected weight_decay >= 0 and lora_dropout in "
+                             f"[0, 1), got {self.weight_decay} and {self.lora_dropout}")
+        if self.dist_timeout > MAX_TIMEOUT:
+            raise ValueError(f"dist_timeout: at most {MAX_TIMEOUT} seconds (a year), got {self.dist_timeout}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(map(str, DTYPES[1:]))}, got {self.dtype!r}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r: must be >= 0 (0 trains every weight), got {self.lora_r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -105,12 +116,15 @@ class TrainConfig:
             raise ValueError(f"eval_max_queries: must be >= 1, got {self.eval_max_queries}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every and checkpoint_every: must be >= 0 (0 = off)")
-        if not self.eval_k or any(int(k) < 1 for k in self.eval_k):
+        if (not isinstance(self.eval_k, tuple) or not self.eval_k
+                or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in self.eval_k)):
             raise ValueError(f"eval_k: expected positive ints, got {self.eval_k!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite: pass one (--resume continues --out, --overwrite replaces it)")
         if self.convert_checkpoint and not self.resume:
             raise ValueError("convert_checkpoint: only with --resume")
+        if self.allow_data_change and not self.resume:
+            raise ValueError("allow_data_change: only with --resume")
 
     def weight_settings(self):
         """The WEIGHT_SETTINGS as a dict; the model by its directory's or file's name, so that a run and

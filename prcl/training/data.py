@@ -17,6 +17,8 @@ import random
 import sys
 from dataclasses import dataclass, field
 
+from prcl.files import regular_file
+
 
 class DataError(ValueError):
     """A bad line in a training or evaluation file: `path:lineno: reason`."""
@@ -133,10 +135,9 @@ def read_beir(qrels, corpus=None, queries=None):
     those in between graded documents, grade <= 0 hard negatives. A query whose best document is below
     the highest grade has no positive, only graded documents. Bad lines raise `FILE:LINE: reason`.
     """
-    from prcl.ir import beir_paths, iter_qrels, read_corpus, read_queries
+    from prcl.ir import iter_qrels, read_corpus, read_queries, split_paths
 
-    default_corpus, default_queries = beir_paths(qrels)
-    corpus, queries = corpus or default_corpus, queries or default_queries
+    corpus, queries = split_paths(qrels, corpus, queries)
     judged = list(iter_qrels(qrels))
     query_text = read_queries(queries)
     doc_text = read_corpus(corpus, keep={did for _, _, did, _ in judged})
@@ -156,6 +157,15 @@ def read_beir(qrels, corpus=None, queries=None):
             for qid, docs in by_query.items()]
 
 
+def data_files(path):
+    """The files a training data set is read from: the JSONL file, or BEIR qrels and their corpus and queries."""
+    if is_beir(path):
+        from prcl.ir import split_paths
+
+        return [path, *split_paths(path)]
+    return [path]
+
+
 @functools.lru_cache(maxsize=1)
 def _beir_examples(path, mtime):
     return read_beir(path)
@@ -173,13 +183,13 @@ def iter_file(path, *, skip_bad_lines=False, skipped=None, start=(0, 0)):
             yield k + 1, k + 1, examples[k]
         return
     offset, lineno = start
-    with open(path, "rb") as f:
+    with open(regular_file(path, "data"), "rb") as f:
         f.seek(offset)
         for raw in f:
             offset += len(raw)
             lineno += 1
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")
             except UnicodeDecodeError as e:
                 err = DataError(path, lineno, f"not UTF-8 ({e.reason} at byte {e.start})")
             else:
@@ -227,8 +237,21 @@ class ExampleStream:
     def state_dict(self):
         return dict(self.state)
 
-    def load_state_dict(self, state):
-        self.state = {k: int(state[k]) for k in ("epoch", "offset", "lineno", "taken")}
+    def load_state_dict(self, state, source="state"):
+        """Continue from a saved position; ValueError naming `source` when it cannot be one in this file
+        (past its end, inside a line, more taken than a block holds)."""
+        st = {k: state[k] for k in ("epoch", "offset", "lineno", "taken")}
+        if is_beir(self.path):
+            end, boundary = len(_beir_examples(os.path.abspath(self.path), os.path.getmtime(self.path))), True
+        else:
+            end = os.path.getsize(self.path)
+            with open(regular_file(self.path, "data"), "rb") as f:
+                f.seek(max(0, st["offset"] - 1))
+                boundary = st["offset"] == 0 or f.read(1) == b"\n"
+        if not (st["offset"] <= end and boundary and st["lineno"] <= st["offset"] and st["taken"] <= self.block_size):
+            raise ValueError(f"resume: {source}: data position {st} is not a position in {self.path} ({end} "
+                             f"{'queries' if is_beir(self.path) else 'bytes'}) with blocks of {self.block_size}")
+        self.state = st
 
     def _block(self, offset, lineno):
         block, end = [], (offset, lineno)

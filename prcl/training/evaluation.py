@@ -1,4 +1,4 @@
-"""Retrieval evaluation during training: the --eval queries against their documents, scored like `prcl eval`."""
+"""Retrieval evaluation during training: the --eval set read and scored by `prcl eval`'s code (prcl.ir)."""
 import contextlib
 import json
 import logging
@@ -7,17 +7,27 @@ import time
 import torch
 
 from prcl import ir
-from prcl.training.data import read_examples
+from prcl.files import append_text
+from prcl.training.data import is_beir, read_examples
 
 logger = logging.getLogger(__name__)
 
 
 def read_eval_set(path, max_queries=None):
-    """The first max_queries examples of the --eval file; ValueError if it holds none."""
-    examples = read_examples(path)[:max_queries]
-    if not examples:
+    """(queries, instructions, corpus, qrels) of --eval, read as `prcl eval` reads it: BEIR/TREC qrels
+    (.tsv) with their corpus and queries (graded), or a JSONL file of examples (ir.examples_to_beir);
+    the first max_queries queries only. ValueError if it holds none."""
+    if is_beir(path):
+        queries, corpus, qrels = ir.read_split(path)
+        instructions = {}
+        # a BEIR queries.jsonl often holds every split's queries: keep those this split judges relevant
+        judged = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())][:max_queries]
+        queries = {q: queries[q] for q in judged}
+    else:
+        queries, instructions, corpus, qrels = ir.examples_to_beir(read_examples(path)[:max_queries])
+    if not queries:
         raise ValueError(f"eval: {path} holds no examples (an empty file?)")
-    return examples
+    return queries, instructions, corpus, qrels
 
 
 @torch.no_grad()
@@ -28,32 +38,30 @@ def _encode(encoder, texts, instruction, batch_size):
                       for k in range(0, len(texts), batch_size)])
 
 
-def evaluate(encoder, examples, *, ks=(1, 5, 10), batch_size=32, autocast=contextlib.nullcontext):
-    """Retrieval over the evaluation set with `prcl eval`'s code (prcl.ir: trec_eval's measures through
-    ir-measures): every query against every distinct document of the file, relevant = the query's
-    positives (graded documents and negatives are part of the corpus only). Returns recall@k for ks,
-    nDCG@10, MRR@10, MAP and the counts. Runs under fork_rng: evaluating or not never shifts the
-    training's dropout stream.
+def evaluate(encoder, eval_set, *, ks=(1, 5, 10), batch_size=32, autocast=contextlib.nullcontext):
+    """Retrieval over the evaluation set (read_eval_set) with `prcl eval`'s code (prcl.ir.evaluate:
+    trec_eval's measures through ir-measures): every query against every document of the set. Returns
+    recall@k for ks, nDCG@10, MRR@10, MAP and the counts. Runs under fork_rng: evaluating or not never
+    shifts the training's dropout stream.
     """
-    queries, instructions, corpus, qrels = ir.examples_to_beir(examples)
+    queries, instructions, corpus, qrels = eval_set
     with torch.random.fork_rng(devices=[]), autocast():
         metrics, _ = ir.evaluate(lambda texts, ins: _encode(encoder, texts, ins, batch_size), queries, corpus,
                                  qrels, instructions=instructions, ks=ks)
     return metrics
 
 
-def evaluate_and_record(encoder, examples, step, path, *, ks, batch_size, autocast):
+def evaluate_and_record(encoder, eval_set, step, path, *, ks, batch_size, autocast):
     """evaluate() in eval mode, one line appended to path (OUT/eval.jsonl) and to the log."""
     model = encoder.model
     model.eval()
-    logger.info("eval at step %d: embedding %d queries and their documents", step, len(examples))
+    logger.info("eval at step %d: embedding %d queries and %d documents", step, len(eval_set[0]), len(eval_set[2]))
     t0 = time.perf_counter()
     try:
-        result = evaluate(encoder, examples, ks=ks, batch_size=batch_size, autocast=autocast)
+        result = evaluate(encoder, eval_set, ks=ks, batch_size=batch_size, autocast=autocast)
     finally:
         model.train()
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, **result}) + "\n")
+    append_text(path, json.dumps({"step": step, **result}) + "\n")
     logger.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0,
                 ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith(("recall", "mrr", "ndcg"))))
     return result

@@ -14,16 +14,16 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from prcl.files import append_text, fingerprint, refuse_links, remove, resolve_device, run_lock, write_text
 from prcl.nn import PairBCELoss
 from prcl.training import checkpoint
 from prcl.training.batching import build_batch
-from prcl.training.data import ExampleStream, check_file
+from prcl.training.data import ExampleStream, check_file, data_files
 from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
 from prcl.training.evaluation import evaluate_and_record, read_eval_set
 from prcl.training.step import batch_loss, forward_backward
@@ -95,14 +95,16 @@ class _Metrics:
                                          "the line to resume") from None
                     logger.warning("%s:%d: dropped a partial last line", self.path, lineno)
                     continue
-                if record is not None and record.get("step", 0) <= resume_step:
+                if record is not None and not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                    raise ValueError(f"{self.path}:{lineno}: not a metrics record (an object with an int step); "
+                                     "remove or repair the line to resume")
+                if record is not None and record["step"] <= resume_step:
                     keep.append(line)
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record) + "\n")
 
 
 def _prepare_out(cfg, rank):
@@ -112,16 +114,14 @@ def _prepare_out(cfg, rank):
     if cfg.overwrite:
         if rank == 0:
             for _, path in found:
-                shutil.rmtree(path)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+                remove(path)
+            remove(out / "metrics.jsonl")
     elif found and not cfg.resume:
         raise ValueError(f"out: {out} already holds {found[-1][1].name}; pass --resume to continue it, "
                          "--overwrite to start over, or choose another --out")
     elif (out / "metrics.jsonl").exists() and not cfg.resume:
         raise ValueError(f"out: {out} holds another run (metrics.jsonl, no checkpoint); pass --overwrite "
                          "to replace it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _training_state(cfg, model, device, rank):
@@ -148,6 +148,7 @@ def _resume(cfg, state, out, rank, world):
             logger.info("resume: no checkpoint in %s; starting at step 0", out)
         return None
     path, tensors, saved, rng = loaded
+    _check_data(cfg, saved.get("data_fingerprint"), state.data_fingerprint, path, rank)
     state.restore(path, tensors, saved, cfg.weight_settings())
     schedule = _schedule(cfg)
     if saved["schedule"] not in (None, schedule):
@@ -166,7 +167,29 @@ def _resume(cfg, state, out, rank, world):
     return rng
 
 
+def _check_data(cfg, saved, now, path, rank):
+    """Refuse to resume on data that differ from those the checkpoint's run read (unless allow_data_change)."""
+    if saved is None:  # a converted checkpoint of an earlier prcl: it recorded none
+        return
+    changed = [(a, b) for a, b in zip(saved, now) if (a["bytes"], a["sha256"]) != (b["bytes"], b["sha256"])]
+    if len(saved) != len(now):
+        changed.append((saved[-1], now[-1]))
+    if not changed:
+        return
+    was, is_ = changed[0]
+    what = (f"{is_['path']} is {is_['bytes']} bytes (SHA-256 {is_['sha256'][:12]}…); the run started on "
+            f"{was['path']} of {was['bytes']} bytes (SHA-256 {was['sha256'][:12]}…)")
+    if not cfg.allow_data_change:
+        raise ValueError(f"resume: the data changed since {path} was written: {what}; resume with the run's data, "
+                         "or pass --allow-data-change to continue from the saved position in the new data")
+    if rank == 0:
+        logger.warning("resume: the data changed (--allow-data-change): %s", what)
+
+
 def _nonfinite_message(step, loss, grad_norm):
+    if step == 1:  # before any update: neither the learning rate nor the weights' updates caused it
+        return (f"step 1: non-finite loss ({loss}) or gradient norm ({grad_norm}) before any update, so --lr is "
+                "not the cause; check --scale and --bias, the model's weights and --dtype")
     return (f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); stopped before the update, "
             "so every checkpoint holds finite weights. Lower --lr, set --max-grad-norm, or pass "
             "--skip-nonfinite to skip such steps")
@@ -239,10 +262,10 @@ class _Run:
         state.step += 1
         return grad_norm.item() if finite else None
 
-    def evaluate(self, examples, at):
+    def evaluate(self, eval_set, at):
         result = None
         if self.rank == 0:
-            result = evaluate_and_record(self.encoder, examples, at, self.out / "eval.jsonl",
+            result = evaluate_and_record(self.encoder, eval_set, at, self.out / "eval.jsonl",
                                          ks=tuple(int(k) for k in self.cfg.eval_k),
                                          batch_size=self.cfg.eval_batch_size, autocast=self.autocast)
         barrier(self.world)
@@ -267,13 +290,24 @@ def train(cfg, encoder=None):
         raise ValueError(f"batch_size: {cfg.batch_size} queries do not split over {world} ranks")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     if not cfg.skip_bad_lines:
         start = time.perf_counter()
         count = check_file(cfg.data)
         logger.info("data: %s: all %d examples valid (checked in %.1f s)", cfg.data, count, time.perf_counter() - start)
-    eval_examples = read_eval_set(cfg.eval, cfg.eval_max_queries) if cfg.eval else None
-    out = _prepare_out(cfg, rank)
+    eval_set = read_eval_set(cfg.eval, cfg.eval_max_queries) if cfg.eval else None
+    data_print = fingerprint(data_files(cfg.data))
+    out = Path(cfg.out)
+    if out.is_dir():
+        refuse_links(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():
+        return _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank, world)
+
+
+def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank, world):
+    """train() in OUT, locked against other runs."""
+    _prepare_out(cfg, rank)
     barrier(world)
 
     torch.manual_seed(cfg.seed)  # LoRA's initialisation: identical on every rank
@@ -282,6 +316,7 @@ def train(cfg, encoder=None):
     model = encoder.model.to(device)
     model.train()
     state = _training_state(cfg, model, device, rank)
+    state.data_fingerprint = data_print
     rng = _resume(cfg, state, out, rank, world) if cfg.resume else None
     if rng is None:
         if world > 1:  # same starting weights everywhere, whatever each rank's loader did
@@ -290,17 +325,17 @@ def train(cfg, encoder=None):
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
         rng = checkpoint.rng_state()
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         if state.step == 0:
-            (out / "eval.jsonl").unlink(missing_ok=True)
+            remove(out / "eval.jsonl")
     metrics = _Metrics(out / "metrics.jsonl", state.step, enabled=rank == 0)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     run = _Run(cfg, encoder, state, out, device, autocast, process_group, rank, world)
 
     summary = {"losses": [], "eval_before": None, "eval_after": None}
-    if eval_examples and state.step == 0:
-        summary["eval_before"] = run.evaluate(eval_examples, 0)
+    if eval_set and state.step == 0:
+        summary["eval_before"] = run.evaluate(eval_set, 0)
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -322,8 +357,8 @@ def train(cfg, encoder=None):
         if cfg.learn_scale:
             record["scale"] = state.head.logit_scale.exp().item()
         summary["losses"].append(loss)
-        if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            result = run.evaluate(eval_examples, step)
+        if eval_set and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            result = run.evaluate(eval_set, step)
             if result:
                 record.update({f"eval/{k}": v for k, v in result.items()})
                 summary["eval_after"] = result
@@ -350,15 +385,17 @@ def _save_final(out, encoder, cfg, head):
     """OUT/adapter (LoRA) or OUT/model (full fine-tune): what `prcl encode` loads."""
     if getattr(encoder, "has_lora", False):
         saved = out / "adapter"
+        remove(saved)  # the previous save, or a link: replaced, never written through
         encoder.save_adapter(saved)
     elif cfg.lora_r == 0 and hasattr(encoder, "tokenizer"):
         saved = out / "model"
+        remove(saved)
         encoder.model.save_pretrained(saved)
         encoder.tokenizer.save_pretrained(saved)
     else:
         saved = None
     scale = head.logit_scale.exp().item() if head.learnable_scale else head.fixed_scale
-    (out / "head.json").write_text(json.dumps({"scale": scale, "bias": cfg.bias, "loss": cfg.loss}) + "\n")
+    write_text(out / "head.json", json.dumps({"scale": scale, "bias": cfg.bias, "loss": cfg.loss}) + "\n")
     last = checkpoint.checkpoint_dirs(out)
     logger.info("done: %s, metrics in %s%s", f"weights in {saved}" if saved else "no weights saved",
                 out / "metrics.jsonl", f", last checkpoint {last[-1][1]}" if last else "")

@@ -1,0 +1,171 @@
+"""Where the CLI meets the file system and the user: reads of regular files only, writes that never follow
+a link, a lock per run folder, data fingerprints, one-line errors.
+
+Imports nothing heavy, so that argument and file errors answer before torch loads.
+"""
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import stat
+import sys
+
+logger = logging.getLogger(__name__)
+
+# what a CLI reports as one line (no traceback): bad options, files and data; a diverged run; the OS
+# refusing a read or a write (disk full, permission). PRCL_DEBUG=1 shows the traceback instead.
+USER_ERRORS = (ValueError, FloatingPointError, OSError)
+
+
+def fail(prog, err):
+    """Print `prog: error: err` as one line and return exit status 1 (re-raise under PRCL_DEBUG=1)."""
+    if os.environ.get("PRCL_DEBUG"):
+        raise err
+    if isinstance(err, OSError) and err.filename is not None:
+        err = f"{err.filename}: {err.strerror}"
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return 1
+
+
+# ---- reads -----------------------------------------------------------------------------------------------
+
+def regular_file(path, what):
+    """path, once os.stat (which opens nothing) says it names a regular file (or a link to one); ValueError
+    naming `what` when it is missing, a directory, or a FIFO, socket or device, which could block the
+    read forever or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file {os.fspath(path)!r}") from None
+    except OSError as e:
+        raise ValueError(f"{what}: {os.fspath(path)!r}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what}: {os.fspath(path)!r} is a directory; expected a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what}: {os.fspath(path)!r} is not a regular file (a FIFO, socket or device); "
+                         "pass a file")
+    return path
+
+
+def check_model_path(model, gguf_file=None, prog="prcl"):
+    """A local model directory or .gguf file; transformers would take a missing path for a hub name."""
+    if not os.path.exists(model):
+        raise ValueError(f"model: no such file or directory {model!r} ({prog} loads local models only: a model "
+                         "directory or a .gguf file)")
+    if gguf_file:
+        regular_file(os.path.join(model, gguf_file), "gguf_file")
+    elif not os.path.isdir(model):
+        regular_file(model, "model")
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fingerprint(paths):
+    """[{"path", "bytes", "sha256"}] of data files, to tell on resume whether they changed."""
+    return [{"path": os.fspath(p), "bytes": os.path.getsize(p), "sha256": sha256(p)} for p in paths]
+
+
+# ---- writes ----------------------------------------------------------------------------------------------
+
+def links_under(out):
+    """Every symbolic link in the folder out (not followed), sorted."""
+    found = []
+    for root, dirs, files in os.walk(out):
+        found += [os.path.join(root, n) for n in dirs + files if os.path.islink(os.path.join(root, n))]
+    return sorted(found)
+
+
+def refuse_links(out, flag="--out"):
+    links = links_under(out)
+    if links:
+        more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
+        raise ValueError(f"out: {links[0]} is a symbolic link{more}; prcl writes {flag} only through paths "
+                         f"that are not links: remove it, or choose another {flag}")
+
+
+def _open_nofollow(path, flags):
+    # O_NOFOLLOW: a link at path fails with ELOOP instead of sending the write to its target
+    return os.open(path, flags | os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+
+def write_text(path, text):
+    """Replace path's content atomically (a temporary file renamed over it); a link is never followed."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with os.fdopen(_open_nofollow(tmp, os.O_TRUNC), "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # replaces a link itself, never its target
+
+
+def append_text(path, text):
+    with os.fdopen(_open_nofollow(path, os.O_APPEND), "a") as f:
+        f.write(text)
+
+
+def remove(path):
+    """Delete a file, a link (not its target) or a directory tree; nothing when absent."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+# ---- the run folder's lock -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def run_lock(out, name=".prcl-train.lock"):
+    """Hold OUT/name for the duration: an flock (released by the kernel when the holder dies) on a file
+    that names the holder's PID and host. A second run on the same folder gets a ValueError naming the
+    holder; a lock file left by a process that died is taken over with a warning."""
+    path = os.path.join(out, name)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(fd, closefd=True) as f:
+                holder = f.read().strip() or "a process that has not written its PID yet"
+            raise ValueError(f"out: {out} is in use by another prcl train ({holder}; lock file {path}); wait "
+                             "for it to finish or choose another --out") from None
+        # a file unlinked by its releasing holder after we opened it is not the lock any more: open again
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    with open(fd, "r+", closefd=True) as f:
+        stale = f.read().strip()
+        if stale:
+            logger.warning("out: taking over the lock %s of a run that ended without releasing it (%s)", path, stale)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            os.unlink(path)  # before the flock goes with the close: a waiting opener then opens afresh
+
+
+def resolve_device(name, flag="--device"):
+    """torch.device for a --device value (None: cuda when available); ValueError naming the flag for a
+    name torch does not know or a device this machine does not have."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag.lstrip('-')}: unknown device {name!r}; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"{flag.lstrip('-')}: {name!r}, but torch sees {count} CUDA device(s) here; pass "
+                             f"{flag} cpu" + (" or a smaller index" if count else ""))
+    elif device.type != "cpu":
+        raise ValueError(f"{flag.lstrip('-')}: {name!r} is not supported; expected cpu, cuda or cuda:N")
+    return device
