@@ -92,6 +92,9 @@ def _load():
     return _state
 
 
+# Traced by torch.compile as a constant: loading takes a lock that dynamo cannot trace through, and
+# compiling a step may be a process's first prcl call.
+@torch.compiler.assume_constant_result
 def available():
     """True when the native library is built, matches this torch and loaded."""
     return _load()[0]
