@@ -154,7 +154,8 @@ def label_grad(q, d, scale, bias, labels, label_index, w):
         s = q.new_zeros(labels.shape)
         for k in range(labels.shape[1]):  # one row-dot per listed column: B×D at a time, never B×N
             s[:, k] = torch.linalg.vecdot(q, d[docs[:, k]])
-    return torch.where(keep, -w * (s * scale + bias), 0.0).to(labels.dtype)
+    z = s.mul_(scale).add_(bias)  # s is this function's own: in place
+    return torch.where(keep, -w * z, 0.0).to(labels.dtype)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
