@@ -8,6 +8,7 @@ step never breaks the graph.
 """
 import math
 import os
+import sys
 
 import torch
 
@@ -34,6 +35,25 @@ def _shapes(**tensors):
     return ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items() if isinstance(v, torch.Tensor))
 
 
+def finite_number(value):
+    """Whether value is a finite int or float (bools are not numbers here). Comparisons, not
+    math.isfinite: torch.compile(dynamic=True) traces them on a symbolic float; ints past the float
+    range (10**400) are not finite, rather than an OverflowError later."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= sys.float_info.max
+    return -math.inf < value < math.inf
+
+
+def describe_number(value):
+    """repr(value) for a message; an int past the float range by its magnitude (its repr may have
+    thousands of digits, or be refused by Python's int-to-str limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        return f"an int of about 10**{round(abs(value).bit_length() * math.log10(2))}"
+    return repr(value)
+
+
 def _check_scalar(name, value, q, positive):
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or not value.is_floating_point():
@@ -42,13 +62,20 @@ def _check_scalar(name, value, q, positive):
         if value.device != q.device:
             raise ValueError(f"{name}: tensor is on {value.device} but q is on {q.device}")
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite float or a 0-dim tensor, got {value!r}")
+    if not finite_number(value):
+        raise ValueError(f"{name}: expected a finite float or a 0-dim tensor, got {describe_number(value)}")
     if positive and value <= 0:
-        raise ValueError(f"{name}: must be > 0, got {value}")
+        # float(): under torch.compile(dynamic=True) value may be symbolic, which a format string refuses
+        raise ValueError(f"{name}: must be > 0, got {float(value)}")
 
 
 def check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, dtypes=DTYPES):
+    for name, x in (("q", q), ("d", d), ("labels", labels), ("label_index", label_index), ("scale", scale),
+                    ("bias", bias)):
+        if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+            hint = ", or the labelled pairs as labels (B, K) with label_index (B, K)" if name == "labels" else ""
+            raise ValueError(f"{name}: a {x.layout} tensor; prcl takes dense (strided) tensors: pass "
+                             f"{name}.to_dense(){hint}")
     for name, x in (("q", q), ("d", d)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

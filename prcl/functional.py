@@ -8,6 +8,7 @@ docs/design.md says why.
 """
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from prcl import loss, reference
@@ -28,6 +29,10 @@ def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, lab
     """
     if process_group is not None:
         from prcl.distributed import distributed_pair_bce
+
+        if torch.is_grad_enabled() and isinstance(labels, Tensor) and labels.requires_grad:
+            raise ValueError("labels: a gradient w.r.t. labels is computed in one process only (process_group=None); "
+                             "pass labels.detach()")
 
         return distributed_pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,
                                     reduction=reduction, backend=backend, process_group=process_group)

@@ -10,7 +10,7 @@ in a CUDA graph.
 import torch
 from torch import Tensor
 
-from prcl import ops  # noqa: F401  (registers the prcl:: ops)
+from prcl import ops
 from prcl.contract import default_bias
 
 
@@ -43,8 +43,8 @@ def pair_bce(q, d, labels, label_index, scale, bias, reduction, backend, n_queri
     if reduction != "none" and needs_grad:
         # the mean's 1/B goes into the op, so that the gradients are rounded once, with it applied
         weight = 1.0 / n_queries if reduction == "mean" else 1.0
-        return torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend, weight, True)[0]
-    rows = torch.ops.prcl.pair_bce_rows(q, d, t, b, y, index, backend)
+        return ops.PairBCETotal.apply(q, d, t, b, y, index, backend, weight, True)[0]
+    rows = ops.PairBCERows.apply(q, d, t, b, y, index, backend)
     if reduction == "none":
         return rows
     return rows.sum() / n_queries if reduction == "mean" else rows.sum()

@@ -9,9 +9,10 @@ ops `prcl::native_loss_rows` and `prcl::native_loss_grads`: one fused, tiled, mu
 that never allocates B×N.
 float64 inputs (gradcheck through the ops) go to the PyTorch twin; the C++ kernel computes in float32.
 
-The library is loaded on first use, from the package directory. When it is missing (built without
-torch or a compiler), was built against another torch, or fails to load, `available()` is False,
-`status()` says why, one log message says so, and prcl runs its PyTorch path instead.
+The library is loaded when this module is first imported, from the package directory. When it is
+missing (built without torch or a compiler), was built against another torch, or fails to load,
+`available()` is False, `status()` says why, one log message says so, and prcl runs its PyTorch path
+instead.
 
 Environment:
     PRCL_NATIVE=0        never load the library (tests of the fallback; debugging)
@@ -21,7 +22,6 @@ Environment:
 """
 import logging
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -31,8 +31,6 @@ from prcl import torch_impl
 _log = logging.getLogger(__name__)
 _LIB_GLOBS = ("libprcl_cpu*.so", "libprcl_cpu*.dylib", "prcl_cpu*.dll")
 _VERSION_FILE = "prcl_cpu.torch_version"
-_lock = threading.Lock()
-_state = None  # (loaded, human-readable status), set once by _load()
 
 
 def _search_dirs():
@@ -81,29 +79,24 @@ def _try_load():
 
 
 def _load():
-    global _state
-    if _state is None:
-        with _lock:
-            if _state is None:
-                loaded, message, level = _try_load()
-                if not loaded:
-                    _log.log(level, "prcl: native CPU kernel unavailable, using the PyTorch path: %s", message)
-                _state = loaded, message
-    return _state
+    loaded, message, level = _try_load()
+    if not loaded:
+        _log.log(level, "prcl: native CPU kernel unavailable, using the PyTorch path: %s", message)
+    return loaded, message
 
 
 def available():
     """True when the native library is built, matches this torch and loaded."""
-    return _load()[0]
+    return _state[0]
 
 
 def status():
     """Where the native library was loaded from (and its ISA, tiles, threads), or why it was not."""
-    return _load()[1]
+    return _state[1]
 
 
 def _require():
-    loaded, message = _load()
+    loaded, message = _state
     if not loaded:
         raise RuntimeError(f"prcl native CPU kernel unavailable: {message}")
 
@@ -136,3 +129,10 @@ def _register_fakes():
         return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=q.dtype if rounded else f32),
                 d.new_empty(d.shape, dtype=d.dtype if rounded else f32), q.new_empty((), dtype=f32),
                 q.new_empty((), dtype=f32))
+
+
+# Loaded once, when this module is first imported (the backend choice imports it on a loss's first
+# call): Python's import lock keeps threads from loading it twice, and torch.compile runs the import
+# of a module that a traced function imports without tracing it, so a compiled step that is the
+# process's first prcl call sees only the result.
+_state = _load()  # (loaded, human-readable status)

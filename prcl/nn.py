@@ -15,15 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prcl.contract import DEFAULT_SCALE, default_bias
+from prcl.contract import DEFAULT_SCALE, default_bias, describe_number, finite_number
 from prcl.functional import fused_pair_bce
 
 
 def _check(scale, bias):
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
-    if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)):
-        raise ValueError(f"bias: expected None or a finite float, got {bias!r}")
+    if not finite_number(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a finite float > 0, got {describe_number(scale)}")
+    if bias is not None and not finite_number(bias):
+        raise ValueError(f"bias: expected None or a finite float, got {describe_number(bias)}")
 
 
 class PairBCELoss(nn.Module):

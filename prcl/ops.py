@@ -10,6 +10,9 @@ nothing. A pair with y < 0 is excluded: no loss, no gradient. Each kernel forms 
 inside its epilogue, before anything is rounded to 16 bits, so that the gradient of a converged
 positive (σ → 1, y = 1) keeps its digits (see docs/design.md, "Labels inside the kernels").
 
+Labels that require grad get ∂/∂y_ij = −(upstream weight of row i)·z_ij at included pairs (`label_grad`),
+computed in backward from the saved inputs, only when asked.
+
 `rows` is the forward-only pass (2·B·N·D); its backward recomputes with per-row upstream gradients
 (`rows_backward`, 6·B·N·D). `total` computes the gradient inside the forward (6·B·N·D) and returns it
 as extra outputs, so its backward only rescales: the path for scalar losses; `weight` folds the
@@ -79,14 +82,6 @@ def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded):
     return rows, dq, dd, gs * weight, g * weight
 
 
-def _no_double_backward():
-    # The ops' backward is not itself differentiable. Returning it would make autograd treat the
-    # second derivative as zero, a plausible wrong number: refuse instead.
-    if torch.is_grad_enabled():
-        raise NotImplementedError("prcl.fused_pair_bce: double backward (create_graph=True, hessians) is not "
-                                  "supported; use backend='reference' for higher-order gradients")
-
-
 # Defined through torch.library.Library rather than torch.library.custom_op: custom_op wraps each
 # implementation in torch._disable_dynamo, whose first call imports torch._dynamo (~3 s of a
 # user's first loss call), although eager calls never need it. The native C++ library adds its ops to
@@ -145,6 +140,56 @@ def _(q, d, scale, bias, labels, label_index, grad_rows, backend, rounded=False)
             q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
+def label_grad(q, d, scale, bias, labels, label_index, w):
+    """∂(Σ_i w_i Σ_j l_ij)/∂y_ij = −w_i·z_ij for included pairs (y ≥ 0), 0 for excluded ones and
+    unlisted slots; w is (B, 1) or a scalar. Dense labels get it on their (B, N) tile, the gradient's own
+    size; listed labels at their pairs only."""
+    acc = acc_dtype(q.dtype)
+    q, d = q.to(acc), d.to(acc)
+    if label_index is None:
+        s, keep = q @ d.T, labels >= 0
+    else:
+        keep = (label_index >= 0) & (label_index < d.shape[0]) & (labels >= 0)
+        docs = label_index.clamp(0, d.shape[0] - 1)
+        s = q.new_zeros(labels.shape)
+        for k in range(labels.shape[1]):  # one row-dot per listed column: B×D at a time, never B×N
+            s[:, k] = torch.linalg.vecdot(q, d[docs[:, k]])
+    z = s.mul_(scale).add_(bias)  # s is this function's own: in place
+    return torch.where(keep, -w * z, 0.0).to(labels.dtype)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes finished gradients through, and raises when anything differentiates them. The ops'
+    backward is not itself differentiable: returning its results plainly under create_graph=True (or
+    a nested torch.func transform, which always builds a graph) would make the second derivative 0,
+    a plausible wrong number. `anchors` are the inputs the gradients depend on."""
+    generate_vmap_rule = True  # torch.func.jacrev runs a backward under vmap
+
+    @staticmethod
+    def forward(n_anchors, *tensors):
+        return tuple(g.view_as(g) for g in tensors[n_anchors:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("prcl.fused_pair_bce: double backward (a gradient of its gradient, hessians) is "
+                                  "not supported; use backend='reference' for higher-order gradients")
+
+
+def _first_order(anchors, grads):
+    """grads as they are in a plain backward; when the backward itself is recorded (grad mode on),
+    behind a node that refuses to be differentiated."""
+    if not torch.is_grad_enabled():
+        return grads
+    anchors = [a for a in anchors if a is not None and a.requires_grad]
+    present = [g for g in grads if g is not None]
+    passed = iter(_FirstOrderOnly.apply(len(anchors), *anchors, *present))
+    return tuple(None if g is None else next(passed) for g in grads)
+
+
 def _rows_setup(ctx, inputs, output):
     q, d, scale, bias, labels, label_index, backend = inputs
     ctx.save_for_backward(q, d, scale, bias, labels, label_index)
@@ -152,10 +197,16 @@ def _rows_setup(ctx, inputs, output):
 
 
 def _rows_backward(ctx, grad_rows):
-    _no_double_backward()
     q, d, scale, bias, labels, label_index = ctx.saved_tensors
-    dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend, True)
-    return dq, dd, dt.to(scale.dtype), db.to(bias.dtype), None, None, None
+    dq = dd = dt = db = dy = None
+    with torch.no_grad():
+        if any(ctx.needs_input_grad[:4]):
+            dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend,
+                                                    True)
+            dt, db = dt.to(scale.dtype), db.to(bias.dtype)
+        if ctx.needs_input_grad[4]:
+            dy = label_grad(q, d, scale, bias, labels, label_index, grad_rows[:, None])
+    return (*_first_order((q, d, scale, bias, labels), (dq, dd, dt, db, dy)), None, None)
 
 
 torch.library.register_autograd("prcl::pair_bce_rows", _rows_backward, setup_context=_rows_setup, lib=_lib)
@@ -170,22 +221,46 @@ def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False
 
 
 def _total_setup(ctx, inputs, output):
-    q, d, scale, bias = inputs[:4]
+    q, d, scale, bias, labels, label_index, backend, weight = inputs[:8]
     _, dq, dd, dt, db = output
     ctx.mark_non_differentiable(dq, dd, dt, db)
     ctx.set_materialize_grads(False)  # no zero tensors for the gradient outputs' (unused) gradients
-    ctx.save_for_backward(dq, dd, dt, db)
+    # the inputs: the labels' gradient is computed from them in backward, and a recorded backward
+    # hangs its refusal to be differentiated on them (_first_order)
+    ctx.save_for_backward(dq, dd, dt, db, q, d, scale, bias, labels, label_index)
+    ctx.weight = weight
     ctx.dtypes = q.dtype, d.dtype, scale.dtype, bias.dtype
 
 
 def _total_backward(ctx, grad_total, *_):
-    _no_double_backward()
     if grad_total is None:  # the loss itself was not used (grads are not materialised)
         return (None,) * 9
-    # the gradient was computed (and, on autograd's path, rounded) in the forward; backward only scales
-    # it by the upstream gradient, exactly when that is 1 or a power of two
-    grads = ((grad_total * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-    return (*grads, None, None, None, None, None)
+    dq, dd, dt, db, q, d, scale, bias, labels, label_index = ctx.saved_tensors
+    with torch.no_grad():
+        # the gradient was computed (and, on autograd's path, rounded) in the forward; backward only
+        # scales it by the upstream gradient, exactly when that is 1 or a power of two
+        grads = [(grad_total * g).to(dtype) for g, dtype in zip((dq, dd, dt, db), ctx.dtypes)]
+        dy = label_grad(q, d, scale, bias, labels, label_index, grad_total * ctx.weight) \
+            if ctx.needs_input_grad[4] else None
+    return (*_first_order((q, d, scale, bias, labels), (*grads, dy)), None, None, None, None)
 
 
 torch.library.register_autograd("prcl::pair_bce_total", _total_backward, setup_context=_total_setup, lib=_lib)
+
+
+class PairBCERows(torch.autograd.Function):
+    """prcl::pair_bce_rows with its autograd as an autograd.Function, the form torch.func (grad, jacrev)
+    accepts: the Function that torch.library.register_autograd generates for an op has no
+    setup_context, which torch.func requires."""
+
+    forward = staticmethod(pair_bce_rows)
+    setup_context = staticmethod(_rows_setup)
+    backward = staticmethod(_rows_backward)
+
+
+class PairBCETotal(torch.autograd.Function):
+    """prcl::pair_bce_total with its autograd, for torch.func (see PairBCERows)."""
+
+    forward = staticmethod(pair_bce_total)
+    setup_context = staticmethod(_total_setup)
+    backward = staticmethod(_total_backward)

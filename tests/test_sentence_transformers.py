@@ -50,7 +50,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A 2-layer BERT (hidden 32, dropout off so two forwards agree) and a word-level tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def save_tiny_model(path):
+    """A 2-layer BERT (hidden 32, dropout off so two forwards agree) and a word-level tokenizer in path."""
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -64,7 +68,6 @@ def model_dir(tmp_path_factory):
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-bert")
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -155,6 +155,15 @@ def _require_distributed():
 # The losses
 # ---------------------------------------------------------------------------------------------
 
+def _check_columns(sizes):
+    """Every column holds one row per anchor: document j belongs to anchor j % B."""
+    if len(set(sizes)) > 1:
+        raise ValueError(f"sentence_features: every column needs one row per anchor; the (anchor, positive[, "
+                         f"negative …]) columns have {', '.join(map(str, sizes))} rows")
+    if not sizes[0]:
+        raise ValueError("sentence_features: empty batch (0 anchors)")
+
+
 class PairRelevanceLoss(PairBCELoss):
     """Sigmoid BCE over every (anchor, document) pair of the batch, on prcl's fused op.
 
@@ -195,14 +204,20 @@ class PairRelevanceLoss(PairBCELoss):
         if n_columns < 2:
             raise ValueError(f"sentence_features: expected (anchor, positive[, negative_1, …]) columns, "
                              f"got {n_columns} column(s)")
+        if not all(sentence_features):  # what preprocessing makes of an empty list of texts
+            raise ValueError("sentence_features: empty batch (a column has no inputs)")
+        groups = text_groups(sentence_features)
+        if groups is not None:  # every column is a padded (rows, width) batch of token ids
+            _check_columns([features["input_ids"].shape[0] for features in sentence_features])
         if labels is not None:
             if (not isinstance(labels, Tensor) or labels.is_complex() or labels.dim() not in (1, 2)
                     or (labels.dim() == 2 and labels.shape[1] != n_columns - 1)):
                 raise ValueError(f"labels: expected the float `label` column, one relevance per row or a list of "
                                  f"{n_columns - 1} per row (one per document column), got "
                                  f"{getattr(labels, 'shape', type(labels).__name__)}")
+            if groups is not None and labels.device != groups.device:
+                raise ValueError(f"labels: on {labels.device} but the batch is on {groups.device}")
             labels = labels.float()
-        groups = text_groups(sentence_features)
         if groups is None:
             if labels is None or labels.dim() == 1:
                 return labels, None
@@ -218,6 +233,7 @@ class PairRelevanceLoss(PairBCELoss):
 
     def compute_loss_from_embeddings(self, embeddings, targets):
         """The loss from the column embeddings [anchor (B, D), positive (B, D), negative_1, …]."""
+        _check_columns([e.shape[0] for e in embeddings])
         labels, label_index = targets
         # normalised in float32, handed to the loss in the model's compute dtype (autocast's, else the
         # embeddings'): bf16/fp16 run the 16-bit kernels; a float64 model's go in fp32, prcl's widest
