@@ -73,20 +73,26 @@ def fingerprint(paths):
 
 # ---- writes ----------------------------------------------------------------------------------------------
 
-def links_under(out):
-    """Every symbolic link in the folder out (not followed), sorted."""
+def unsafe_under(out):
+    """(path, is_link) of every entry in the folder out that is a symbolic link (not followed) or a FIFO,
+    socket or device (a read or an append would block on it), sorted."""
     found = []
     for root, dirs, files in os.walk(out):
-        found += [os.path.join(root, n) for n in dirs + files if os.path.islink(os.path.join(root, n))]
+        for n in dirs + files:
+            mode = os.lstat(os.path.join(root, n)).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                found.append((os.path.join(root, n), stat.S_ISLNK(mode)))
     return sorted(found)
 
 
 def refuse_links(out, flag="--out"):
-    links = links_under(out)
-    if links:
-        more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
-        raise ValueError(f"out: {links[0]} is a symbolic link{more}; prcl writes {flag} only through paths "
-                         f"that are not links: remove it, or choose another {flag}")
+    """ValueError naming the first link, FIFO, socket or device in the folder out."""
+    found = unsafe_under(out)
+    if found:
+        (path, is_link), more = found[0], f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        why = (f"is a symbolic link{more}; prcl writes {flag} only through paths that are not links" if is_link else
+               f"is not a regular file or folder{more} (a FIFO, socket or device would block a read or write)")
+        raise ValueError(f"out: {path} {why}: remove it, or choose another {flag}")
 
 
 def _open_nofollow(path, flags):

@@ -376,6 +376,18 @@ def test_a_link_in_the_run_folder_is_refused_and_its_target_untouched(run, tmp_p
     assert (victim / "keep" if name == "adapter" else victim).read_text() == "precious"
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoint-2/manifest.json", "eval.jsonl"])
+def test_a_fifo_in_the_run_folder_is_refused_without_blocking(run, tmp_path, capsys, no_hang, name):
+    """--resume reads metrics.jsonl and each manifest.json and appends to eval.jsonl: a FIFO there would block."""
+    assert train_main(run) == 0
+    target = tmp_path / "out" / name
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    assert train_main(run + ["--resume", "--max-steps", "3"]) == 1
+    assert error_line(capsys) == (f"prcl train: error: out: {target} is not a regular file or folder (a FIFO, "
+                                  "socket or device would block a read or write): remove it, or choose another --out")
+
+
 def test_overwrite_with_a_linked_checkpoint_folder(run, tmp_path, capsys):
     assert train_main(run) == 0
     out = tmp_path / "out"
