@@ -67,8 +67,10 @@ def sha256(path):
 
 
 def fingerprint(paths):
-    """[{"path", "bytes", "sha256"}] of data files, to tell on resume whether they changed."""
-    return [{"path": os.fspath(p), "bytes": os.path.getsize(p), "sha256": sha256(p)} for p in paths]
+    """[{"path", "bytes", "sha256"}] of data files, to tell on resume whether they changed; ValueError for
+    one that is not a regular file (hashing a FIFO would block)."""
+    return [{"path": os.fspath(p), "bytes": os.path.getsize(regular_file(p, "data")), "sha256": sha256(p)}
+            for p in paths]
 
 
 # ---- writes ----------------------------------------------------------------------------------------------

@@ -219,6 +219,17 @@ def test_beir_training_data_without_corpus(run, tmp_path, capsys):
     assert error_line(capsys) == f"prcl train: error: corpus: no such file '{tmp_path / 'set' / 'corpus.jsonl'}'"
 
 
+def test_beir_training_data_with_a_fifo_corpus_and_skip_bad_lines(run, tmp_path, capsys, no_hang):
+    """--skip-bad-lines skips the up-front check of the data; the fingerprint still must not read a FIFO."""
+    qrels = beir(tmp_path / "set")
+    corpus = tmp_path / "set" / "corpus.jsonl"
+    corpus.unlink()
+    fifo(corpus)
+    assert train_main(run + ["--data", str(qrels), "--skip-bad-lines"]) == 1
+    assert error_line(capsys) == (f"prcl train: error: data: '{corpus}' is not a regular file (a FIFO, socket or "
+                                  "device); pass a file")
+
+
 def test_eval_file_faults_are_found_before_the_evaluation(model_dir, tmp_path, capsys, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the file fault was found")
