@@ -103,16 +103,26 @@ def _open_nofollow(path, flags):
 
 
 def write_text(path, text):
-    """Replace path's content atomically (a temporary file renamed over it); a link is never followed."""
+    """Replace path's content atomically (a new temporary file renamed over it); a link is never followed."""
     tmp = f"{os.fspath(path)}.tmp"
-    with os.fdopen(_open_nofollow(tmp, os.O_TRUNC), "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a file left there may be a hard link to another: never written into
+    with os.fdopen(_open_nofollow(tmp, os.O_EXCL), "w") as f:
         f.write(text)
     os.replace(tmp, path)  # replaces a link itself, never its target
 
 
 def append_text(path, text):
-    with os.fdopen(_open_nofollow(path, os.O_APPEND), "a") as f:
-        f.write(text)
+    """Append to path; a symbolic link is never followed, and a file that is also another name's (a hard
+    link) is replaced by a copy (write_text), so that the other name keeps its content."""
+    fd = _open_nofollow(path, os.O_APPEND)
+    with os.fdopen(fd, "a") as f:
+        if os.fstat(fd).st_nlink <= 1:
+            f.write(text)
+            return
+    with open(path) as f:
+        old = f.read()
+    write_text(path, old + text)
 
 
 def remove(path):

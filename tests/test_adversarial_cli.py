@@ -425,6 +425,20 @@ def test_writes_never_follow_a_link_made_after_the_check(tmp_path):
     assert victim.read_text() == "precious" and not (tmp_path / "metrics.jsonl").is_symlink()
 
 
+def test_writes_never_go_into_a_hard_linked_file(tmp_path):
+    """A hard link is a link too: the other name (a file outside --out) keeps its content."""
+    from prcl.files import append_text, write_text
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, tmp_path / "eval.jsonl")
+    append_text(tmp_path / "eval.jsonl", "{}\n")
+    assert victim.read_text() == "precious\n" and (tmp_path / "eval.jsonl").read_text() == "precious\n{}\n"
+    os.link(victim, tmp_path / "config.json.tmp")  # planted where write_text writes before its rename
+    write_text(tmp_path / "config.json", "{}\n")
+    assert victim.read_text() == "precious\n" and (tmp_path / "config.json").read_text() == "{}\n"
+
+
 def test_eval_out_with_a_linked_run_file(model_dir, tmp_path, capsys):
     qrels = beir(tmp_path / "set")
     (tmp_path / "o").mkdir()
