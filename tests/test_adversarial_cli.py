@@ -94,6 +94,8 @@ def no_hang():
     (["--dist-timeout", "inf"], "dist_timeout: must be a finite number > 0, got inf"),
     (["--dist-timeout", "1e300"], "dist_timeout: at most 31536000 seconds (a year), got 1e+300"),
     (["--allow-data-change"], "allow_data_change: only with --resume"),
+    (["--lora-alpha", "0"], "lora_alpha: must be > 0 (LoRA's update is scaled by lora_alpha / lora_r: 0 trains "
+                            "nothing), got 0"),
 ])
 def test_bad_option_is_one_line_naming_it(run, capsys, flags, message):
     assert train_main(run + flags) == 1
@@ -119,6 +121,8 @@ def test_scale_that_overflows_is_not_blamed_on_lr(run, capsys):
     ("c.toml", 'eval_k = "15"\n', "config: eval_k in {path} must be a list of ints, got '15'"),
     ("c.toml", "eval_k = [1, true]\n", "config: eval_k in {path} must be a list of ints, got [1, True]"),
     ("c.toml", "max_stepz = 3\n", "config: unknown key 'max_stepz' in {path}"),
+    ("c.toml", "lr = true\n", "config: lr in {path} must be float, got True"),  # not lr = 1.0
+    ("c.json", '{"weight_decay": false}', "config: weight_decay in {path} must be float, got False"),
     ("c.toml", 'max_steps = "3"\n', "config: max_steps in {path} must be int, got '3'"),
     ("c.toml", "max_steps = \n", "config: {path}: not valid TOML (Invalid value (at line 1, column 13))"),
     ("c.json", "[1, 2]", "config: {path} must hold an object of options, got list"),
@@ -132,6 +136,15 @@ def test_bad_config_file_is_one_line_naming_file_and_key(run, tmp_path, capsys, 
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     assert train_main(run + ["--config", str(path)]) == 1
     assert error_line(capsys) == "prcl train: error: " + message.format(path=path)
+
+
+def test_a_bool_is_no_number_for_the_api_either(run):
+    from prcl.training.cli import parse_train_args
+
+    cfg = parse_train_args(run)
+    cfg.scale = True  # TrainConfig built in Python, no config file to type-check it
+    with pytest.raises(ValueError, match="scale: must be a finite number > 0, got True"):
+        cfg.validate()
 
 
 def test_config_eval_k_int_and_bom(run, tmp_path):
