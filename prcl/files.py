@@ -150,9 +150,12 @@ def run_lock(out, name=".prcl-train.lock"):
                 holder = f.read().strip() or "a process that has not written its PID yet"
             raise ValueError(f"out: {out} is in use by another prcl train ({holder}; lock file {path}); wait "
                              "for it to finish or choose another --out") from None
-        # a file unlinked by its releasing holder after we opened it is not the lock any more: open again
+        # a file unlinked by its releasing holder after we opened it is not the lock any more: open again;
+        # one that is also another file's name (a hard link) is never written: unlinked, and a new one made
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
+            if os.fstat(fd).st_nlink == 1:
+                break
+            os.unlink(path)
         os.close(fd)
     with open(fd, "r+", closefd=True) as f:
         stale = f.read().strip()

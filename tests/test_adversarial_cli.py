@@ -506,6 +506,16 @@ def test_a_stale_lock_is_taken_over_with_a_warning(run, tmp_path, caplog):
     assert not (out / ".prcl-train.lock").exists()  # released at the end
 
 
+def test_a_hard_link_as_the_lock_file_is_not_written_into(run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, out / ".prcl-train.lock")
+    assert train_main(run) == 0
+    assert victim.read_text() == "precious\n"
+
+
 # ---- resume: the same data, a checkpoint that holds what prcl writes --------------------------------------
 
 @pytest.mark.parametrize("change", ["prepend", "truncate"])
