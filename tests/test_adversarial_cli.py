@@ -376,6 +376,22 @@ def test_adapter_from_another_base_model(model_dir, tmp_path, capsys):
                            "mismatch for") and line.endswith("pass the --model it was trained with")
 
 
+def test_adapter_of_a_model_loaded_as_dot_fits_it_from_anywhere(model_dir, tmp_path, monkeypatch):
+    """A model's folder named "." where the adapter was trained (or where it is used) is still that model."""
+    from prcl.encoders import LLMEncoder
+
+    monkeypatch.chdir(model_dir)
+    LLMEncoder.from_pretrained(".").add_lora(r=4, alpha=8).save_adapter(tmp_path / "adapter")
+    write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
+    argv = ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy"),
+            "--adapter", str(tmp_path / "adapter")]
+    monkeypatch.chdir(tmp_path)
+    assert encode_main(["--model", str(model_dir)] + argv) == 0
+    LLMEncoder.from_pretrained(str(model_dir)).add_lora(r=4, alpha=8).save_adapter(tmp_path / "adapter")
+    monkeypatch.chdir(model_dir)
+    assert encode_main(["--model", "."] + argv) == 0
+
+
 # ---- writes: never through a link -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["config.json", "metrics.jsonl", "eval.jsonl", "head.json", "adapter",
