@@ -264,7 +264,12 @@ def test_eval_file_faults_are_found_before_the_evaluation(model_dir, tmp_path, c
     assert ir.main(["--model", str(model_dir), "--qrels", str(loose), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (
         f"prcl eval: error: qrels: {loose} is not in a qrels/ folder (the BEIR layout is DIR/qrels/SPLIT.tsv beside "
-        "DIR/corpus.jsonl and DIR/queries.jsonl); pass --corpus and --queries")
+        "DIR/corpus.jsonl and DIR/queries.jsonl); move it there, or (prcl eval) pass --corpus and --queries")
+    # prcl train has no --corpus: the same data as training data
+    assert train_main(["--model", str(model_dir), "--data", str(loose), "--out", str(tmp_path / "t")]) == 1
+    assert error_line(capsys) == (
+        f"prcl train: error: qrels: {loose} is not in a qrels/ folder (the BEIR layout is DIR/qrels/SPLIT.tsv beside "
+        "DIR/corpus.jsonl and DIR/queries.jsonl); move it there, or (prcl eval) pass --corpus and --queries")
 
 
 def test_qrels_linked_into_another_dataset_is_refused(model_dir, tmp_path, capsys):
@@ -275,7 +280,7 @@ def test_qrels_linked_into_another_dataset_is_refused(model_dir, tmp_path, capsy
     assert ir.main(["--model", str(model_dir), "--qrels", str(link), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (
         f"prcl eval: error: qrels: {link} is a link into {other.parent}, another folder than the one it is in; "
-        "pass --corpus and --queries to say which corpus to read")
+        "put a copy there, or (prcl eval) pass --corpus and --queries to say which corpus to read")
 
 
 @pytest.mark.parametrize("command", [ir.main, encode_main])
