@@ -81,7 +81,10 @@ def unsafe_under(out):
     found = []
     for root, dirs, files in os.walk(out):
         for n in dirs + files:
-            mode = os.lstat(os.path.join(root, n)).st_mode
+            try:
+                mode = os.lstat(os.path.join(root, n)).st_mode
+            except FileNotFoundError:  # removed since listed: a checkpoint of a run still going, renamed
+                continue
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
                 found.append((os.path.join(root, n), stat.S_ISLNK(mode)))
     return sorted(found)

@@ -518,6 +518,24 @@ def test_two_runs_started_together_on_one_out(model_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_second_run_while_the_first_renames_a_checkpoint(run, tmp_path, capsys, monkeypatch):
+    """The first run renames .checkpoint-N.tmp while the second looks for links in --out: what vanished is no fault."""
+    out = tmp_path / "out"
+    (out / ".checkpoint-3.tmp").mkdir(parents=True)
+    (out / ".checkpoint-3.tmp" / "rng-0.safetensors").write_bytes(b"")
+    real = os.lstat
+
+    def renamed_meanwhile(path, *a, **k):
+        if str(path).endswith("rng-0.safetensors"):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "lstat", renamed_meanwhile)
+    with run_lock(out):
+        assert train_main(run) == 1
+    assert "is in use by another prcl train" in error_line(capsys)
+
+
 def test_a_stale_lock_is_taken_over_with_a_warning(run, tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
