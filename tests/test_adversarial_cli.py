@@ -573,6 +573,21 @@ def test_resume_on_changed_data_is_refused_unless_allowed(run, tmp_path, capsys,
     assert "resume: the data changed (--allow-data-change)" in caplog.text
 
 
+def test_allow_data_change_goes_on_at_the_next_line_when_the_position_is_inside_one(run, tmp_path, caplog):
+    """A line prepended moves the saved block start inside a line: --allow-data-change continues, it does not
+    stop at "not a position" (which a forged position without a data change still gets)."""
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows() * 3)
+    assert train_main(run + ["--shuffle-block", "4"]) == 0
+    offset = json.loads((tmp_path / "out" / "checkpoint-2" / "state.json").read_text())["data"]["offset"]
+    text = Path(data).read_text()
+    assert 0 < offset < len(text) and text[offset - 1] == "\n"  # a block start in the middle of the file
+    Path(data).write_text('{"query": "q", "positive": "p"}\n' + text)
+    assert text.encode()[offset - 1:offset] == b"\n" and Path(data).read_bytes()[offset - 1:offset] != b"\n"
+    assert train_main(run + ["--shuffle-block", "4", "--resume", "--max-steps", "3", "--allow-data-change"]) == 0
+    assert "going on at {'epoch': 0, 'offset': " in caplog.text
+    assert json.loads((tmp_path / "out" / "checkpoint-3" / "state.json").read_text())["step"] == 3
+
+
 def test_resume_on_rewritten_beir_qrels_is_refused(run, tmp_path, capsys):
     qrels = beir(tmp_path / "set", [f"q{i % 3}\td{i}\t1" for i in range(8)])
     argv = run + ["--data", str(qrels)]
