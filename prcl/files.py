@@ -171,7 +171,11 @@ def run_lock(out, name=".prcl-train.lock"):
         try:
             yield
         finally:
-            os.unlink(path)  # before the flock goes with the close: a waiting opener then opens afresh
+            # before the flock goes with the close (a waiting opener then opens afresh); only this run's file:
+            # one removed meanwhile may have been replaced by another run's lock
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path, follow_symlinks=False).st_ino == os.fstat(f.fileno()).st_ino:
+                    os.unlink(path)
 
 
 def resolve_device(name, flag="--device"):

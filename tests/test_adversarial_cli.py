@@ -536,6 +536,15 @@ def test_a_second_run_while_the_first_renames_a_checkpoint(run, tmp_path, capsys
     assert "is in use by another prcl train" in error_line(capsys)
 
 
+def test_a_lock_file_removed_during_the_run_is_not_an_error_nor_removes_another(tmp_path):
+    with run_lock(tmp_path):
+        os.unlink(tmp_path / ".prcl-train.lock")  # a careless rm while the run goes on
+    with run_lock(tmp_path):
+        os.unlink(tmp_path / ".prcl-train.lock")
+        (tmp_path / ".prcl-train.lock").write_text("pid 1 on host other\n")  # a second run's lock, since
+    assert (tmp_path / ".prcl-train.lock").read_text() == "pid 1 on host other\n"
+
+
 def test_a_stale_lock_is_taken_over_with_a_warning(run, tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
