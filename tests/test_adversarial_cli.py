@@ -597,6 +597,17 @@ def test_allow_data_change_goes_on_at_the_next_line_when_the_position_is_inside_
     assert json.loads((tmp_path / "out" / "checkpoint-3" / "state.json").read_text())["step"] == 3
 
 
+def test_resume_with_the_model_named_as_dot_from_its_folder(run, tmp_path, monkeypatch):
+    """--model . in the model's folder and --model /abs/path elsewhere are the same model."""
+    model = run[1]
+    monkeypatch.chdir(model)
+    dot = list(run)
+    dot[1] = "."
+    assert train_main(dot) == 0
+    monkeypatch.chdir(tmp_path)
+    assert train_main(run + ["--resume", "--max-steps", "3"]) == 0
+
+
 def test_resume_on_rewritten_beir_qrels_is_refused(run, tmp_path, capsys):
     qrels = beir(tmp_path / "set", [f"q{i % 3}\td{i}\t1" for i in range(8)])
     argv = run + ["--data", str(qrels)]

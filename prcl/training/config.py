@@ -138,5 +138,6 @@ class TrainConfig:
         its model copied elsewhere still resume."""
         settings = {name: getattr(self, name) for name in WEIGHT_SETTINGS}
         if settings["model"]:
-            settings["model"] = os.path.basename(os.path.normpath(settings["model"]))
+            # abspath: "." names a folder too, as resolved in this process's working directory
+            settings["model"] = os.path.basename(os.path.abspath(settings["model"]))
         return settings
