@@ -461,7 +461,9 @@ class LLMEncoder:
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             raise ValueError(f"adapter: {config} is not a peft adapter config") from None
         here = getattr(self.model.config, "_name_or_path", "")
-        if base and here and os.path.basename(os.path.normpath(base)) != os.path.basename(os.path.normpath(here)):
+        # by name only where the names are known: "." (or "..") names a folder of another working directory
+        names = [os.path.basename(os.path.normpath(p)) for p in (base or ".", os.path.abspath(here) if here else ".")]
+        if not {".", ".."} & set(names) and names[0] != names[1]:
             raise ValueError(f"adapter: {directory} was trained on {base}, not on {here}; pass the --model it was "
                              "trained with")
         try:

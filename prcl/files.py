@@ -67,26 +67,37 @@ def sha256(path):
 
 
 def fingerprint(paths):
-    """[{"path", "bytes", "sha256"}] of data files, to tell on resume whether they changed."""
-    return [{"path": os.fspath(p), "bytes": os.path.getsize(p), "sha256": sha256(p)} for p in paths]
+    """[{"path", "bytes", "sha256"}] of data files, to tell on resume whether they changed; ValueError for
+    one that is not a regular file (hashing a FIFO would block)."""
+    return [{"path": os.fspath(p), "bytes": os.path.getsize(regular_file(p, "data")), "sha256": sha256(p)}
+            for p in paths]
 
 
 # ---- writes ----------------------------------------------------------------------------------------------
 
-def links_under(out):
-    """Every symbolic link in the folder out (not followed), sorted."""
+def unsafe_under(out):
+    """(path, is_link) of every entry in the folder out that is a symbolic link (not followed) or a FIFO,
+    socket or device (a read or an append would block on it), sorted."""
     found = []
     for root, dirs, files in os.walk(out):
-        found += [os.path.join(root, n) for n in dirs + files if os.path.islink(os.path.join(root, n))]
+        for n in dirs + files:
+            try:
+                mode = os.lstat(os.path.join(root, n)).st_mode
+            except FileNotFoundError:  # removed since listed: a checkpoint of a run still going, renamed
+                continue
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                found.append((os.path.join(root, n), stat.S_ISLNK(mode)))
     return sorted(found)
 
 
 def refuse_links(out, flag="--out"):
-    links = links_under(out)
-    if links:
-        more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
-        raise ValueError(f"out: {links[0]} is a symbolic link{more}; prcl writes {flag} only through paths "
-                         f"that are not links: remove it, or choose another {flag}")
+    """ValueError naming the first link, FIFO, socket or device in the folder out."""
+    found = unsafe_under(out)
+    if found:
+        (path, is_link), more = found[0], f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        why = (f"is a symbolic link{more}; prcl writes {flag} only through paths that are not links" if is_link else
+               f"is not a regular file or folder{more} (a FIFO, socket or device would block a read or write)")
+        raise ValueError(f"out: {path} {why}: remove it, or choose another {flag}")
 
 
 def _open_nofollow(path, flags):
@@ -95,16 +106,26 @@ def _open_nofollow(path, flags):
 
 
 def write_text(path, text):
-    """Replace path's content atomically (a temporary file renamed over it); a link is never followed."""
+    """Replace path's content atomically (a new temporary file renamed over it); a link is never followed."""
     tmp = f"{os.fspath(path)}.tmp"
-    with os.fdopen(_open_nofollow(tmp, os.O_TRUNC), "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a file left there may be a hard link to another: never written into
+    with os.fdopen(_open_nofollow(tmp, os.O_EXCL), "w") as f:
         f.write(text)
     os.replace(tmp, path)  # replaces a link itself, never its target
 
 
 def append_text(path, text):
-    with os.fdopen(_open_nofollow(path, os.O_APPEND), "a") as f:
-        f.write(text)
+    """Append to path; a symbolic link is never followed, and a file that is also another name's (a hard
+    link) is replaced by a copy (write_text), so that the other name keeps its content."""
+    fd = _open_nofollow(path, os.O_APPEND)
+    with os.fdopen(fd, "a") as f:
+        if os.fstat(fd).st_nlink <= 1:
+            f.write(text)
+            return
+    with open(path) as f:
+        old = f.read()
+    write_text(path, old + text)
 
 
 def remove(path):
@@ -132,9 +153,12 @@ def run_lock(out, name=".prcl-train.lock"):
                 holder = f.read().strip() or "a process that has not written its PID yet"
             raise ValueError(f"out: {out} is in use by another prcl train ({holder}; lock file {path}); wait "
                              "for it to finish or choose another --out") from None
-        # a file unlinked by its releasing holder after we opened it is not the lock any more: open again
+        # a file unlinked by its releasing holder after we opened it is not the lock any more: open again;
+        # one that is also another file's name (a hard link) is never written: unlinked, and a new one made
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
+            if os.fstat(fd).st_nlink == 1:
+                break
+            os.unlink(path)
         os.close(fd)
     with open(fd, "r+", closefd=True) as f:
         stale = f.read().strip()
@@ -147,7 +171,11 @@ def run_lock(out, name=".prcl-train.lock"):
         try:
             yield
         finally:
-            os.unlink(path)  # before the flock goes with the close: a waiting opener then opens afresh
+            # before the flock goes with the close (a waiting opener then opens afresh); only this run's file:
+            # one removed meanwhile may have been replaced by another run's lock
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path, follow_symlinks=False).st_ino == os.fstat(f.fileno()).st_ino:
+                    os.unlink(path)
 
 
 def resolve_device(name, flag="--device"):

@@ -137,11 +137,12 @@ def beir_paths(qrels):
     here = Path(os.path.abspath(qrels)).parent
     if here.name != "qrels":
         raise ValueError(f"qrels: {qrels} is not in a qrels/ folder (the BEIR layout is DIR/qrels/SPLIT.tsv "
-                         "beside DIR/corpus.jsonl and DIR/queries.jsonl); pass --corpus and --queries")
+                         "beside DIR/corpus.jsonl and DIR/queries.jsonl); move it there, or (prcl eval) pass --corpus "
+                         "and --queries")
     linked = Path(qrels).resolve().parent
     if linked != here.resolve():
-        raise ValueError(f"qrels: {qrels} is a link into {linked}, another folder than the one it is in; pass "
-                         f"--corpus and --queries to say which corpus to read")
+        raise ValueError(f"qrels: {qrels} is a link into {linked}, another folder than the one it is in; put a "
+                         "copy there, or (prcl eval) pass --corpus and --queries to say which corpus to read")
     return here.parent / "corpus.jsonl", here.parent / "queries.jsonl"
 
 

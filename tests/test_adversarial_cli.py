@@ -94,6 +94,8 @@ def no_hang():
     (["--dist-timeout", "inf"], "dist_timeout: must be a finite number > 0, got inf"),
     (["--dist-timeout", "1e300"], "dist_timeout: at most 31536000 seconds (a year), got 1e+300"),
     (["--allow-data-change"], "allow_data_change: only with --resume"),
+    (["--lora-alpha", "0"], "lora_alpha: must be > 0 (LoRA's update is scaled by lora_alpha / lora_r: 0 trains "
+                            "nothing), got 0"),
 ])
 def test_bad_option_is_one_line_naming_it(run, capsys, flags, message):
     assert train_main(run + flags) == 1
@@ -119,6 +121,8 @@ def test_scale_that_overflows_is_not_blamed_on_lr(run, capsys):
     ("c.toml", 'eval_k = "15"\n', "config: eval_k in {path} must be a list of ints, got '15'"),
     ("c.toml", "eval_k = [1, true]\n", "config: eval_k in {path} must be a list of ints, got [1, True]"),
     ("c.toml", "max_stepz = 3\n", "config: unknown key 'max_stepz' in {path}"),
+    ("c.toml", "lr = true\n", "config: lr in {path} must be float, got True"),  # not lr = 1.0
+    ("c.json", '{"weight_decay": false}', "config: weight_decay in {path} must be float, got False"),
     ("c.toml", 'max_steps = "3"\n', "config: max_steps in {path} must be int, got '3'"),
     ("c.toml", "max_steps = \n", "config: {path}: not valid TOML (Invalid value (at line 1, column 13))"),
     ("c.json", "[1, 2]", "config: {path} must hold an object of options, got list"),
@@ -132,6 +136,15 @@ def test_bad_config_file_is_one_line_naming_file_and_key(run, tmp_path, capsys, 
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     assert train_main(run + ["--config", str(path)]) == 1
     assert error_line(capsys) == "prcl train: error: " + message.format(path=path)
+
+
+def test_a_bool_is_no_number_for_the_api_either(run):
+    from prcl.training.cli import parse_train_args
+
+    cfg = parse_train_args(run)
+    cfg.scale = True  # TrainConfig built in Python, no config file to type-check it
+    with pytest.raises(ValueError, match="scale: must be a finite number > 0, got True"):
+        cfg.validate()
 
 
 def test_config_eval_k_int_and_bom(run, tmp_path):
@@ -219,6 +232,17 @@ def test_beir_training_data_without_corpus(run, tmp_path, capsys):
     assert error_line(capsys) == f"prcl train: error: corpus: no such file '{tmp_path / 'set' / 'corpus.jsonl'}'"
 
 
+def test_beir_training_data_with_a_fifo_corpus_and_skip_bad_lines(run, tmp_path, capsys, no_hang):
+    """--skip-bad-lines skips the up-front check of the data; the fingerprint still must not read a FIFO."""
+    qrels = beir(tmp_path / "set")
+    corpus = tmp_path / "set" / "corpus.jsonl"
+    corpus.unlink()
+    fifo(corpus)
+    assert train_main(run + ["--data", str(qrels), "--skip-bad-lines"]) == 1
+    assert error_line(capsys) == (f"prcl train: error: data: '{corpus}' is not a regular file (a FIFO, socket or "
+                                  "device); pass a file")
+
+
 def test_eval_file_faults_are_found_before_the_evaluation(model_dir, tmp_path, capsys, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the file fault was found")
@@ -240,7 +264,12 @@ def test_eval_file_faults_are_found_before_the_evaluation(model_dir, tmp_path, c
     assert ir.main(["--model", str(model_dir), "--qrels", str(loose), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (
         f"prcl eval: error: qrels: {loose} is not in a qrels/ folder (the BEIR layout is DIR/qrels/SPLIT.tsv beside "
-        "DIR/corpus.jsonl and DIR/queries.jsonl); pass --corpus and --queries")
+        "DIR/corpus.jsonl and DIR/queries.jsonl); move it there, or (prcl eval) pass --corpus and --queries")
+    # prcl train has no --corpus: the same data as training data
+    assert train_main(["--model", str(model_dir), "--data", str(loose), "--out", str(tmp_path / "t")]) == 1
+    assert error_line(capsys) == (
+        f"prcl train: error: qrels: {loose} is not in a qrels/ folder (the BEIR layout is DIR/qrels/SPLIT.tsv beside "
+        "DIR/corpus.jsonl and DIR/queries.jsonl); move it there, or (prcl eval) pass --corpus and --queries")
 
 
 def test_qrels_linked_into_another_dataset_is_refused(model_dir, tmp_path, capsys):
@@ -251,7 +280,7 @@ def test_qrels_linked_into_another_dataset_is_refused(model_dir, tmp_path, capsy
     assert ir.main(["--model", str(model_dir), "--qrels", str(link), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (
         f"prcl eval: error: qrels: {link} is a link into {other.parent}, another folder than the one it is in; "
-        "pass --corpus and --queries to say which corpus to read")
+        "put a copy there, or (prcl eval) pass --corpus and --queries to say which corpus to read")
 
 
 @pytest.mark.parametrize("command", [ir.main, encode_main])
@@ -352,6 +381,22 @@ def test_adapter_from_another_base_model(model_dir, tmp_path, capsys):
                            "mismatch for") and line.endswith("pass the --model it was trained with")
 
 
+def test_adapter_of_a_model_loaded_as_dot_fits_it_from_anywhere(model_dir, tmp_path, monkeypatch):
+    """A model's folder named "." where the adapter was trained (or where it is used) is still that model."""
+    from prcl.encoders import LLMEncoder
+
+    monkeypatch.chdir(model_dir)
+    LLMEncoder.from_pretrained(".").add_lora(r=4, alpha=8).save_adapter(tmp_path / "adapter")
+    write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
+    argv = ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy"),
+            "--adapter", str(tmp_path / "adapter")]
+    monkeypatch.chdir(tmp_path)
+    assert encode_main(["--model", str(model_dir)] + argv) == 0
+    LLMEncoder.from_pretrained(str(model_dir)).add_lora(r=4, alpha=8).save_adapter(tmp_path / "adapter")
+    monkeypatch.chdir(model_dir)
+    assert encode_main(["--model", "."] + argv) == 0
+
+
 # ---- writes: never through a link -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["config.json", "metrics.jsonl", "eval.jsonl", "head.json", "adapter",
@@ -374,6 +419,18 @@ def test_a_link_in_the_run_folder_is_refused_and_its_target_untouched(run, tmp_p
     assert error_line(capsys) == (f"prcl train: error: out: {target} is a symbolic link; prcl writes --out only "
                                   "through paths that are not links: remove it, or choose another --out")
     assert (victim / "keep" if name == "adapter" else victim).read_text() == "precious"
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoint-2/manifest.json", "eval.jsonl"])
+def test_a_fifo_in_the_run_folder_is_refused_without_blocking(run, tmp_path, capsys, no_hang, name):
+    """--resume reads metrics.jsonl and each manifest.json and appends to eval.jsonl: a FIFO there would block."""
+    assert train_main(run) == 0
+    target = tmp_path / "out" / name
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    assert train_main(run + ["--resume", "--max-steps", "3"]) == 1
+    assert error_line(capsys) == (f"prcl train: error: out: {target} is not a regular file or folder (a FIFO, "
+                                  "socket or device would block a read or write): remove it, or choose another --out")
 
 
 def test_overwrite_with_a_linked_checkpoint_folder(run, tmp_path, capsys):
@@ -400,6 +457,20 @@ def test_writes_never_follow_a_link_made_after_the_check(tmp_path):
     assert e.value.errno == errno.ELOOP
     write_text(tmp_path / "metrics.jsonl", "{}\n")  # replaces the link itself
     assert victim.read_text() == "precious" and not (tmp_path / "metrics.jsonl").is_symlink()
+
+
+def test_writes_never_go_into_a_hard_linked_file(tmp_path):
+    """A hard link is a link too: the other name (a file outside --out) keeps its content."""
+    from prcl.files import append_text, write_text
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, tmp_path / "eval.jsonl")
+    append_text(tmp_path / "eval.jsonl", "{}\n")
+    assert victim.read_text() == "precious\n" and (tmp_path / "eval.jsonl").read_text() == "precious\n{}\n"
+    os.link(victim, tmp_path / "config.json.tmp")  # planted where write_text writes before its rename
+    write_text(tmp_path / "config.json", "{}\n")
+    assert victim.read_text() == "precious\n" and (tmp_path / "config.json").read_text() == "{}\n"
 
 
 def test_eval_out_with_a_linked_run_file(model_dir, tmp_path, capsys):
@@ -447,6 +518,33 @@ def test_two_runs_started_together_on_one_out(model_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_second_run_while_the_first_renames_a_checkpoint(run, tmp_path, capsys, monkeypatch):
+    """The first run renames .checkpoint-N.tmp while the second looks for links in --out: what vanished is no fault."""
+    out = tmp_path / "out"
+    (out / ".checkpoint-3.tmp").mkdir(parents=True)
+    (out / ".checkpoint-3.tmp" / "rng-0.safetensors").write_bytes(b"")
+    real = os.lstat
+
+    def renamed_meanwhile(path, *a, **k):
+        if str(path).endswith("rng-0.safetensors"):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "lstat", renamed_meanwhile)
+    with run_lock(out):
+        assert train_main(run) == 1
+    assert "is in use by another prcl train" in error_line(capsys)
+
+
+def test_a_lock_file_removed_during_the_run_is_not_an_error_nor_removes_another(tmp_path):
+    with run_lock(tmp_path):
+        os.unlink(tmp_path / ".prcl-train.lock")  # a careless rm while the run goes on
+    with run_lock(tmp_path):
+        os.unlink(tmp_path / ".prcl-train.lock")
+        (tmp_path / ".prcl-train.lock").write_text("pid 1 on host other\n")  # a second run's lock, since
+    assert (tmp_path / ".prcl-train.lock").read_text() == "pid 1 on host other\n"
+
+
 def test_a_stale_lock_is_taken_over_with_a_warning(run, tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
@@ -454,6 +552,16 @@ def test_a_stale_lock_is_taken_over_with_a_warning(run, tmp_path, caplog):
     assert train_main(run) == 0
     assert "taking over the lock" in caplog.text and "pid 999999 on host gone" in caplog.text
     assert not (out / ".prcl-train.lock").exists()  # released at the end
+
+
+def test_a_hard_link_as_the_lock_file_is_not_written_into(run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, out / ".prcl-train.lock")
+    assert train_main(run) == 0
+    assert victim.read_text() == "precious\n"
 
 
 # ---- resume: the same data, a checkpoint that holds what prcl writes --------------------------------------
@@ -472,6 +580,32 @@ def test_resume_on_changed_data_is_refused_unless_allowed(run, tmp_path, capsys,
                          "position in the new data")
     assert train_main(run + ["--resume", "--max-steps", "3", "--allow-data-change"]) == 0
     assert "resume: the data changed (--allow-data-change)" in caplog.text
+
+
+def test_allow_data_change_goes_on_at_the_next_line_when_the_position_is_inside_one(run, tmp_path, caplog):
+    """A line prepended moves the saved block start inside a line: --allow-data-change continues, it does not
+    stop at "not a position" (which a forged position without a data change still gets)."""
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows() * 3)
+    assert train_main(run + ["--shuffle-block", "4"]) == 0
+    offset = json.loads((tmp_path / "out" / "checkpoint-2" / "state.json").read_text())["data"]["offset"]
+    text = Path(data).read_text()
+    assert 0 < offset < len(text) and text[offset - 1] == "\n"  # a block start in the middle of the file
+    Path(data).write_text('{"query": "q", "positive": "p"}\n' + text)
+    assert text.encode()[offset - 1:offset] == b"\n" and Path(data).read_bytes()[offset - 1:offset] != b"\n"
+    assert train_main(run + ["--shuffle-block", "4", "--resume", "--max-steps", "3", "--allow-data-change"]) == 0
+    assert "going on at {'epoch': 0, 'offset': " in caplog.text
+    assert json.loads((tmp_path / "out" / "checkpoint-3" / "state.json").read_text())["step"] == 3
+
+
+def test_resume_with_the_model_named_as_dot_from_its_folder(run, tmp_path, monkeypatch):
+    """--model . in the model's folder and --model /abs/path elsewhere are the same model."""
+    model = run[1]
+    monkeypatch.chdir(model)
+    dot = list(run)
+    dot[1] = "."
+    assert train_main(dot) == 0
+    monkeypatch.chdir(tmp_path)
+    assert train_main(run + ["--resume", "--max-steps", "3"]) == 0
 
 
 def test_resume_on_rewritten_beir_qrels_is_refused(run, tmp_path, capsys):

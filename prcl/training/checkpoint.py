@@ -242,9 +242,10 @@ class TrainingState:
                  "settings": settings, "schedule": schedule, "data_fingerprint": self.data_fingerprint}
         return tensors, state
 
-    def restore(self, path, tensors, state, settings):
+    def restore(self, path, tensors, state, settings, data_changed=False):
         """Load a checkpoint's tensors and state (checked by check_state); ValueError naming the setting,
-        weight or value that does not fit this run."""
+        weight or value that does not fit this run. data_changed: the data position may fall inside a line
+        of the changed data (--allow-data-change); the stream goes on at the next one."""
         saved = state.get("settings")  # None in a converted checkpoint of an earlier prcl
         for name in WEIGHT_SETTINGS if saved is not None else ():
             if saved[name] != settings[name]:
@@ -284,7 +285,7 @@ class TrainingState:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # torch's own checks of the states
             raise CheckpointError(f"{path / STATE}: the optimizer or scheduler state does not load "
                                   f"({type(e).__name__}: {e})") from None
-        self.stream.load_state_dict(state["data"], source=path / STATE)
+        self.stream.load_state_dict(state["data"], source=path / STATE, realign=data_changed)
         self.stream.skipped.count = state["counters"]["skipped_lines"]
         self.nonfinite = state["counters"]["nonfinite"]
         self.step = state["step"]

@@ -116,7 +116,8 @@ def _read_config(path):
         if name not in types:
             raise ValueError(f"config: unknown key {key!r} in {path}")
         t = types[name]
-        if value is not None and t in (int, float, str) and not (t is float and isinstance(value, int)):
+        if value is not None and t in (int, float, str) and not (
+                t is float and isinstance(value, int) and not isinstance(value, bool)):  # true is an int too
             if not isinstance(value, t) or isinstance(value, bool):
                 raise ValueError(f"config: {key} in {path} must be {t.__name__}, got {value!r}")
         if t is bool and not isinstance(value, bool):

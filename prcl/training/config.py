@@ -12,6 +12,10 @@ MAX_TIMEOUT = 365 * 24 * 3600  # timedelta and torch's process-group timeout ove
 WEIGHT_SETTINGS = ("model", "gguf_file", "lora_r", "lora_alpha", "lora_layers", "learn_scale")
 
 
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # True is an int to Python, not a setting
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every option of `prcl train`; the CLI flags and --config keys have these names (dashes allowed)."""
@@ -93,11 +97,11 @@ class TrainConfig:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("scale", "lr", "dist_timeout", "max_grad_norm"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if v is not None and not (_number(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {v!r}")
         for name in ("weight_decay", "lora_dropout", "bias"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            if v is not None and not (_number(v) and math.isfinite(v)):
                 raise ValueError(f"{name}: must be a finite number, got {v!r}")
         if self.weight_decay < 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"weight_decay and lora_dropout: expected weight_decay >= 0 and lora_dropout in "
@@ -108,6 +112,9 @@ class TrainConfig:
             raise ValueError(f"dtype: expected one of {', '.join(map(str, DTYPES[1:]))}, got {self.dtype!r}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r: must be >= 0 (0 trains every weight), got {self.lora_r}")
+        if self.lora_r and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha: must be > 0 (LoRA's update is scaled by lora_alpha / lora_r: 0 trains "
+                             f"nothing), got {self.lora_alpha}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.lora_layers < 0:
@@ -131,5 +138,6 @@ class TrainConfig:
         its model copied elsewhere still resume."""
         settings = {name: getattr(self, name) for name in WEIGHT_SETTINGS}
         if settings["model"]:
-            settings["model"] = os.path.basename(os.path.normpath(settings["model"]))
+            # abspath: "." names a folder too, as resolved in this process's working directory
+            settings["model"] = os.path.basename(os.path.abspath(settings["model"]))
         return settings

@@ -11,6 +11,7 @@ DIR/corpus.jsonl and DIR/queries.jsonl): see read_beir.
 """
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -18,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 
 from prcl.files import regular_file
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -237,9 +240,10 @@ class ExampleStream:
     def state_dict(self):
         return dict(self.state)
 
-    def load_state_dict(self, state, source="state"):
+    def load_state_dict(self, state, source="state", realign=False):
         """Continue from a saved position; ValueError naming `source` when it cannot be one in this file
-        (past its end, inside a line, more taken than a block holds)."""
+        (past its end, inside a line, more taken than a block holds). realign (the file changed since the
+        position was saved): such a position goes on at the next line instead, in a new block."""
         st = {k: state[k] for k in ("epoch", "offset", "lineno", "taken")}
         if is_beir(self.path):
             end, boundary = len(_beir_examples(os.path.abspath(self.path), os.path.getmtime(self.path))), True
@@ -248,10 +252,29 @@ class ExampleStream:
             with open(regular_file(self.path, "data"), "rb") as f:
                 f.seek(max(0, st["offset"] - 1))
                 boundary = st["offset"] == 0 or f.read(1) == b"\n"
-        if not (st["offset"] <= end and boundary and st["lineno"] <= st["offset"] and st["taken"] <= self.block_size):
+        valid = st["offset"] <= end and boundary and st["lineno"] <= st["offset"] and st["taken"] <= self.block_size
+        if not valid and realign:
+            st, valid = self._next_line(st["epoch"], st["offset"], end), True
+            logger.warning("resume: %s: the saved data position is not one in the changed %s; going on at %s",
+                           source, self.path, st)
+        if not valid:
             raise ValueError(f"resume: {source}: data position {st} is not a position in {self.path} ({end} "
                              f"{'queries' if is_beir(self.path) else 'bytes'}) with blocks of {self.block_size}")
         self.state = st
+
+    def _next_line(self, epoch, offset, end):
+        """The position of the first line that starts at or after offset; past the end, the next epoch's start."""
+        lineno = offset  # BEIR positions count queries
+        if not is_beir(self.path) and offset < end:
+            lineno = 0
+            with open(self.path, "rb") as f:
+                while f.tell() < offset:
+                    f.readline()
+                    lineno += 1
+                offset = f.tell()
+        if offset >= end:
+            return {"epoch": epoch + 1, "offset": 0, "lineno": 0, "taken": 0}
+        return {"epoch": epoch, "offset": offset, "lineno": lineno, "taken": 0}
 
     def _block(self, offset, lineno):
         block, end = [], (offset, lineno)

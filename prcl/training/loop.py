@@ -148,8 +148,8 @@ def _resume(cfg, state, out, rank, world):
             logger.info("resume: no checkpoint in %s; starting at step 0", out)
         return None
     path, tensors, saved, rng = loaded
-    _check_data(cfg, saved.get("data_fingerprint"), state.data_fingerprint, path, rank)
-    state.restore(path, tensors, saved, cfg.weight_settings())
+    changed = _check_data(cfg, saved.get("data_fingerprint"), state.data_fingerprint, path, rank)
+    state.restore(path, tensors, saved, cfg.weight_settings(), data_changed=changed)
     schedule = _schedule(cfg)
     if saved["schedule"] not in (None, schedule):
         changes = ", ".join(f"{k} {saved['schedule'][k]} -> {v}" for k, v in schedule.items()
@@ -168,14 +168,15 @@ def _resume(cfg, state, out, rank, world):
 
 
 def _check_data(cfg, saved, now, path, rank):
-    """Refuse to resume on data that differ from those the checkpoint's run read (unless allow_data_change)."""
+    """Refuse to resume on data that differ from those the checkpoint's run read (unless allow_data_change);
+    whether they differ."""
     if saved is None:  # a converted checkpoint of an earlier prcl: it recorded none
-        return
+        return False
     changed = [(a, b) for a, b in zip(saved, now) if (a["bytes"], a["sha256"]) != (b["bytes"], b["sha256"])]
     if len(saved) != len(now):
         changed.append((saved[-1], now[-1]))
     if not changed:
-        return
+        return False
     was, is_ = changed[0]
     what = (f"{is_['path']} is {is_['bytes']} bytes (SHA-256 {is_['sha256'][:12]}…); the run started on "
             f"{was['path']} of {was['bytes']} bytes (SHA-256 {was['sha256'][:12]}…)")
@@ -184,6 +185,7 @@ def _check_data(cfg, saved, now, path, rank):
                          "or pass --allow-data-change to continue from the saved position in the new data")
     if rank == 0:
         logger.warning("resume: the data changed (--allow-data-change): %s", what)
+    return True
 
 
 def _nonfinite_message(step, loss, grad_norm):
