@@ -72,10 +72,11 @@ def _impl(name):
                                     "native": "prcl.native"}[name])
 
 
-def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded):
+def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded, threshold=None):
     """rows and the gradients of weight·Σ_i w_i Σ_j l_ij w.r.t. q, d, t, b."""
     grad_scale = scale.to(acc_dtype(q.dtype)) * weight
-    rows, dq, dd, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded)
+    rows, dq, dd, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
+                                               threshold)
     return rows, dq, dd, gs * weight, g * weight
 
 
@@ -104,29 +105,32 @@ def _define(schema, impl):
 
 
 def _rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          backend: str) -> Tensor:
-    return _impl(backend).rows(q, d, scale, bias, labels, label_index)
+          backend: str, threshold: Optional[Tensor] = None) -> Tensor:
+    return _impl(backend).rows(q, d, scale, bias, labels, label_index, threshold)
 
 
 def _rows_bwd(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-              grad_rows: Tensor, backend: str, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              grad_rows: Tensor, backend: str, rounded: bool = False,
+              threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = grad_rows.to(acc_dtype(q.dtype)).contiguous()
-    _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend, 1.0, rounded)
+    _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend, 1.0, rounded, threshold)
     return dq, dd, dt, db
 
 
 def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-           backend: str, weight: float = 1.0, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend, weight, rounded)
+           backend: str, weight: float = 1.0, rounded: bool = False,
+           threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend, weight, rounded, threshold)
     return rows.sum() * weight, dq, dd, dt, db
 
 
-pair_bce_rows = _define(f"pair_bce_rows({_ARGS}, str backend) -> Tensor", _rows)
+# threshold (B,): false negatives, a pair with y = 0 and q_i·d_j > threshold_i is excluded (prcl.loss)
+pair_bce_rows = _define(f"pair_bce_rows({_ARGS}, str backend, Tensor? threshold=None) -> Tensor", _rows)
 pair_bce_rows_backward = _define(
-    f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend, bool rounded=False) "
+    f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend, bool rounded=False, Tensor? threshold=None) "
     "-> (Tensor, Tensor, Tensor, Tensor)", _rows_bwd)
-pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend, float weight=1.0, bool rounded=False) "
-                         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
+pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend, float weight=1.0, bool rounded=False, "
+                         "Tensor? threshold=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
 
 
 def _grad_dtype(x, rounded):
@@ -134,35 +138,36 @@ def _grad_dtype(x, rounded):
 
 
 @torch.library.register_fake("prcl::pair_bce_rows", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, backend):
+def _(q, d, scale, bias, labels, label_index, backend, threshold=None):
     return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("prcl::pair_bce_rows_backward", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, grad_rows, backend, rounded=False):
+def _(q, d, scale, bias, labels, label_index, grad_rows, backend, rounded=False, threshold=None):
     acc = acc_dtype(q.dtype)
     return (q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)), d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)),
             q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
 def _rows_setup(ctx, inputs, output):
-    q, d, scale, bias, labels, label_index, backend = inputs
-    ctx.save_for_backward(q, d, scale, bias, labels, label_index)
+    q, d, scale, bias, labels, label_index, backend, *threshold = inputs
+    ctx.save_for_backward(q, d, scale, bias, labels, label_index, *threshold)
     ctx.backend = backend
 
 
 def _rows_backward(ctx, grad_rows):
     _no_double_backward()
-    q, d, scale, bias, labels, label_index = ctx.saved_tensors
-    dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend, True)
-    return dq, dd, dt.to(scale.dtype), db.to(bias.dtype), None, None, None
+    q, d, scale, bias, labels, label_index, *threshold = ctx.saved_tensors
+    dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend, True,
+                                            *threshold)
+    return dq, dd, dt.to(scale.dtype), db.to(bias.dtype), None, None, None, None
 
 
 torch.library.register_autograd("prcl::pair_bce_rows", _rows_backward, setup_context=_rows_setup, lib=_lib)
 
 
 @torch.library.register_fake("prcl::pair_bce_total", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False):
+def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False, threshold=None):
     acc = acc_dtype(q.dtype)
     return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)),
             d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)), q.new_empty((), dtype=acc),
@@ -181,11 +186,11 @@ def _total_setup(ctx, inputs, output):
 def _total_backward(ctx, grad_total, *_):
     _no_double_backward()
     if grad_total is None:  # the loss itself was not used (grads are not materialised)
-        return (None,) * 9
+        return (None,) * 10
     # the gradient was computed (and, on autograd's path, rounded) in the forward; backward only scales
     # it by the upstream gradient, exactly when that is 1 or a power of two
     grads = ((grad_total * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("prcl::pair_bce_total", _total_backward, setup_context=_total_setup, lib=_lib)

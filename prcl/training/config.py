@@ -1,5 +1,6 @@
 """TrainConfig: every option of `prcl train`, checked before anything is loaded."""
 import dataclasses
+import math
 import os
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -29,6 +30,7 @@ class TrainConfig:
     scale: float = 5.0  # prcl.contract.DEFAULT_SCALE (not imported: `prcl train --help` runs without torch)
     learn_scale: bool = False
     bias: float = None  # None = −log(N − 1) from each batch's N
+    false_negative_margin: float = None  # None = no mask; see prcl.fused_pair_bce
     dedup: bool = True
     backend: str = None
     lora_r: int = 16  # 0 = train every weight
@@ -91,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         if not self.scale > 0:
             raise ValueError(f"scale: must be > 0, got {self.scale}")
+        if self.false_negative_margin is not None and not math.isfinite(self.false_negative_margin):
+            raise ValueError(f"false_negative_margin: expected a finite float, got {self.false_negative_margin}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not self.dist_timeout > 0:
