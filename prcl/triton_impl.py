@@ -129,7 +129,7 @@ def two_pass(q):
     return q.dtype != torch.float32 and tuning.gpu_class(10 * major + minor) == "sm90" and D <= tuning.TWO_PASS_CROSSOVER_D
 
 
-def _pass(own, streamed, scale, bias, y, index, w, row_pass, threshold):
+def _pass(own, streamed, scale, bias, y, index, w, threshold, row_pass):
     """One launch of pair_pass_kernel: own (O, D) against streamed (S, D), the queries being own in the
     row pass. Returns (Σ over streamed rows of G·streamed, (O, D) float32; and in the row pass the loss
     row sums (O,), Σ G∘S, Σ G)."""
@@ -172,8 +172,8 @@ def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, thresh
     out_dtype = q.dtype if rounded else None
     if two_pass(q):
         with _on(q.device):
-            gd, rows, gs, g = _pass(q, d, scale, bias, labels, label_index, w, True, threshold)
-            gq, = _pass(d, q, scale, bias, labels, label_index, w, False, threshold)
+            gd, rows, gs, g = _pass(q, d, scale, bias, labels, label_index, w, threshold, True)
+            gq, = _pass(d, q, scale, bias, labels, label_index, w, threshold, False)
         return (rows, *finish_grads(gd, gq, grad_scale, out_dtype), gs, g)
     workspace = []
 
