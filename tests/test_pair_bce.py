@@ -241,19 +241,22 @@ def test_gradcheck_float64_ops(backend, layout):
     assert torch.autograd.gradcheck(lambda *a: torch.ops.prcl.pair_bce_total(*a, y, index, backend)[0], args)
 
 
+@pytest.mark.parametrize("threshold", [False, True], ids=["plain", "threshold"])
 @pytest.mark.parametrize("layout", ["sparse", "dense"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend, layout):
+def test_opcheck(backend, layout, threshold):
     q, d, gen = make_inputs(10, 13, 16, torch.float32)
     y, index = kernel_label_layouts(10, 13, gen)[layout]
     args = (q.requires_grad_(), d.requires_grad_(), torch.tensor(4.0, device=DEVICE, requires_grad=True),
             torch.tensor(-1.0, device=DEVICE, requires_grad=True), y.to(DEVICE),
             None if index is None else index.to(DEVICE), backend)
-    torch.library.opcheck(torch.ops.prcl.pair_bce_rows.default, args)
-    torch.library.opcheck(torch.ops.prcl.pair_bce_total.default, args)
+    # the false-negative thresholds: some rows masked above 0, one not at all
+    kw = {"threshold": torch.tensor([0.0] * 9 + [math.inf], device=DEVICE)} if threshold else {}
+    torch.library.opcheck(torch.ops.prcl.pair_bce_rows.default, args, kw)
+    torch.library.opcheck(torch.ops.prcl.pair_bce_total.default, args, kw)
     # the backward op has no double-backward formula: check it on inputs that do not require grad
     plain = tuple(a.detach() for a in args[:4]) + args[4:6] + (torch.rand(10, device=DEVICE), backend)
-    torch.library.opcheck(torch.ops.prcl.pair_bce_rows_backward.default, plain)
+    torch.library.opcheck(torch.ops.prcl.pair_bce_rows_backward.default, plain, kw)
 
 
 @slow
