@@ -60,7 +60,7 @@ Strategies (both deterministic: fixed communication and summation order):
 Pick the strategy with `strategy=` here, or through `prcl.fused_pair_bce` by passing
 `process_group=Ring(group)` (or `Gather(group)`; `group=None` = the default group).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -167,7 +167,7 @@ class _Plan:
     per_row: bool
     want: tuple = (False,) * 4  # which of q, d, scale, bias get a gradient
     threshold: object = None  # the false-negative mask's per-query thresholds (prcl.loss), or None
-    masked: list = field(default_factory=list)  # the ring's per-chunk counts of masked pairs, when asked
+    masked: list = None  # the ring's per-chunk counts of masked pairs, when asked
 
     @property
     def offset(self):

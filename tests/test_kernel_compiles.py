@@ -71,7 +71,7 @@ def test_sm90_false_negative_mask_costs_its_compare_only(rows):
         plain = rows[r["arch"], r["dtype"], r["mode"]]
         assert r["blocks_per_sm"] == plain["blocks_per_sm"] and r["mma"] == plain["mma"], r
         if r["dtype"] != "fp32":
-            assert r["spill_bytes"] == 0 and r["epilogue_per_pair"] <= plain["epilogue_per_pair"] + 3, r
+            assert r["spill_bytes"] == 0 and r["epilogue_per_pair"] <= round(plain["epilogue_per_pair"] + 3, 1), r
 
 
 @pytest.mark.slow
