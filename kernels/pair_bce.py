@@ -16,7 +16,9 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
    tile; K ≠ 1 (MANY_LABELS) loops over the columns per tile. Unmatched pairs have y = 0. A pair left
    out (y < 0, or a column past N in the last tile, where TMA filled S with 0) gets the bias −1e30:
    then e = 0 and l = G = G·S = 0, with no mask per pair; when BLOCK_N divides N (RAGGED_N off, every
-   full-size panel) no tile has such columns and the bias is one scalar.
+   full-size panel) no tile has such columns and the bias is one scalar. With HAS_THR, a pair with
+   y = 0 whose S exceeds its row's false-negative threshold (prcl/loss.py, +inf for a row without
+   one) gets the bias −1e30 too: two compares and a select per pair, nothing more in memory.
 4. The epilogue stays in registers, in float32, in base 2: z₂ = z·log2(e) = S·(t·log2 e) + b·log2 e,
    row sums scaled by ln 2 once. One e = 2^(−|z₂|) = exp(−|z|) serves everything. With
    r = e/(1 + e) = σ(−|z|) and c = 1 − y (z ≥ 0) or −y (z < 0):
@@ -155,16 +157,31 @@ def _place(b_ny, b_b, b_at, b_here, b_nly, b_lb, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _masked(b_b, b_ny, b_s, b_thr, INTERPRET: tl.constexpr):
+    """The bias tile with the false negatives excluded: −y = 0 (y = 0; an excluded pair has −y = 0
+    too and keeps its bias) and S above the row's threshold (see 3.). On the GPU two compares and a
+    select in PTX: as tl.where of a boolean and, the sm_90 forward kernel took 189 registers, not 128."""
+    if INTERPRET:
+        b = tl.where((b_ny == 0.0) & (b_s > b_thr), EXCLUDED, b_b)
+    else:
+        b = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.eq.f32 p, $2, 0f00000000; setp.gt.and.f32 p, $3, $4, p; "
+            "selp.f32 $0, 0fF149F2CA, $1, p; }",  # 0fF149F2CA: −1e30, EXCLUDED
+            "=f,f,f,f,f", [b_b, b_ny, b_s, b_thr], dtype=tl.float32, is_pure=True, pack=1)
+    return b
+
+
+@triton.jit
 def pair_tile_kernel(
     q_desc, d_desc, g_desc,  # q (M, D), d (N, D), G (M, N) workspace
-    scale_ptr, bias_ptr, w_ptr,  # t and b 0-dim, w (M,)
+    scale_ptr, bias_ptr, w_ptr, thr_ptr,  # t and b 0-dim, w (M,), false-negative thresholds (M,)
     y_ptr, idx_ptr,  # labels: dense (M, N), or (M, K) labels with (M, K) int64 document indices
     rows_ptr, stats_ptr,  # rows (SPLIT_N, M) f32, stats (programs, 2) f32
     M, N, D, K, col0, stride_ym, stride_yn, stride_im, stride_ik, tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     WRITE_G: tl.constexpr, HAS_W: tl.constexpr, DENSE_Y: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, MANY_LABELS: tl.constexpr,
-    RAGGED_N: tl.constexpr,
+    RAGGED_N: tl.constexpr, HAS_THR: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -186,6 +203,8 @@ def pair_tile_kernel(
     if not DENSE_Y and not MANY_LABELS:
         b_col1, b_nly1, b_lb1 = _row_label(idx_ptr, y_ptr, o_m64, m_m, 0, stride_im, stride_ik, stride_ym, stride_yn,
                                           col0, N, b2)
+    if HAS_THR:
+        b_thr = tl.load(thr_ptr + o_m, mask=m_m, other=float("inf"))[:, None]
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, n_tiles)
     for tile in range(first, last):
@@ -219,6 +238,8 @@ def pair_tile_kernel(
             else:  # one label per row (the diagonal forms), read once per program: nothing carried
                 b_ny, b_b = _place(0.0, b_cb, (b_col1 - off_n)[:, None], cols[None, :], b_nly1[:, None],
                                    b_lb1[:, None], INTERPRET)
+        if HAS_THR:
+            b_b = _masked(b_b, b_ny, b_s, b_thr, INTERPRET)
         b_z = b_s * t2 + b_b
         b_e = _exp2_neg_abs(b_z, INTERPRET)  # e = exp(−|z|) ∈ [0, 1]
         if WRITE_G:
@@ -246,13 +267,13 @@ def pair_tile_kernel(
 @triton.jit
 def pair_pass_kernel(
     own_desc, str_desc,  # owned rows (O, D), streamed rows (S, D): q, d in the row pass; d, q in the column pass
-    scale_ptr, bias_ptr, w_ptr,  # t and b 0-dim, w (M,) of the queries
+    scale_ptr, bias_ptr, w_ptr, thr_ptr,  # t and b 0-dim, w (M,) and false-negative thresholds (M,) of the queries
     y_ptr, idx_ptr,  # labels as pair_tile_kernel's, always (query, document)-indexed
     rows_ptr, stats_ptr, acc_ptr,  # row pass: rows (SPLIT, O), stats (programs, 2); acc (SPLIT, O, D), all f32
     O, S, D, K, stride_ym, stride_yn, stride_im, stride_ik, tiles_per_split,
     BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ROW_PASS: tl.constexpr,
     HAS_W: tl.constexpr, DENSE_Y: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, MANY_LABELS: tl.constexpr, RAGGED_S: tl.constexpr,
+    INTERPRET: tl.constexpr, MANY_LABELS: tl.constexpr, RAGGED_S: tl.constexpr, HAS_THR: tl.constexpr,
 ):
     """One pass of the two-pass gradient (D ≤ BLOCK_D ≤ 256, docs/design.md "Two-pass gradient"): a
     program owns BLOCK_O rows and a split of the streamed tiles; per tile it computes S (queries ×
@@ -285,6 +306,8 @@ def pair_pass_kernel(
         if not DENSE_Y and not MANY_LABELS:
             b_col1, b_nly1, b_lb1 = _row_label(idx_ptr, y_ptr, o_o64, m_o, 0, stride_im, stride_ik, stride_ym,
                                               stride_yn, 0, S, b2)
+        if HAS_THR:
+            b_thr = tl.load(thr_ptr + o_o, mask=m_o, other=float("inf"))[:, None]
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, n_tiles)
     for tile in range(first, last):
@@ -335,6 +358,10 @@ def pair_pass_kernel(
                                                stride_yn, 0, O, b2)
                 b_ny, b_b = _place(0.0, b2, (b_col - off_o)[None, :], here, b_nly[None, :], b_lb[None, :],
                                    INTERPRET)
+        if HAS_THR:
+            if not ROW_PASS:  # the streamed queries' thresholds
+                b_thr = tl.load(thr_ptr + o_s, mask=m_s, other=float("inf"))[None, :]
+            b_b = _masked(b_b, b_ny, b_s, b_thr, INTERPRET)
         b_z = b_s * t2 + b_b
         b_e = _exp2_neg_abs(b_z, INTERPRET)
         b_gr, b_r, b_c = _gradient(b_z, b_e, b_ny, INTERPRET)

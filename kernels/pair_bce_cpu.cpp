@@ -17,6 +17,8 @@
 //    e = exp(−|z|) serves everything; with r = e/(1 + e) = σ(−|z|):
 //        l = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e)       (no cancellation of y·z)
 //        G = (1 − y) − r  if z ≥ 0  else  r − y                 (σ − y without forming σ ≈ 1)
+//    A pair with y = 0 and S above the row's false-negative threshold (prcl/loss.py; +inf without
+//    one) is excluded like y < 0: one more compare per pair.
 //    It is plain C++ the compiler vectorises, compiled three times (AVX-512, AVX2+FMA, baseline
 //    x86-64) and picked at load time from cpuid, so the library stays safe to move between machines.
 // 3. G overwrites S in place and feeds two more GEMMs: Gᵀ·q_P accumulates into the tile's rows of
@@ -149,14 +151,14 @@ PRCL_INLINE float log1p_unit(float e) {
   return 2.0f * s * p;
 }
 
-// Σ_c l_c over one row of a tile, with labels y_c (y < 0: excluded pair).
+// Σ_c l_c over one row of a tile, with labels y_c (y < 0: excluded pair; y = 0 and s > thr too).
 PRCL_INLINE float loss_row_body(const float* __restrict s, const float* __restrict y, int64_t n, float t,
-                                float b) {
+                                float b, float thr) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t c = 0; c < n; ++c) {
     const float z = t * s[c] + b;
-    const bool keep = y[c] >= 0.0f;
+    const bool keep = y[c] >= 0.0f && !(y[c] == 0.0f && s[c] > thr);
     const float yc = keep ? y[c] : 0.0f;  // −inf labels must not reach a product
     const float e = exp_nonpos(-std::fabs(z));
     const float l = (1.0f - yc) * (z > 0.0f ? z : 0.0f) + yc * (z < 0.0f ? -z : 0.0f) + log1p_unit(e);
@@ -167,13 +169,13 @@ PRCL_INLINE float loss_row_body(const float* __restrict s, const float* __restri
 
 // One row of a tile: s_c ← G_c = w·(σ(z_c) − y_c) in place; returns Σ l_c, adds Σ G∘S, Σ G to sums.
 PRCL_INLINE float loss_grad_row_body(float* __restrict s, const float* __restrict y, int64_t n, float t,
-                                     float b, float w, float* __restrict sums) {
+                                     float b, float thr, float w, float* __restrict sums) {
   float acc = 0.0f, acc_gs = 0.0f, acc_g = 0.0f;
 #pragma omp simd reduction(+ : acc, acc_gs, acc_g)
   for (int64_t c = 0; c < n; ++c) {
     const float sv = s[c];
     const float z = t * sv + b;
-    const bool keep = y[c] >= 0.0f;
+    const bool keep = y[c] >= 0.0f && !(y[c] == 0.0f && sv > thr);
     const float yc = keep ? y[c] : 0.0f;
     const float e = exp_nonpos(-std::fabs(z));
     const float r = e / (1.0f + e);
@@ -189,16 +191,17 @@ PRCL_INLINE float loss_grad_row_body(float* __restrict s, const float* __restric
   return acc;
 }
 
-using RowFn = float (*)(const float*, const float*, int64_t, float, float);
-using GradRowFn = float (*)(float*, const float*, int64_t, float, float, float, float*);
+using RowFn = float (*)(const float*, const float*, int64_t, float, float, float);
+using GradRowFn = float (*)(float*, const float*, int64_t, float, float, float, float, float*);
 
-#define PRCL_DEFINE_EPILOGUE(SUFFIX, ATTR)                                                        \
-  ATTR float loss_row_##SUFFIX(const float* s, const float* y, int64_t n, float t, float b) {     \
-    return loss_row_body(s, y, n, t, b);                                                          \
-  }                                                                                               \
-  ATTR float loss_grad_row_##SUFFIX(float* s, const float* y, int64_t n, float t, float b,        \
-                                    float w, float* sums) {                                       \
-    return loss_grad_row_body(s, y, n, t, b, w, sums);                                            \
+#define PRCL_DEFINE_EPILOGUE(SUFFIX, ATTR)                                                         \
+  ATTR float loss_row_##SUFFIX(const float* s, const float* y, int64_t n, float t, float b,        \
+                               float thr) {                                                        \
+    return loss_row_body(s, y, n, t, b, thr);                                                      \
+  }                                                                                                \
+  ATTR float loss_grad_row_##SUFFIX(float* s, const float* y, int64_t n, float t, float b,         \
+                                    float thr, float w, float* sums) {                             \
+    return loss_grad_row_body(s, y, n, t, b, thr, w, sums);                                        \
   }
 
 PRCL_DEFINE_EPILOGUE(base, )
@@ -324,6 +327,18 @@ struct Labels {
   }
 };
 
+// The per-row false-negative thresholds (B,) as float32, or none: every row's is +inf.
+struct Thresholds {
+  at::Tensor v;
+  Thresholds(const c10::optional<at::Tensor>& threshold, int64_t B) {
+    if (!threshold.has_value()) return;
+    v = threshold->detach().to(at::kFloat).contiguous();
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == B, "prcl native: threshold must be (B,) = (", B, ",), got ",
+                v.sizes());
+  }
+  float operator[](int64_t i) const { return v.defined() ? v.data_ptr<float>()[i] : INFINITY; }
+};
+
 // Runs work(item, thread's workspace) for item in [0, n ≤ chunks) on the intra-op threads, each thread
 // taking the next free item, where at::parallel_for alone would hand each a fixed share: on a shared
 // machine (this one ran at load 3–4 on 2 cores) a thread that loses its core would leave its share for
@@ -345,7 +360,8 @@ void for_each_item(int64_t n, Workspace& ws, const Work& work) {
 // row sums, added in chunk order afterwards.
 at::Tensor loss_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale,
                      const at::Tensor& bias, const at::Tensor& labels,
-                     const c10::optional<at::Tensor>& label_index) {
+                     const c10::optional<at::Tensor>& label_index,
+                     const c10::optional<at::Tensor>& threshold) {
   check_inputs(q_in, d_in, scale, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor q = rows_of(q_in), d = rows_of(d_in);
@@ -354,6 +370,7 @@ at::Tensor loss_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::T
   at::Tensor out = at::zeros({B}, q.options().dtype(at::kFloat));
   if (B == 0 || N == 0) return out;
   const Labels Y(labels, label_index, B, N);
+  const Thresholds thr(threshold, B);
   const Plan p = make_plan(B, N, D);
   const Epilogue& ep = epilogue();
   const bool convert = q.scalar_type() != at::kFloat;
@@ -374,7 +391,7 @@ at::Tensor loss_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::T
         at::mm_out(s, q_i, fp32_block(d, j0, nt, w + ws.d_offset).t());  // S = q_i·d_jᵀ  (mt, nt)
         float* scratch = w + ws.s_floats;
         for (int64_t r = 0; r < mt; ++r) {
-          rows[r] += ep.row(w + r * nt, Y.row(i0 + r, j0, nt, scratch), nt, t, b);
+          rows[r] += ep.row(w + r * nt, Y.row(i0 + r, j0, nt, scratch), nt, t, b, thr[i0 + r]);
           Y.clear(i0 + r, j0, nt, scratch);
         }
       }
@@ -393,7 +410,8 @@ at::Tensor loss_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_grads(
     const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale, const at::Tensor& bias,
     const at::Tensor& labels, const c10::optional<at::Tensor>& label_index,
-    const c10::optional<at::Tensor>& w_in, const c10::optional<at::Tensor>& grad_scale, bool rounded) {
+    const c10::optional<at::Tensor>& w_in, const c10::optional<at::Tensor>& grad_scale, bool rounded,
+    const c10::optional<at::Tensor>& threshold) {
   check_inputs(q_in, d_in, scale, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor q = rows_of(q_in), d = rows_of(d_in);
@@ -413,6 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_grad
   at::Tensor dd = at::zeros({N, D}, rounded ? d.options() : f32);
   if (B == 0 || N == 0) return {rows_out, dq, dd, at::zeros({}, f32), at::zeros({}, f32)};
   const Labels Y(labels, label_index, B, N);
+  const Thresholds thr(threshold, B);
   const Plan p = make_plan(B, N, D);
   const Epilogue& ep = epilogue();
   const bool convert = q.scalar_type() != at::kFloat;
@@ -447,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_grad
         for (int64_t r = 0; r < mt; ++r) {
           float row_sums[2] = {0.0f, 0.0f};  // Σ G∘S, Σ G of the row
           const float* y = Y.row(i0 + r, j0, nt, scratch);
-          rows[r] += ep.grad_row(w + r * nt, y, nt, t, b, wp ? wp[i0 + r] : 1.0f, row_sums);
+          rows[r] += ep.grad_row(w + r * nt, y, nt, t, b, thr[i0 + r], wp ? wp[i0 + r] : 1.0f, row_sums);
           Y.clear(i0 + r, j0, nt, scratch);
           sums_part[2 * c] += row_sums[0];
           sums_part[2 * c + 1] += row_sums[1];
@@ -502,10 +521,10 @@ std::string info() {
 TORCH_LIBRARY_FRAGMENT(prcl, m) {
   m.def(
       "native_loss_rows(Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor labels, "
-      "Tensor? label_index) -> Tensor");
+      "Tensor? label_index, Tensor? threshold=None) -> Tensor");
   m.def(
       "native_loss_grads(Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor labels, "
-      "Tensor? label_index, Tensor? w, Tensor? grad_scale=None, bool rounded=False) "
+      "Tensor? label_index, Tensor? w, Tensor? grad_scale=None, bool rounded=False, Tensor? threshold=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("native_info() -> str", &prcl_native::info);
 }

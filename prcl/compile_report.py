@@ -1,6 +1,6 @@
 """Compile the Triton kernel for Ampere, Hopper and Blackwell without a GPU and measure the machine code.
 
-    python -m prcl.compile_report [--json] [--arch 80 90 ...]   # a row per (arch, dtype, fwd/grad)
+    python -m prcl.compile_report [--json] [--arch 80 90 ...] [--false-negative-mask]   # a row per (arch, dtype, fwd/grad)
     /tmp/t36/bin/python -m prcl.compile_report                   # the same with another triton (a venv)
 
 triton.compile with an explicit GPUTarget needs no driver. Each row is read from the cubin that triton
@@ -39,7 +39,8 @@ passes of the two-pass gradient (pair_pass_kernel) at D ∈ TWO_PASS_DS, in the 
 
 The kernel's signature is read from the JIT function: constexprs from kernel_config where it names
 them, WRITE_G and INPUT_PRECISION from the row, every other constexpr flag off (the plain case:
-no weights, sparse labels, as the diagonal default runs). Tensor descriptors get the blocks of
+no weights, sparse labels, as the diagonal default runs); --false-negative-mask turns HAS_THR on
+(false_negative_margin's per-pair compare). Tensor descriptors get the blocks of
 DESC_BLOCKS, pointers `*fp32` unless POINTER_TYPES says otherwise, other arguments i32; pointers and
 D get the 16-byte divisibility the JIT would specialise on. Run it without TRITON_INTERPRET: the
 interpreter's kernels cannot be compiled.
@@ -76,15 +77,15 @@ SM_LIMITS = {80: (65536, 167936, 64, 32), 90: (65536, 233472, 64, 32),
 RESERVED_SHARED = 1024  # per block, held back by the CUDA runtime on sm_80 and later
 
 
-def compile_kernel(arch, dtype, write_g):
+def compile_kernel(arch, dtype, write_g, mask=False):
     cfg = kernel_config(dtype, write_g, arch)
-    return _compile(pair_tile_kernel, arch, dtype, cfg, dict(WRITE_G=write_g)), cfg
+    return _compile(pair_tile_kernel, arch, dtype, cfg, dict(WRITE_G=write_g, HAS_THR=mask)), cfg
 
 
-def compile_pass(arch, dtype, D, row_pass):
+def compile_pass(arch, dtype, D, row_pass, mask=False):
     """A pass of the two-pass gradient at width D (a power of two), in the launcher's configuration."""
     cfg = dict(two_pass_config(D), BLOCK_D=D)
-    return _compile(pair_pass_kernel, arch, dtype, cfg, dict(ROW_PASS=row_pass)), cfg
+    return _compile(pair_pass_kernel, arch, dtype, cfg, dict(ROW_PASS=row_pass, HAS_THR=mask)), cfg
 
 
 def _compile(fn, arch, dtype, cfg, flags):
@@ -272,7 +273,7 @@ def report(arch, dtype, write_g, kernel, cfg):
 TWO_PASS_DS = (64, 128, 256)
 
 
-def gradient_loops(arch=90, dtypes=(torch.float16, torch.bfloat16)):
+def gradient_loops(arch=90, dtypes=(torch.float16, torch.bfloat16), mask=False):
     """Whole tile loops of the gradient kernels per pair a thread owns, the inputs of the model in
     docs/design.md ("Two-pass gradient"): the panel kernel at D = 64 (one K step; each further 64 of D
     adds one MMA loop iteration), and each pass of the two-pass gradient at TWO_PASS_DS."""
@@ -282,11 +283,11 @@ def gradient_loops(arch=90, dtypes=(torch.float16, torch.bfloat16)):
         cases += [(f"two-pass {'rows' if rp else 'cols'}", D, None, rp) for D in TWO_PASS_DS for rp in (True, False)]
         for design, D, cfg, row_pass in cases:
             if row_pass is None:
-                kernel = _compile(pair_tile_kernel, arch, dtype, cfg, dict(WRITE_G=True))
+                kernel = _compile(pair_tile_kernel, arch, dtype, cfg, dict(WRITE_G=True, HAS_THR=mask))
                 fn, tile, pairs = pair_tile_kernel, f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", \
                     cfg["BLOCK_M"] * cfg["BLOCK_N"]
             else:
-                kernel, cfg = compile_pass(arch, dtype, D, row_pass)
+                kernel, cfg = compile_pass(arch, dtype, D, row_pass, mask)
                 fn, tile, pairs = pair_pass_kernel, f"{cfg['BLOCK_O']}x{cfg['BLOCK_S']}x{D}", cfg["BLOCK_O"] * cfg["BLOCK_S"]
             sass, usage = cubin_tools(kernel.asm["cubin"])
             registers = int(re.search(r"REG:(\d+)", usage)[1])
@@ -302,11 +303,11 @@ def gradient_loops(arch=90, dtypes=(torch.float16, torch.bfloat16)):
     return out
 
 
-def rows_for(arch):
+def rows_for(arch, mask=False):
     """The rows of one arch; an optional arch the toolchain cannot compile for gives (None, reason)."""
     configs = [(dtype, write_g) for dtype in TRITON_TYPES for write_g in (False, True)]
     try:
-        kernels = [compile_kernel(arch, dtype, write_g) for dtype, write_g in configs]
+        kernels = [compile_kernel(arch, dtype, write_g, mask) for dtype, write_g in configs]
     except Exception as e:  # noqa: BLE001 (only for OPTIONAL_ARCHS: the others re-raise)
         if arch not in OPTIONAL_ARCHS:
             raise
@@ -320,6 +321,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="python -m prcl.compile_report", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="one JSON object: triton version, rows, skipped archs")
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--false-negative-mask", action="store_true",
+                   help="compile with false_negative_margin's compare (HAS_THR) switched on")
     return p
 
 
@@ -327,14 +330,15 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     rows, skipped = [], []
     for arch in args.arch:
-        got, reason = rows_for(arch)
+        got, reason = rows_for(arch, args.false_negative_mask)
         rows.extend(got or [])
         skipped.extend([reason] if reason else [])
-    loops_ = gradient_loops() if 90 in args.arch else []
+    loops_ = gradient_loops(mask=args.false_negative_mask) if 90 in args.arch else []
     if args.json:
-        print(json.dumps(dict(triton=triton.__version__, rows=rows, skipped=skipped, gradient_loops=loops_)))
+        print(json.dumps(dict(triton=triton.__version__, false_negative_mask=args.false_negative_mask, rows=rows,
+                              skipped=skipped, gradient_loops=loops_)))
         return 0
-    print(f"triton {triton.__version__}, pair_tile_kernel")
+    print(f"triton {triton.__version__}, pair_tile_kernel{' with the false-negative mask' if args.false_negative_mask else ''}")
     _print_table(rows)
     for reason in skipped:
         print(reason)

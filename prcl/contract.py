@@ -167,3 +167,12 @@ def _assert_label_values(labels, label_index, N):
                             f"prcl: label_index: values must lie in [-1, N) = [-1, {N})")
         torch._assert_async(~_duplicate_index(label_index),
                             "prcl: label_index: a document index appears twice in one row")
+
+
+def check_margin(margin, return_masked=False):
+    """false_negative_margin: None or a finite float; return_masked: a bool."""
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        raise ValueError(f"false_negative_margin: expected None or a finite float, got {margin!r}")
+    if not isinstance(return_masked, bool):
+        raise ValueError(f"return_masked: expected a bool, got {return_masked!r}")

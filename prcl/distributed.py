@@ -14,6 +14,9 @@ Semantics (rank r of R holds q_r (B_r, D), d_r (N_r, D); off_r = N_0 + … + N_{
 - reduction="mean" divides rank r's sum by the global B, "sum" returns rank r's sum: either way the
   values summed over ranks equal the single-process loss on the concatenated batch. "none" returns
   rank r's per-query losses (B_r,), the single-process rows of its queries.
+- false_negative_margin: rank r's queries' thresholds come from their labelled pairs, which are on
+  rank r; a pair of another rank's document is masked like any y = 0 pair. return_masked counts the
+  masked pairs of rank r's queries (the counts sum over ranks to the one-process count).
 - Gradients: every rank must call backward (the backward is collective). Then q_r.grad and d_r.grad
   are exactly the single-process gradient rows of rank r's data: the gradient that other ranks'
   queries send to d_r comes back through the collective. A scale/bias tensor gets only rank r's share;
@@ -63,7 +66,7 @@ import torch
 import torch.distributed as dist
 
 from prcl import loss
-from prcl.contract import DEFAULT_SCALE, DTYPES, REDUCTIONS, check_inputs, default_bias
+from prcl.contract import DEFAULT_SCALE, DTYPES, REDUCTIONS, check_inputs, check_margin, default_bias
 from prcl.ops import auto_backend, check_backend
 
 STRATEGIES = ("gather", "ring")
@@ -163,6 +166,8 @@ class _Plan:
     backend: object
     per_row: bool
     want: tuple = (False,) * 4  # which of q, d, scale, bias get a gradient
+    threshold: object = None  # the false-negative mask's per-query thresholds (prcl.loss), or None
+    masked: list = None  # the ring's per-chunk counts of masked pairs, when asked
 
     @property
     def offset(self):
@@ -174,7 +179,8 @@ class _Plan:
 
 
 def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_SCALE, bias=None, reduction="mean",
-                         backend=None, process_group=None, strategy=None):
+                         backend=None, process_group=None, strategy=None, false_negative_margin=None,
+                         return_masked=False):
     """Rank r's share of the global-batch loss; the values on the ranks sum to the one-process loss.
 
     Same arguments as `prcl.fused_pair_bce` with local tensors; `process_group` is a torch.distributed
@@ -187,6 +193,7 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
     error = None
     try:
         check_inputs(q, d, labels, label_index, scale, bias, reduction, backend)
+        check_margin(false_negative_margin, return_masked)
     except ValueError as e:
         error = e
     want = tuple(torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
@@ -204,10 +211,15 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
         d_all = _GatherRows.apply(d, plan) if want[1] else _gather_rows(d, plan)
         y, index = _global_labels(plan, q, d.shape[0], sum(n_sizes))
         # the global mean's 1/B inside the op: the query gradients are rounded once, with it applied
-        return loss.pair_bce(q, d_all, y, index, scale, bias, reduction, backend, n_queries=sum(b_sizes))
+        return loss.pair_bce(q, d_all, y, index, scale, bias, reduction, backend, n_queries=sum(b_sizes),
+                             margin=false_negative_margin, return_masked=return_masked)
     t, b = loss.scalar(scale, q.device), loss.scalar(bias, q.device)
+    plan.threshold = loss.false_negative_threshold(q, d, labels, label_index, false_negative_margin)
+    plan.masked = [] if return_masked else None
     out = _RingLoss.apply(q, d, t, b, plan)
-    return out / sum(b_sizes) if reduction == "mean" else out
+    masked, plan.masked = plan.masked, None  # counted on the forward trip, not again in a backward one
+    out = out / sum(b_sizes) if reduction == "mean" else out
+    return (out, sum(masked)) if return_masked else out
 
 
 # --- strategy "gather" -----------------------------------------------------------------------------
@@ -294,18 +306,22 @@ def _chunk_loss(plan, q, d_c, own, t, b, grad_out):
 
     The rank's own chunk carries its labels (local rows); any other rank's chunk holds only
     negatives: an empty (B, 0) list of pairs."""
-    if own:
-        labels, index = plan.labels, plan.label_index
-    else:
-        labels = q.new_zeros(q.shape[0], 0, dtype=torch.float32)
-        index = torch.zeros(q.shape[0], 0, dtype=torch.int64, device=q.device)
+    labels, index = _chunk_labels(plan, q, own)
     if grad_out is None:
         reduction = "none" if plan.per_row else "sum"
         with torch.no_grad():
-            return loss.pair_bce(q, d_c, labels, index, t, b, reduction, plan.backend), (None,) * 4
+            return loss.pair_bce(q, d_c, labels, index, t, b, reduction, plan.backend,
+                                 threshold=plan.threshold), (None,) * 4
     out, *grads = loss.pair_bce_grads(q.detach(), d_c, labels, index, t.detach(), b.detach(),
-                                      grad_out if plan.per_row else None, plan.backend)
+                                      grad_out if plan.per_row else None, plan.backend, plan.threshold)
     return out, tuple(grads)
+
+
+def _chunk_labels(plan, q, own):
+    if own:
+        return plan.labels, plan.label_index
+    return (q.new_zeros(q.shape[0], 0, dtype=torch.float32),
+            torch.zeros(q.shape[0], 0, dtype=torch.int64, device=q.device))
 
 
 def _add(acc, x):
@@ -320,7 +336,8 @@ def _ring(plan, q, d, t, b, grad_out, want):
     adds its contribution, then sends it on; it reaches rank c after the last step. On each link the
     messages alternate d_0, acc_0, d_1, acc_1, …, acc_{R−1}, and the receives are posted in the same
     order, so backends that match messages by order (NCCL) and by tag (gloo) agree.
-    Returns (loss, (dq, dd, dt, db)) with float32 gradients (None where not wanted).
+    Returns (loss, (dq, dd, dt, db)) with float32 gradients (None where not wanted). Adds each chunk's
+    count of masked pairs to plan.masked when that is a list.
     """
     R, r, grads = plan.world, plan.rank, grad_out is not None
     nxt, prv = plan.peer(r + 1), plan.peer(r - 1)
@@ -344,6 +361,10 @@ def _ring(plan, q, d, t, b, grad_out, want):
             ops.append(dist.P2POp(dist.irecv, d_next, prv, plan.group, tag=2 * k))
         works = dist.batch_isend_irecv(ops) if ops else []
         o, (gq, gd, gt, gb) = _chunk_loss(plan, q, d_cur, k == 0, t, b, grad_out)
+        if plan.masked is not None:
+            y, index = _chunk_labels(plan, q, k == 0)
+            plan.masked.append(loss.masked_pairs(q, d_cur, *loss.kernel_labels(y, index, q.shape[0], q.device),
+                                                 plan.threshold))
         out = o if out is None else out + o
         if grads:
             dq, dt, db = (_add(acc, g) for acc, g in ((dq, gq), (dt, gt), (db, gb)))

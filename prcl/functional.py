@@ -12,21 +12,30 @@ import torch
 from torch import Tensor
 
 from prcl import loss, reference
-from prcl.contract import DEFAULT_SCALE, check_inputs
+from prcl.contract import DEFAULT_SCALE, check_inputs, check_margin
 from prcl.ops import auto_backend, check_backend
 
 
 def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, label_index: Optional[Tensor] = None,
                    scale: Union[float, Tensor] = DEFAULT_SCALE, bias: Union[float, Tensor, None] = None,
-                   reduction: str = "mean", backend: Optional[str] = None, process_group=None) -> Tensor:
+                   reduction: str = "mean", backend: Optional[str] = None, process_group=None,
+                   false_negative_margin: Optional[float] = None, return_masked: bool = False):
     """Pair relevance classification loss over every query × document pair.
 
     q (B, D), d (N, D): float32/float16/bfloat16. labels: None (pair (i, i) positive), (B,) graded
     diagonal, (B, N) dense, or (B, K) with label_index (B, K) int64 (−1 pads); labels < 0 exclude a
     pair. bias=None means −log(N−1). backend: None (automatic), "triton", "torch", "native",
     "reference". process_group: a torch.distributed group (or prcl.distributed.Ring/Gather of one).
+    false_negative_margin: mask probable false negatives. With p_i the largest q_i·d_j (before scale
+    and bias) over row i's pairs with label > 0, a pair with label 0 (explicit, or implied by the
+    diagonal and sparse forms) and q_i·d_j > p_i + margin is excluded, as if its label were < 0; rows
+    without a label > 0 are not masked; the mask is a constant for autograd. return_masked=True returns
+    (loss, number of pairs masked) with the count an int64 0-dim tensor on the inputs' device (one more
+    forward pass, 2·B·N·D; this rank's queries' pairs when distributed).
     Returns float32: a scalar, or (B,) for reduction="none"; gradients come back in the inputs' dtypes.
     """
+    check_margin(false_negative_margin, return_masked)
+    mask = dict(false_negative_margin=false_negative_margin, return_masked=return_masked)
     if process_group is not None:
         from prcl.distributed import distributed_pair_bce
 
@@ -35,11 +44,12 @@ def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, lab
                              "pass labels.detach()")
 
         return distributed_pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,
-                                    reduction=reduction, backend=backend, process_group=process_group)
+                                    reduction=reduction, backend=backend, process_group=process_group, **mask)
     if backend == "reference":
         return reference.pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,
-                                  reduction=reduction)
+                                  reduction=reduction, **mask)
     check_inputs(q, d, labels, label_index, scale, bias, reduction, backend)
     backend = backend or auto_backend(q.device)
     check_backend(backend, q.device)
-    return loss.pair_bce(q, d, labels, label_index, scale, bias, reduction, backend)
+    return loss.pair_bce(q, d, labels, label_index, scale, bias, reduction, backend,
+                         margin=false_negative_margin, return_masked=return_masked)

@@ -15,7 +15,8 @@ to log.txt and ends the process, and the results of the sections before it are a
    "none", and the late-training regime (positives at cosine 0.95, scale 20, bias −10). Rule, as in
    tests/test_pair_bce.py: err(prcl) ≤ 2·err(eager in the same dtype) + floor, errors relative to
    max |gold|.
-3. no_host_sync: forward and backward of every label form under torch.cuda.set_sync_debug_mode("error").
+3. no_host_sync: forward and backward of every label form under torch.cuda.set_sync_debug_mode("error"),
+   with and without the false-negative mask (and its count of masked pairs).
 4. cuda_graph: forward+backward captured in a CUDA graph, replayed on new input values, against eager.
 5. timings: CUDA-event medians and peak memory beyond the inputs, most wanted first: the gradient's
    two designs (G panels and cuBLAS, two-pass) side by side at B = N = 65536, D ∈ {64, 128, 256}, bf16
@@ -38,6 +39,7 @@ import datetime
 import faulthandler
 import gc
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
@@ -285,8 +287,9 @@ def correctness(ck, rec):
 # 3. no host synchronisation, 4. CUDA graph
 
 
-def _loss_call(ck, form, B, N, D, dtype, seed=1):
-    """(fn, tensors) for one forward+backward of prcl on device tensors made in advance."""
+def _loss_call(ck, form, B, N, D, dtype, seed=1, margin=None):
+    """(fn, tensors) for one forward+backward of prcl on device tensors made in advance; margin: the
+    false-negative mask, whose count is then returned too (never read here)."""
     import prcl
 
     q, d, gen = inputs(ck, B, N, D, seed)
@@ -298,8 +301,9 @@ def _loss_call(ck, form, B, N, D, dtype, seed=1):
 
     def step(reduction="mean"):
         loss = prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b, reduction=reduction,
-                                   backend=ck.backend)
-        (loss if reduction != "none" else loss.sum()).backward()
+                                   backend=ck.backend, false_negative_margin=margin, return_masked=margin is not None)
+        value = loss[0] if margin is not None else loss
+        (value if reduction != "none" else value.sum()).backward()
         return loss
 
     return step, (q, d, t, b)
@@ -308,21 +312,20 @@ def _loss_call(ck, form, B, N, D, dtype, seed=1):
 def no_host_sync(ck, rec):
     B, N, D = (20, 30, 16) if ck.dry_run else (300, 1000, 96)
     rows = rec["rows"] = []
-    for form in FORMS:
-        for reduction in ("mean", "none"):
-            step, _ = _loss_call(ck, form, B, N, D, ck.dtypes["bf16"])
-            step(reduction)  # first call: compilation and caches may synchronise
-            ck.sync()
+    for form, reduction, margin in itertools.product(FORMS, ("mean", "none"), (None, 0.0)):
+        step, _ = _loss_call(ck, form, B, N, D, ck.dtypes["bf16"], margin=margin)
+        step(reduction)  # first call: compilation and caches may synchronise
+        ck.sync()
+        if ck.cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(reduction)
+            rows.append(dict(form=form, reduction=reduction, margin=margin, passed=True))
+        except RuntimeError as e:
+            rows.append(dict(form=form, reduction=reduction, margin=margin, passed=False, error=_error(e)))
+        finally:
             if ck.cuda:
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                step(reduction)
-                rows.append(dict(form=form, reduction=reduction, passed=True))
-            except RuntimeError as e:
-                rows.append(dict(form=form, reduction=reduction, passed=False, error=_error(e)))
-            finally:
-                if ck.cuda:
-                    torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.set_sync_debug_mode(0)
     rec["passed"] = all(r["passed"] for r in rows)
     if not ck.cuda:
         rec["not_applicable"] = "sync debug mode needs CUDA: the calls ran, nothing was checked"

@@ -101,19 +101,25 @@ def _require():
         raise RuntimeError(f"prcl native CPU kernel unavailable: {message}")
 
 
-def rows(q, d, scale, bias, labels, label_index):
+def rows(q, d, scale, bias, labels, label_index, threshold=None):
     if q.dtype == torch.float64:
-        return torch_impl.rows(q, d, scale, bias, labels, label_index)
+        return torch_impl.rows(q, d, scale, bias, labels, label_index, threshold)
     _require()
-    return torch.ops.prcl.native_loss_rows(q, d, scale, bias, labels, label_index)
+    return torch.ops.prcl.native_loss_rows(q, d, scale, bias, labels, label_index, *_given(threshold))
 
 
-def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
+def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
     if q.dtype == torch.float64:
-        return torch_impl.grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded)
+        return torch_impl.grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold)
     _require()
-    return torch.ops.prcl.native_loss_grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded)
+    return torch.ops.prcl.native_loss_grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
+                                            *_given(threshold))
+
+
+def _given(threshold):
+    # passed only when set, so that a library built before the false-negative mask serves other calls
+    return () if threshold is None else (threshold,)
 
 
 def _register_fakes():
@@ -121,11 +127,11 @@ def _register_fakes():
     f32 = torch.float32
 
     @torch.library.register_fake("prcl::native_loss_rows")
-    def _(q, d, scale, bias, labels, label_index):
+    def _(q, d, scale, bias, labels, label_index, threshold=None):
         return q.new_empty(q.shape[0], dtype=f32)
 
     @torch.library.register_fake("prcl::native_loss_grads")
-    def _(q, d, scale, bias, labels, label_index, w, grad_scale=None, rounded=False):
+    def _(q, d, scale, bias, labels, label_index, w, grad_scale=None, rounded=False, threshold=None):
         return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=q.dtype if rounded else f32),
                 d.new_empty(d.shape, dtype=d.dtype if rounded else f32), q.new_empty((), dtype=f32),
                 q.new_empty((), dtype=f32))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prcl.contract import DEFAULT_SCALE, default_bias, describe_number, finite_number
+from prcl.contract import DEFAULT_SCALE, check_margin, default_bias, describe_number, finite_number
 from prcl.functional import fused_pair_bce
 
 
@@ -35,13 +35,16 @@ class PairBCELoss(nn.Module):
         learnable_scale: learn log t as the parameter `logit_scale`.
         learnable_bias: learn b as `logit_bias`: an offset on −log(N−1) starting at 0 when bias is
             None, else the bias itself starting at `bias`.
-        reduction, backend: as for prcl.fused_pair_bce.
+        reduction, backend, false_negative_margin: as for prcl.fused_pair_bce.
     """
 
     def __init__(self, scale: float = DEFAULT_SCALE, bias: Optional[float] = None, *, learnable_scale: bool = False,
-                 learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None):
+                 learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None,
+                 false_negative_margin: Optional[float] = None):
         super().__init__()
         _check(scale, bias)
+        check_margin(false_negative_margin)
+        self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
         self.fixed_scale = float(scale)
         self.fixed_bias = None if bias is None else float(bias)
         self.learnable_scale, self.learnable_bias = learnable_scale, learnable_bias
@@ -60,7 +63,7 @@ class PairBCELoss(nn.Module):
         return t, self.logit_bias + (default_bias(n_docs) if self.fixed_bias is None else 0.0)
 
     def forward(self, q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
-                label_index: Optional[Tensor] = None, process_group=None) -> Tensor:
+                label_index: Optional[Tensor] = None, process_group=None, return_masked: bool = False):
         n_docs = d.shape[0]
         if process_group is not None and self.learnable_bias and self.fixed_bias is None:
             # the prior needs the global N, and local batches may differ in size
@@ -69,11 +72,13 @@ class PairBCELoss(nn.Module):
             n_docs = int(total)
         t, b = self.scale_and_bias(n_docs)
         return fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b, reduction=self.reduction,
-                              backend=self.backend, process_group=process_group)
+                              backend=self.backend, process_group=process_group,
+                              false_negative_margin=self.false_negative_margin, return_masked=return_masked)
 
     def extra_repr(self) -> str:
         scale = f"exp({self.logit_scale.item():.4g})" if self.learnable_scale else f"{self.fixed_scale:g}"
         prior = "-log(N-1)" if self.fixed_bias is None else f"{self.fixed_bias:g}"
         bias = f"{prior} + learned" if self.learnable_bias and self.fixed_bias is None else (
             "learned" if self.learnable_bias else prior)
-        return f"scale={scale}, bias={bias}, reduction={self.reduction!r}"
+        margin = "" if self.false_negative_margin is None else f", false_negative_margin={self.false_negative_margin:g}"
+        return f"scale={scale}, bias={bias}, reduction={self.reduction!r}{margin}"

@@ -75,10 +75,11 @@ def _impl(name):
                                     "native": "prcl.native"}[name])
 
 
-def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded):
+def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded, threshold=None):
     """rows and the gradients of weight·Σ_i w_i Σ_j l_ij w.r.t. q, d, t, b."""
     grad_scale = scale.to(acc_dtype(q.dtype)) * weight
-    rows, dq, dd, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded)
+    rows, dq, dd, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
+                                               threshold)
     return rows, dq, dd, gs * weight, g * weight
 
 
@@ -99,29 +100,32 @@ def _define(schema, impl):
 
 
 def _rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          backend: str) -> Tensor:
-    return _impl(backend).rows(q, d, scale, bias, labels, label_index)
+          backend: str, threshold: Optional[Tensor] = None) -> Tensor:
+    return _impl(backend).rows(q, d, scale, bias, labels, label_index, threshold)
 
 
 def _rows_bwd(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-              grad_rows: Tensor, backend: str, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              grad_rows: Tensor, backend: str, rounded: bool = False,
+              threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = grad_rows.to(acc_dtype(q.dtype)).contiguous()
-    _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend, 1.0, rounded)
+    _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend, 1.0, rounded, threshold)
     return dq, dd, dt, db
 
 
 def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-           backend: str, weight: float = 1.0, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend, weight, rounded)
+           backend: str, weight: float = 1.0, rounded: bool = False,
+           threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend, weight, rounded, threshold)
     return rows.sum() * weight, dq, dd, dt, db
 
 
-pair_bce_rows = _define(f"pair_bce_rows({_ARGS}, str backend) -> Tensor", _rows)
+# threshold (B,): false negatives, a pair with y = 0 and q_i·d_j > threshold_i is excluded (prcl.loss)
+pair_bce_rows = _define(f"pair_bce_rows({_ARGS}, str backend, Tensor? threshold=None) -> Tensor", _rows)
 pair_bce_rows_backward = _define(
-    f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend, bool rounded=False) "
+    f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend, bool rounded=False, Tensor? threshold=None) "
     "-> (Tensor, Tensor, Tensor, Tensor)", _rows_bwd)
-pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend, float weight=1.0, bool rounded=False) "
-                         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
+pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend, float weight=1.0, bool rounded=False, "
+                         "Tensor? threshold=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
 
 
 def _grad_dtype(x, rounded):
@@ -129,21 +133,21 @@ def _grad_dtype(x, rounded):
 
 
 @torch.library.register_fake("prcl::pair_bce_rows", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, backend):
+def _(q, d, scale, bias, labels, label_index, backend, threshold=None):
     return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("prcl::pair_bce_rows_backward", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, grad_rows, backend, rounded=False):
+def _(q, d, scale, bias, labels, label_index, grad_rows, backend, rounded=False, threshold=None):
     acc = acc_dtype(q.dtype)
     return (q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)), d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)),
             q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
-def label_grad(q, d, scale, bias, labels, label_index, w):
-    """∂(Σ_i w_i Σ_j l_ij)/∂y_ij = −w_i·z_ij for included pairs (y ≥ 0), 0 for excluded ones and
-    unlisted slots; w is (B, 1) or a scalar. Dense labels get it on their (B, N) tile, the gradient's own
-    size; listed labels at their pairs only."""
+def label_grad(q, d, scale, bias, labels, label_index, w, threshold=None):
+    """∂(Σ_i w_i Σ_j l_ij)/∂y_ij = −w_i·z_ij for included pairs (y ≥ 0, not masked as false negatives by
+    threshold), 0 for excluded ones and unlisted slots; w is (B, 1) or a scalar. Dense labels get it on
+    their (B, N) tile, the gradient's own size; listed labels at their pairs only."""
     acc = acc_dtype(q.dtype)
     q, d = q.to(acc), d.to(acc)
     if label_index is None:
@@ -154,6 +158,8 @@ def label_grad(q, d, scale, bias, labels, label_index, w):
         s = q.new_zeros(labels.shape)
         for k in range(labels.shape[1]):  # one row-dot per listed column: B×D at a time, never B×N
             s[:, k] = torch.linalg.vecdot(q, d[docs[:, k]])
+    if threshold is not None:
+        keep &= (labels != 0) | (s <= threshold[:, None])
     z = s.mul_(scale).add_(bias)  # s is this function's own: in place
     return torch.where(keep, -w * z, 0.0).to(labels.dtype)
 
@@ -191,29 +197,29 @@ def _first_order(anchors, grads):
 
 
 def _rows_setup(ctx, inputs, output):
-    q, d, scale, bias, labels, label_index, backend = inputs
-    ctx.save_for_backward(q, d, scale, bias, labels, label_index)
+    q, d, scale, bias, labels, label_index, backend, threshold = (*inputs, None)[:8]
+    ctx.save_for_backward(q, d, scale, bias, labels, label_index, threshold)
     ctx.backend = backend
 
 
 def _rows_backward(ctx, grad_rows):
-    q, d, scale, bias, labels, label_index = ctx.saved_tensors
+    q, d, scale, bias, labels, label_index, threshold = ctx.saved_tensors
     dq = dd = dt = db = dy = None
     with torch.no_grad():
         if any(ctx.needs_input_grad[:4]):
             dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend,
-                                                    True)
+                                                    True, threshold)
             dt, db = dt.to(scale.dtype), db.to(bias.dtype)
         if ctx.needs_input_grad[4]:
-            dy = label_grad(q, d, scale, bias, labels, label_index, grad_rows[:, None])
-    return (*_first_order((q, d, scale, bias, labels), (dq, dd, dt, db, dy)), None, None)
+            dy = label_grad(q, d, scale, bias, labels, label_index, grad_rows[:, None], threshold)
+    return (*_first_order((q, d, scale, bias, labels), (dq, dd, dt, db, dy)), None, None, None)
 
 
 torch.library.register_autograd("prcl::pair_bce_rows", _rows_backward, setup_context=_rows_setup, lib=_lib)
 
 
 @torch.library.register_fake("prcl::pair_bce_total", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False):
+def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False, threshold=None):
     acc = acc_dtype(q.dtype)
     return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)),
             d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)), q.new_empty((), dtype=acc),
@@ -221,28 +227,28 @@ def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False
 
 
 def _total_setup(ctx, inputs, output):
-    q, d, scale, bias, labels, label_index, backend, weight = inputs[:8]
+    q, d, scale, bias, labels, label_index, backend, weight, rounded, threshold = (*inputs, 1.0, False, None)[:10]
     _, dq, dd, dt, db = output
     ctx.mark_non_differentiable(dq, dd, dt, db)
     ctx.set_materialize_grads(False)  # no zero tensors for the gradient outputs' (unused) gradients
     # the inputs: the labels' gradient is computed from them in backward, and a recorded backward
     # hangs its refusal to be differentiated on them (_first_order)
-    ctx.save_for_backward(dq, dd, dt, db, q, d, scale, bias, labels, label_index)
+    ctx.save_for_backward(dq, dd, dt, db, q, d, scale, bias, labels, label_index, threshold)
     ctx.weight = weight
     ctx.dtypes = q.dtype, d.dtype, scale.dtype, bias.dtype
 
 
 def _total_backward(ctx, grad_total, *_):
     if grad_total is None:  # the loss itself was not used (grads are not materialised)
-        return (None,) * 9
-    dq, dd, dt, db, q, d, scale, bias, labels, label_index = ctx.saved_tensors
+        return (None,) * 10
+    dq, dd, dt, db, q, d, scale, bias, labels, label_index, threshold = ctx.saved_tensors
     with torch.no_grad():
         # the gradient was computed (and, on autograd's path, rounded) in the forward; backward only
         # scales it by the upstream gradient, exactly when that is 1 or a power of two
         grads = [(grad_total * g).to(dtype) for g, dtype in zip((dq, dd, dt, db), ctx.dtypes)]
-        dy = label_grad(q, d, scale, bias, labels, label_index, grad_total * ctx.weight) \
+        dy = label_grad(q, d, scale, bias, labels, label_index, grad_total * ctx.weight, threshold) \
             if ctx.needs_input_grad[4] else None
-    return (*_first_order((q, d, scale, bias, labels), (*grads, dy)), None, None, None, None)
+    return (*_first_order((q, d, scale, bias, labels), (*grads, dy)), None, None, None, None, None)
 
 
 torch.library.register_autograd("prcl::pair_bce_total", _total_backward, setup_context=_total_setup, lib=_lib)

@@ -6,9 +6,10 @@
 Backends return G·d and Gᵀ·q times grad_scale = c (prcl.ops passes t times the reduction's weight),
 in float32, or rounded once to the inputs' dtype when asked (`out_dtype`).
 
-A backend supplies `block(q_rows, d_cols, labels, label_index, col, w_rows) -> (loss row sums, G,
-Σ W·G∘S, Σ W·G)` for one panel, whose labels are the panel's rows of the kernel label layout (prcl.ops)
-and whose first document is `col`; this driver feeds each panel's G to the two gradient GEMMs, so
+A backend supplies `block(q_rows, d_cols, labels, label_index, col, w_rows, threshold_rows) -> (loss
+row sums, G, Σ W·G∘S, Σ W·G)` for one panel, whose labels are the panel's rows of the kernel label
+layout (prcl.ops), whose first document is `col` and whose rows' false-negative thresholds (or None)
+are threshold_rows; this driver feeds each panel's G to the two gradient GEMMs, so
 memory stays one panel however large B·N grows. The weights go on the thin side (rows of q and of
 G·d), never into G: G = σ − y stays in [−1, 1], where fp16 and bf16 panels hold it without underflow
 or overflow. Every panel's G·d and Gᵀ·q is accumulated in float32, never rounded to 16 bits first.
@@ -32,7 +33,7 @@ def panel_labels(labels, label_index, i, j, rows, cols):
     return labels[i:i + rows], label_index[i:i + rows]
 
 
-def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, out_dtype=None):
+def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, out_dtype=None, threshold=None):
     """Returns row sums of l (B,), c·G·d (B, D), c·Gᵀ·q (N, D) (in out_dtype, if given), Σ G∘S and
     Σ G (0-dim) in acc_dtype."""
     (B, D), N = q.shape, d.shape[0]
@@ -49,7 +50,7 @@ def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, ou
         for j in range(0, N, pn):
             d_j = d[j:j + pn]
             y, index = panel_labels(labels, label_index, i, j, q_i.shape[0], d_j.shape[0])
-            r, G, gs_ij, g_ij = block(q_i, d_j, y, index, j, w_i)
+            r, G, gs_ij, g_ij = block(q_i, d_j, y, index, j, w_i, None if threshold is None else threshold[i:i + pm])
             rows[i:i + pm] += r
             if w_i is None:
                 _accumulate_mm(gd[i:i + pm], G, d_j)

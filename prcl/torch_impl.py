@@ -5,6 +5,8 @@ float32 throughout (float64 for float64 inputs, so that gradcheck can run throug
 allocates B×N, only a few panel-sized buffers (PANEL_ELEMS elements each), and reads no tensor value
 on the host: it runs on any device torch supports, meta included.
 """
+import math
+
 import torch
 
 from prcl.panels import acc_dtype, panel_grads, panel_labels
@@ -29,9 +31,10 @@ def label_tile(y, index, col, cols, dtype):
     return tile.scatter_(1, local, y.to(dtype))[:, :cols]
 
 
-def pair_terms(s, t, b, y):
+def pair_terms(s, t, b, y, threshold=None):
     """Per pair, from the similarity s, the label y (< 0: excluded) and z = t·s + b:
-    (l = softplus(z) − y·z, G = σ(z) − y), both 0 for excluded pairs.
+    (l = softplus(z) − y·z, G = σ(z) − y), both 0 for excluded pairs; with a per-row threshold
+    (rows, 1), a pair with y = 0 and s > threshold is excluded too (prcl.loss, false negatives).
 
     With e = exp(−|z|) and r = e/(1 + e) = σ(−|z|):
         l = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e)      no cancellation of y·z against softplus
@@ -39,6 +42,8 @@ def pair_terms(s, t, b, y):
     """
     z = s * t + b
     keep = y >= 0
+    if threshold is not None:
+        keep = keep & ~((y == 0) & (s > threshold))
     y = torch.where(keep, y, 0.0)  # −inf labels must not reach a product
     e = torch.exp(-z.abs())
     r = e / (1 + e)
@@ -47,7 +52,11 @@ def pair_terms(s, t, b, y):
     return torch.where(keep, loss, 0.0), torch.where(keep, grad, 0.0)
 
 
-def rows(q, d, scale, bias, labels, label_index):
+def _rows_of(threshold, i, rows):
+    return None if threshold is None else threshold[i:i + rows, None]
+
+
+def rows(q, d, scale, bias, labels, label_index, threshold=None):
     q, d = _acc(q), _acc(d)
     B, N = q.shape[0], d.shape[0]
     out = q.new_zeros(B)
@@ -56,17 +65,19 @@ def rows(q, d, scale, bias, labels, label_index):
         for j in range(0, N, pn):
             q_i, d_j = q[i:i + pm], d[j:j + pn]
             y, index = panel_labels(labels, label_index, i, j, q_i.shape[0], d_j.shape[0])
-            loss, _ = pair_terms(q_i @ d_j.T, scale, bias, label_tile(y, index, j, d_j.shape[0], q.dtype))
+            loss, _ = pair_terms(q_i @ d_j.T, scale, bias, label_tile(y, index, j, d_j.shape[0], q.dtype),
+                                 _rows_of(threshold, i, q_i.shape[0]))
             out[i:i + pm] += loss.sum(1)
     return out
 
 
-def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
+def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
 
-    def block(q_i, d_j, y, index, col, w_i):
+    def block(q_i, d_j, y, index, col, w_i, thr_i):
         s = q_i @ d_j.T
-        loss, G = pair_terms(s, scale, bias, label_tile(y, index, col, d_j.shape[0], s.dtype))
+        loss, G = pair_terms(s, scale, bias, label_tile(y, index, col, d_j.shape[0], s.dtype),
+                             None if thr_i is None else thr_i[:, None])
         # torch's sum reduces in a tree; a BLAS dot accumulates in one float32 register per lane, which
         # lost digits of Σ G∘S over a panel (its terms cancel: 3.5e-5 relative at B = N = 1024)
         gs_rows = (G * s).sum(1)
@@ -77,5 +88,44 @@ def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
         return loss.sum(1), G, gs, g
 
     return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, PANEL_ELEMS, grad_scale,
-                       q.dtype if rounded else None)
+                       q.dtype if rounded else None, threshold)
+
+
+def _panels(q, d, labels, label_index):
+    """(row slice, float32 S, dense label tile) over bounded panels of the pair matrix, in order."""
+    acc = acc_dtype(q.dtype)
+    B, N = q.shape[0], d.shape[0]
+    pm, pn = panel_shape(B, N, PANEL_ELEMS)
+    for i in range(0, B, pm):
+        for j in range(0, N, pn):
+            q_i, d_j = q[i:i + pm], d[j:j + pn]
+            y, index = panel_labels(labels, label_index, i, j, q_i.shape[0], d_j.shape[0])
+            yield slice(i, i + q_i.shape[0]), q_i.to(acc) @ d_j.to(acc).T, label_tile(y, index, j, d_j.shape[0], acc)
+
+
+def labelled_max(q, d, labels, label_index):
+    """p_i = max over row i's pairs with y > 0 of q_i·d_j, float32 (B,), −inf for rows without one;
+    from the inputs as the kernels read them (products summed in float32). Listed labels take K row
+    dots each (a (B, K, D) gather); a dense label matrix takes one forward pass over bounded panels."""
+    acc = acc_dtype(q.dtype)
+    B, N = q.shape[0], d.shape[0]
+    if label_index is not None:
+        if label_index.shape[1] == 0:
+            return q.new_full((B,), -math.inf, dtype=acc)
+        listed = (label_index >= 0) & (label_index < N) & (labels > 0)
+        s = torch.einsum("bd,bkd->bk", q.to(acc), d.to(acc)[label_index.clamp(0, N - 1)])
+        return torch.where(listed, s, -math.inf).amax(1)
+    best = q.new_full((B,), -math.inf, dtype=acc)
+    for rows_, s, y in _panels(q, d, labels, label_index):
+        best[rows_] = torch.maximum(best[rows_], torch.where(y > 0, s, -math.inf).amax(1))
+    return best
+
+
+def masked_count(q, d, labels, label_index, threshold):
+    """How many pairs the threshold excludes (y = 0 and s > threshold_i): an int64 0-dim tensor, from
+    one more forward pass over bounded panels (2·B·N·D), read by nobody on the host."""
+    count = q.new_zeros((), dtype=torch.int64)
+    for rows_, s, y in _panels(q, d, labels, label_index):
+        count += ((y == 0) & (s > threshold[rows_, None])).sum()
+    return count
 

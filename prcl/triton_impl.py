@@ -88,9 +88,10 @@ def input_precision(dtype):
     return "tf32" if dtype != torch.float32 or fp32_matmul_allows_tf32() else "tf32x3"
 
 
-def _launch(q, d, scale, bias, y, index, col0, w, G):
+def _launch(q, d, scale, bias, y, index, col0, w, G, threshold=None):
     """Runs the tile kernel over q (M, D) × d (N, D) with labels in the ops' layout (dense tile, or
-    (M, K) lists matched against documents col0 + j). Returns (loss row sums (M,), Σ G∘S, Σ G)."""
+    (M, K) lists matched against documents col0 + j) and the rows' false-negative thresholds (M,) or
+    None. Returns (loss row sums (M,), Σ G∘S, Σ G)."""
     (M, D), N = q.shape, d.shape[0]
     write_g = G is not None
     cfg, programs = _launch_config(q, write_g)
@@ -103,10 +104,11 @@ def _launch(q, d, scale, bias, y, index, col0, w, G):
     dense = index is None
     pair_tile_kernel[(m_tiles, split)](
         _desc(q, [BM, BK]), _desc(d, [BN, BK]), _desc(G if write_g else q, [BM, BN]),
-        scale, bias, w if w is not None else rows, y, y if dense else index, rows, stats,
+        scale, bias, w if w is not None else rows, threshold if threshold is not None else rows, y,
+        y if dense else index, rows, stats,
         M, N, D, 0 if dense else index.shape[1], col0, *y.stride(), *((0, 0) if dense else index.stride()),
         tiles_per_split,
-        WRITE_G=write_g, HAS_W=w is not None, DENSE_Y=dense,
+        WRITE_G=write_g, HAS_W=w is not None, DENSE_Y=dense, HAS_THR=threshold is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, INTERPRET=interpreting(),
         MANY_LABELS=not dense and index.shape[1] != 1, RAGGED_N=N % BN != 0,
         INPUT_PRECISION=input_precision(q.dtype),
@@ -118,9 +120,9 @@ def _launch(q, d, scale, bias, y, index, col0, w, G):
     return rows.sum(0), total[0], total[1]
 
 
-def rows(q, d, scale, bias, labels, label_index):
+def rows(q, d, scale, bias, labels, label_index, threshold=None):
     with _on(q.device):
-        return _launch(_aligned(q), _aligned(d), scale, bias, labels, label_index, 0, None, None)[0]
+        return _launch(_aligned(q), _aligned(d), scale, bias, labels, label_index, 0, None, None, threshold)[0]
 
 
 def two_pass(q):
@@ -132,7 +134,7 @@ def two_pass(q):
     return q.dtype != torch.float32 and tuning.gpu_class(10 * major + minor) == "sm90" and D <= tuning.TWO_PASS_CROSSOVER_D
 
 
-def _pass(own, streamed, scale, bias, y, index, w, row_pass):
+def _pass(own, streamed, scale, bias, y, index, w, threshold, row_pass):
     """One launch of pair_pass_kernel: own (O, D) against streamed (S, D), the queries being own in the
     row pass. Returns (Σ over streamed rows of G·streamed, (O, D) float32; and in the row pass the loss
     row sums (O,), Σ G∘S, Σ G)."""
@@ -152,10 +154,11 @@ def _pass(own, streamed, scale, bias, y, index, w, row_pass):
     stats = own.new_empty(o_tiles * split, 2, dtype=torch.float32) if row_pass else acc
     dense = index is None
     pair_pass_kernel[(o_tiles, split)](
-        _desc(own, [BO, BD]), _desc(streamed, [BS, BD]), scale, bias, w if w is not None else acc, y,
+        _desc(own, [BO, BD]), _desc(streamed, [BS, BD]), scale, bias, w if w is not None else acc,
+        threshold if threshold is not None else acc, y,
         y if dense else index, rows, stats, acc, O, S, D, 0 if dense else index.shape[1], *y.stride(),
         *((0, 0) if dense else index.stride()), tiles_per_split,
-        BLOCK_D=BD, ROW_PASS=row_pass, HAS_W=w is not None, DENSE_Y=dense,
+        BLOCK_D=BD, ROW_PASS=row_pass, HAS_W=w is not None, DENSE_Y=dense, HAS_THR=threshold is not None,
         UPCAST=interpreting() and own.dtype == torch.bfloat16, INTERPRET=interpreting(),
         MANY_LABELS=not dense and index.shape[1] != 1, RAGGED_S=S % BS != 0,
         INPUT_PRECISION=input_precision(own.dtype),
@@ -167,23 +170,23 @@ def _pass(own, streamed, scale, bias, y, index, w, row_pass):
     return acc.sum(0), rows.sum(0), total[0], total[1]
 
 
-def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded):
+def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
     q, d = _aligned(q), _aligned(d)
     out_dtype = q.dtype if rounded else None
     if two_pass(q):
         with _on(q.device):
-            gd, rows, gs, g = _pass(q, d, scale, bias, labels, label_index, w, True)
-            gq, = _pass(d, q, scale, bias, labels, label_index, w, False)
+            gd, rows, gs, g = _pass(q, d, scale, bias, labels, label_index, w, threshold, True)
+            gq, = _pass(d, q, scale, bias, labels, label_index, w, threshold, False)
         return (rows, *finish_grads(gd, gq, grad_scale, out_dtype), gs, g)
     workspace = []
 
-    def block(q_i, d_j, y, index, col, w_i):
+    def block(q_i, d_j, y, index, col, w_i, thr_i):
         if not workspace:  # one panel of G, its row stride padded for TMA, reused by every panel
             workspace.append(_padded_zeros(q, q_i.shape[0], d_j.shape[0]))
         G = workspace[0][: q_i.shape[0], : d_j.shape[0]]
-        rows, gs, g = _launch(q_i, d_j, scale, bias, y, index, col, w_i, G)
+        rows, gs, g = _launch(q_i, d_j, scale, bias, y, index, col, w_i, G, thr_i)
         return rows, G, gs, g
 
     with _on(q.device):
-        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS, grad_scale, out_dtype)
+        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS, grad_scale, out_dtype, threshold)

@@ -53,6 +53,25 @@ def test_labels_that_require_grad_get_the_references_gradient(form, reduction, d
     assert_like_the_oracle(fused, gold, eager, ["loss", "dq", "dd", "dscale", "dbias", "dlabels"], FLOOR[dtype])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", GRADED_FORMS)
+def test_labels_gradient_leaves_out_masked_false_negatives(form, backend):
+    # the labels' gradient and the false-negative mask together: a masked pair (label 0, similarity above
+    # the row's best positive + margin) is out of the loss, so its label gets no gradient either
+    q, d, gen = make_inputs(13, 17, 6, torch.float32, seed=27)
+    labels, label_index = make_labels(form, 13, 17, gen)
+    gold, eager, fused = (loss_and_grads(lambda *a, fn=fn, **k: fn(*a, false_negative_margin=-0.05, **k), q, d,
+                                         labels, label_index, dt, "mean") for fn, dt in (
+        (pair_bce, torch.float64), (pair_bce, torch.float32),
+        (lambda *a, **k: prcl.fused_pair_bce(*a, backend=backend, **k), torch.float32)))
+    _, masked = prcl.fused_pair_bce(q, d, labels, label_index=label_index, false_negative_margin=-0.05,
+                                    return_masked=True, backend=backend)
+    assert masked > 0
+    assert_like_the_oracle(fused, gold, eager, ["loss", "dq", "dd", "dscale", "dbias", "dlabels"],
+                           FLOOR[torch.float32])
+    assert torch.equal(fused[5] == 0, gold[5] == 0)
+
+
 def test_labels_gradient_across_processes_is_refused():
     q, d, gen = make_inputs(4, 6, 8, torch.float32)
     labels = torch.rand(4, device=DEVICE, requires_grad=True)

@@ -86,13 +86,14 @@ def _global_batch(b_sizes, n_sizes, form, seed):
     return Q, Dd, Y, local
 
 
-def _one_process(Q, Dd, Y, scale, bias, reduction, weights):
+def _one_process(Q, Dd, Y, scale, bias, reduction, weights, margin=None):
     Q, Dd = Q.clone().requires_grad_(), Dd.clone().requires_grad_()
     t = torch.tensor(scale, requires_grad=True)
     b = None if bias is None else torch.tensor(bias, requires_grad=True)
-    out = prcl.fused_pair_bce(Q, Dd, Y, scale=t, bias=b, reduction=reduction, backend="torch")
+    out, masked = prcl.fused_pair_bce(Q, Dd, Y, scale=t, bias=b, reduction=reduction, backend="torch",
+                                      false_negative_margin=margin, return_masked=True)
     out.backward(weights if reduction == "none" else None)
-    return out.detach(), Q.grad, Dd.grad, t.grad, None if b is None else b.grad
+    return out.detach(), Q.grad, Dd.grad, t.grad, None if b is None else b.grad, masked
 
 
 def _close(got, want, what):
@@ -105,11 +106,11 @@ def _sum_over_ranks(x):
     return x
 
 
-def _check_case(rank, b_sizes, n_sizes, form, reduction, strategy, bias, seed):
-    case = f"rank{rank}-B{b_sizes}-N{n_sizes}-{form}-{reduction}-{strategy}-bias{bias}"
+def _check_case(rank, b_sizes, n_sizes, form, reduction, strategy, bias, seed, margin=None):
+    case = f"rank{rank}-B{b_sizes}-N{n_sizes}-{form}-{reduction}-{strategy}-bias{bias}-margin{margin}"
     Q, Dd, Y, local = _global_batch(b_sizes, n_sizes, form, seed)
     weights = torch.rand(sum(b_sizes), generator=torch.Generator().manual_seed(seed + 1))
-    want = _one_process(Q, Dd, Y, 10.0, bias, reduction, weights)
+    want = _one_process(Q, Dd, Y, 10.0, bias, reduction, weights, margin)
 
     boff, noff = sum(b_sizes[:rank]), sum(n_sizes[:rank])
     rows, cols = slice(boff, boff + b_sizes[rank]), slice(noff, noff + n_sizes[rank])
@@ -118,11 +119,14 @@ def _check_case(rank, b_sizes, n_sizes, form, reduction, strategy, bias, seed):
     b = None if bias is None else torch.tensor(bias, requires_grad=True)
     labels, index = local[rank]
     group = {"gather": dist.group.WORLD, "ring": Ring()}[strategy]
-    out = prcl.fused_pair_bce(q, d, labels, label_index=index, scale=t, bias=b, reduction=reduction,
-                              backend="torch", process_group=group)
+    out, masked = prcl.fused_pair_bce(q, d, labels, label_index=index, scale=t, bias=b, reduction=reduction,
+                                      backend="torch", process_group=group, false_negative_margin=margin,
+                                      return_masked=True)
     out.backward(weights[rows] if reduction == "none" else None)
 
-    loss, gq, gd, gt, gb = want
+    loss, gq, gd, gt, gb, want_masked = want
+    assert _sum_over_ranks(masked).item() == want_masked.item(), f"{case}: masked pairs"
+    assert margin is None or want_masked.item() > 0, f"{case}: the mask left every pair in"
     if reduction == "none":
         _close(out.detach(), loss[rows], f"{case} rows")
     else:
@@ -225,6 +229,9 @@ def _worker(rank, world, store, b_sizes, n_sizes, extras):
                 seed += 10
                 bias = None if reduction == "sum" else -2.5  # None: −log(N−1) with the global N
                 _check_case(rank, b_sizes, n_sizes, form, reduction, strategy, bias, seed)
+            for reduction in ("mean", "none"):  # the false-negative mask: thresholds from the rank's own pairs
+                seed += 10
+                _check_case(rank, b_sizes, n_sizes, form, reduction, strategy, -2.5, seed, margin=0.05)
     if extras:
         # equal sizes: labels=None on the ranks is labels=None on the concatenation
         Q, Dd, _, _ = _global_batch([4] * world, [4] * world, "diag", 1)

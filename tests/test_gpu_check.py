@@ -62,8 +62,8 @@ def test_correctness_covers_every_form_layout_reduction_and_the_late_regime(dry_
 def test_sync_and_graph_sections_say_what_cpu_cannot_check(dry_run):
     sections = dry_run[2]["sections"]
     assert "CUDA" in sections["no_host_sync"]["not_applicable"]
-    assert {(r["form"], r["reduction"]) for r in sections["no_host_sync"]["rows"]} == {
-        (f, r) for f in gpu_check.FORMS for r in ("mean", "none")}
+    assert {(r["form"], r["reduction"], r["margin"]) for r in sections["no_host_sync"]["rows"]} == {
+        (f, r, m) for f in gpu_check.FORMS for r in ("mean", "none") for m in (None, 0.0)}
     assert "CUDA" in sections["cuda_graph"]["not_applicable"]
 
 

@@ -58,6 +58,23 @@ def test_sm90_16bit_epilogue_meets_its_goal(rows, dtype, mode, goal):
 
 
 @pytest.mark.slow
+def test_sm90_false_negative_mask_costs_its_compare_only(rows):
+    """With HAS_THR (false_negative_margin) the sm_90 kernels still compile without spills at the same
+    blocks per SM, and the 16-bit epilogues grow by the per-pair test only (3 instructions)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "prcl.compile_report", "--json", "--arch", "90",
+                          "--false-negative-mask"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    masked = json.loads(out.stdout.strip().splitlines()[-1])
+    assert masked["false_negative_mask"]
+    for r in masked["rows"]:
+        plain = rows[r["arch"], r["dtype"], r["mode"]]
+        assert r["blocks_per_sm"] == plain["blocks_per_sm"] and r["mma"] == plain["mma"], r
+        if r["dtype"] != "fp32":
+            assert r["spill_bytes"] == 0 and r["epilogue_per_pair"] <= round(plain["epilogue_per_pair"] + 3, 1), r
+
+
+@pytest.mark.slow
 def test_optional_archs_are_reported_or_say_why(report, rows):
     for arch in ("sm_100", "sm_120"):
         reported = [r for r in rows.values() if r["arch"] == arch]

@@ -10,6 +10,7 @@ Tests that need the built library skip when it is missing, with the reason; PRCL
 (for CI, which builds it) turns that skip into a failure.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +114,10 @@ def test_native_ops_opcheck(layout):
     for w in (None, torch.rand(10)):
         torch.library.opcheck(torch.ops.prcl.native_loss_grads.default, (q, d, t, b, y, index, w))
     torch.library.opcheck(torch.ops.prcl.native_loss_rows.default, (q.bfloat16(), d.bfloat16(), t, b, y, index))
+    threshold = torch.tensor([0.0] * 9 + [math.inf])  # the false-negative mask's, one row unmasked
+    torch.library.opcheck(torch.ops.prcl.native_loss_rows.default, (q, d, t, b, y, index, threshold))
+    torch.library.opcheck(torch.ops.prcl.native_loss_grads.default, (q, d, t, b, y, index, None, None, False,
+                                                                     threshold))
 
 
 @needs_native

@@ -14,7 +14,7 @@ import torch
 import prcl
 from prcl import native
 from prcl.bench import cases
-from prcl.reference import pair_bce
+from prcl.reference import dense_labels, pair_bce
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,6 +83,10 @@ def check_against_oracle(fused_fn, q, d, labels, label_index, dtype, reduction, 
     gold = run(pair_bce, q, d, labels, label_index, torch.float64, reduction, **scalars)
     eager = run(pair_bce, q, d, labels, label_index, dtype, reduction, **scalars)
     fused = run(fused_fn, q, d, labels, label_index, dtype, reduction, **scalars)
+    assert_within_rule(fused, eager, gold, q, d, dtype, floor)
+
+
+def assert_within_rule(fused, eager, gold, q, d, dtype, floor):
     assert fused[0].dtype == torch.float32
     for name, f, e, g, x in zip(["loss", "dq", "dd", "dscale", "dbias"], fused, eager, gold, [None, q, d, None, None]):
         if x is not None:
@@ -237,19 +241,22 @@ def test_gradcheck_float64_ops(backend, layout):
     assert torch.autograd.gradcheck(lambda *a: torch.ops.prcl.pair_bce_total(*a, y, index, backend)[0], args)
 
 
+@pytest.mark.parametrize("threshold", [False, True], ids=["plain", "threshold"])
 @pytest.mark.parametrize("layout", ["sparse", "dense"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend, layout):
+def test_opcheck(backend, layout, threshold):
     q, d, gen = make_inputs(10, 13, 16, torch.float32)
     y, index = kernel_label_layouts(10, 13, gen)[layout]
     args = (q.requires_grad_(), d.requires_grad_(), torch.tensor(4.0, device=DEVICE, requires_grad=True),
             torch.tensor(-1.0, device=DEVICE, requires_grad=True), y.to(DEVICE),
             None if index is None else index.to(DEVICE), backend)
-    torch.library.opcheck(torch.ops.prcl.pair_bce_rows.default, args)
-    torch.library.opcheck(torch.ops.prcl.pair_bce_total.default, args)
+    # the false-negative thresholds: some rows masked above 0, one not at all
+    kw = {"threshold": torch.tensor([0.0] * 9 + [math.inf], device=DEVICE)} if threshold else {}
+    torch.library.opcheck(torch.ops.prcl.pair_bce_rows.default, args, kw)
+    torch.library.opcheck(torch.ops.prcl.pair_bce_total.default, args, kw)
     # the backward op has no double-backward formula: check it on inputs that do not require grad
     plain = tuple(a.detach() for a in args[:4]) + args[4:6] + (torch.rand(10, device=DEVICE), backend)
-    torch.library.opcheck(torch.ops.prcl.pair_bce_rows_backward.default, plain)
+    torch.library.opcheck(torch.ops.prcl.pair_bce_rows_backward.default, plain, kw)
 
 
 @slow
@@ -383,12 +390,14 @@ def test_label_index_with_no_columns_means_all_negative(backend):
     assert empty.item() == pytest.approx(negatives.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("margin", [None, 0.1], ids=["plain", "false-negative-mask"])
 @pytest.mark.parametrize("form", FORMS)
-def test_default_call_reads_no_tensor_value_on_the_host(form):
+def test_default_call_reads_no_tensor_value_on_the_host(form, margin):
     # Meta tensors have no values: any .item(), bool(tensor) or host copy of one raises. The default
     # call (backend=None) runs forward and backward on them end to end, so neither the checks, the
     # label layout nor the scalars wait for a device (the sync-free promise of the CUDA path).
-    # Devices other than CPU and CUDA take the PyTorch backend.
+    # Devices other than CPU and CUDA take the PyTorch backend. With the false-negative mask: its
+    # thresholds and its count of masked pairs stay on the device too.
     B, N, D = 6, 9, 4
     q = torch.randn(B, D, device="meta", requires_grad=True)
     d = torch.randn(N, D, device="meta", requires_grad=True)
@@ -398,7 +407,11 @@ def test_default_call_reads_no_tensor_value_on_the_host(form):
     labels = None if labels is None else labels.to("meta")
     label_index = None if label_index is None else label_index.to("meta")
     for reduction in ("mean", "none"):
-        loss = prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=scale, reduction=reduction)
+        loss = prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=scale, reduction=reduction,
+                                   false_negative_margin=margin, return_masked=margin is not None)
+        if margin is not None:
+            loss, count = loss
+            assert count.device.type == "meta" and count.dtype == torch.int64
         loss.sum().backward()
         assert loss.device.type == "meta" and loss.shape == ((B,) if reduction == "none" else ())
         assert q.grad.shape == q.shape and d.grad.shape == d.shape and scale.grad.shape == ()
@@ -506,3 +519,117 @@ def test_gradients_are_rounded_once(backend, reduction, dtype):
     _, dq, dd, _, _ = torch.ops.prcl.pair_bce_total(q, d, t, b, y, index, backend, weight, False)
     assert dq.dtype == dd.dtype == torch.float32
     assert torch.equal(ql.grad, dq.to(dtype)) and torch.equal(dl.grad, dd.to(dtype))
+
+
+# --- the false-negative mask (false_negative_margin) -------------------------------------------------
+
+MARGINS = [pytest.param(-0.1, marks=slow), pytest.param(0.0, marks=slow), 0.1]
+
+
+def quantized_inputs(B, N, D, dtype, seed):
+    """q, d with entries in {0, ±1/8, ±1/4}: every q_i·d_j is a multiple of 1/64 that float32 sums and
+    fp16/bf16 hold exactly (D ≤ 64), so no similarity lies within rounding of a threshold p_i + margin
+    (0.1 is 6.4/64): every backend and dtype must exclude exactly the pairs the float64 semantics do."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (B, D), generator=gen) / 8
+    d = torch.randint(-2, 3, (N, D), generator=gen) / 8  # positives as random as negatives: many masked
+    return q.to(DEVICE, dtype), d.to(DEVICE, dtype), gen
+
+
+def false_negatives(q, d, labels, label_index, margin):
+    """The semantics in float64, written out here: (dense labels with the masked pairs set to −1, the
+    mask, the gaps |s − (p_i + margin)| of the label-0 pairs in rows that have a label > 0)."""
+    Y = dense_labels(labels, label_index, q.shape[0], d.shape[0], q.device).double()
+    s = q.double() @ d.double().T
+    best = torch.where(Y > 0, s, -math.inf).amax(1, keepdim=True)
+    candidates = (Y == 0) & (best > -math.inf)
+    masked = candidates & (s > best + margin)
+    return torch.where(masked, -1.0, Y), masked, (s - best - margin).abs()[candidates]
+
+
+def masking(backend, margin):
+    return lambda *a, **k: prcl.fused_pair_bce(*a, backend=backend, false_negative_margin=margin, **k)
+
+
+def check_mask(backend, q, d, labels, label_index, margin, dtype, reduction, floor=FLOOR, **scalars):
+    """Loss and gradients within the accuracy rule of the float64 oracle whose labels exclude the
+    semantics' pairs explicitly; the count of masked pairs exact. Returns that count."""
+    Y, masked, _ = false_negatives(q, d, labels, label_index, margin)
+    gold = run(pair_bce, q, d, Y, None, torch.float64, reduction, **scalars)
+    eager = run(pair_bce, q, d, Y, None, dtype, reduction, **scalars)
+    fused = run(masking(backend, margin), q, d, labels, label_index, dtype, reduction, **scalars)
+    assert_within_rule(fused, eager, gold, q, d, dtype, floor)
+    _, count = prcl.fused_pair_bce(q, d, labels, label_index=label_index, backend=backend,
+                                   false_negative_margin=margin, return_masked=True)
+    assert count.dtype == torch.int64 and count.item() == masked.sum().item()
+    return count.item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("margin", MARGINS)
+@pytest.mark.parametrize("shape", [(37, 45, 19), pytest.param((70, 133, 40), marks=slow)], ids=_ids)
+def test_false_negative_mask_matches_oracle(shape, margin, form, reduction, dtype, backend):
+    B, N, D = shape
+    dtype = DTYPES[dtype]
+    q, d, gen = quantized_inputs(B, N, D, dtype, seed=B + N)
+    labels, label_index = make_labels(form, B, N, gen)
+    assert check_mask(backend, q, d, labels, label_index, margin, dtype, reduction) > 0
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("form", FORMS)
+def test_false_negative_mask_two_pass(form, dtype, two_pass):
+    q, d, gen = quantized_inputs(37, 45, 19, DTYPES[dtype], seed=5)
+    labels, label_index = make_labels(form, 37, 45, gen)
+    for reduction in ("mean", "none"):
+        assert check_mask("triton", q, d, labels, label_index, 0.1, DTYPES[dtype], reduction) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+def test_false_negative_mask_late_training_accuracy(form, dtype, backend):
+    B, N, D = 48, 64, 40
+    dtype = DTYPES[dtype]
+    q, d, gen = cases.late_training_inputs(B, N, D, 0.95, device=DEVICE)
+    q, d = q.to(dtype), d.to(dtype)
+    labels, label_index = make_labels(form, B, N, gen)
+    if form == "graded":
+        labels = torch.ones(B, device=DEVICE)
+    # a margin that leaves every label-0 pair at least 1e-4 from its threshold, 100× the float32 sums'
+    # rounding at D = 40 (these similarities are not on a grid)
+    margin = next(m for m in torch.linspace(-0.8, -0.6, 41).tolist()
+                  if false_negatives(q, d, labels, label_index, m)[2].min() > 1e-4)
+    for reduction in ("mean", "none"):
+        assert check_mask(backend, q, d, labels, label_index, margin, dtype, reduction, floor=LATE_FLOOR,
+                          scale=20.0, bias=-10.0) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_false_negative_mask_never_excludes_a_positive(backend):
+    # every pair of the dense labels is graded > 0 or excluded: a margin below −2 would mask them all
+    # if it looked at positives; the loss must equal the unmasked one
+    q, d, gen = make_inputs(9, 11, 6, torch.float32)
+    labels = torch.where(torch.rand(9, 11, generator=gen) < 0.2, -1.0, 0.05 + 0.9 * torch.rand(9, 11, generator=gen))
+    labels = labels.to(DEVICE)
+    plain = prcl.fused_pair_bce(q, d, labels, backend=backend)
+    masked, count = prcl.fused_pair_bce(q, d, labels, backend=backend, false_negative_margin=-3.0,
+                                        return_masked=True)
+    assert count.item() == 0 and masked.item() == plain.item()
+    # rows without a label > 0 are not masked: all-zero labels give the plain all-negative loss
+    zeros = torch.zeros(9, 11, device=DEVICE)
+    out, count = prcl.fused_pair_bce(q, d, zeros, backend=backend, false_negative_margin=-3.0, return_masked=True)
+    assert count.item() == 0 and out.item() == prcl.fused_pair_bce(q, d, zeros, backend=backend).item()
+
+
+def test_false_negative_margin_rejects_bad_values():
+    q, d, _ = make_inputs(3, 4, 5, torch.float32)
+    for bad in (float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="false_negative_margin"):
+            prcl.fused_pair_bce(q, d, false_negative_margin=bad)
+    with pytest.raises(ValueError, match="return_masked"):
+        prcl.fused_pair_bce(q, d, false_negative_margin=0.1, return_masked=1)
+

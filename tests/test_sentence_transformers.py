@@ -221,16 +221,17 @@ def graded_negatives(labels):
     return [[y, (0.3, -1.0, 0.0)[i % 3]] for i, y in enumerate(labels)]
 
 
+@pytest.mark.parametrize("margin", [None, 0.0], ids=["plain", "false-negative-mask"])
 @pytest.mark.parametrize("form", ["positive", "per-column"])
-def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir, form):
+def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir, form, margin):
     """The module's loss and embedding gradients equal prcl.fused_pair_bce given the dense label
     matrix written out by hand (the module itself builds sparse label_index rows); labels grade the
-    positive only, or every document column of the row."""
+    positive only, or every document column of the row. With false_negative_margin, both mask."""
     model = tiny_model(model_dir)
     anchors, columns, labels = batch_texts(12, 4)
     if form == "per-column":
         labels = graded_negatives(labels)
-    loss_fn = PairRelevanceLoss(model)
+    loss_fn = PairRelevanceLoss(model, false_negative_margin=margin)
     feats = [features(model, anchors)] + [features(model, col) for col in columns]
     with torch.no_grad():
         embeddings = [model(f)["sentence_embedding"] for f in feats]
@@ -239,8 +240,9 @@ def test_equals_fused_pair_bce_on_the_same_embeddings(model_dir, form):
     ours = loss_fn.compute_loss_from_embeddings(ours_in, loss_fn.targets(feats, torch.tensor(labels)))
     ours.backward()
     y = expected_labels(anchors, columns, labels).float()
-    ref = prcl.fused_pair_bce(F.normalize(ref_in[0], dim=-1), F.normalize(torch.cat(ref_in[1:]), dim=-1), y,
-                              scale=DEFAULT_SCALE)
+    ref, masked = prcl.fused_pair_bce(F.normalize(ref_in[0], dim=-1), F.normalize(torch.cat(ref_in[1:]), dim=-1), y,
+                                      scale=DEFAULT_SCALE, false_negative_margin=margin, return_masked=True)
+    assert (masked.item() > 0) == (margin is not None)  # the mask has pairs to leave out here
     ref.backward()
     torch.testing.assert_close(ours, ref)
     for a, b in zip(ours_in, ref_in):
@@ -330,9 +332,11 @@ def test_gather_across_devices_needs_torch_distributed(model_dir):
 
 
 def test_config_and_citation(model_dir):
-    loss_fn = CachedPairRelevanceLoss(tiny_model(model_dir), learnable_bias=True, mini_batch_size=8)
+    loss_fn = CachedPairRelevanceLoss(tiny_model(model_dir), learnable_bias=True, mini_batch_size=8,
+                                      false_negative_margin=0.1)
     config = loss_fn.get_config_dict()
     assert config["scale"] == DEFAULT_SCALE and config["bias"].startswith("-log(N-1)") and config["mini_batch_size"] == 8
+    assert config["false_negative_margin"] == 0.1
     assert "Sigmoid Loss" in loss_fn.citation and "Memory Limited" in loss_fn.citation
 
 

@@ -173,6 +173,38 @@ def test_info_nce_one_positive_is_cross_entropy_and_masks_exclusions():
     torch.testing.assert_close(got, -(z[0, 0] - torch.logsumexp(z[0, [0, 2, 3, 4]], 0)))
 
 
+def test_false_negative_margin_masks_both_losses():
+    torch.manual_seed(0)
+    q, d = F.normalize(torch.randn(4, 6), dim=1), F.normalize(torch.randn(6, 6), dim=1)
+    b = build_batch([Example(f"q{i}", (f"d{i}",), (f"n{i}",) if i < 2 else ()) for i in range(4)])
+    Y = b.dense_labels()
+    s = q @ d.T
+    best = torch.where(Y > 0, s, -math.inf).amax(1, keepdim=True)
+    masked = (Y == 0) & (s > best - 0.05)
+    assert masked.any()
+    # PRCL: the masked pairs leave the loss as excluded pairs do
+    got, count = batch_loss(q, d, b, scale=5.0, false_negative_margin=-0.05, return_masked=True)
+    torch.testing.assert_close(got, reference.pair_bce(q, d, torch.where(masked, -1.0, Y), scale=5.0))
+    assert count.item() == masked.sum().item()
+    # InfoNCE: a masked column leaves the softmax denominator
+    got, count = batch_loss(q, d, b, loss="softmax", scale=4.0, false_negative_margin=-0.05, return_masked=True)
+    z = (4.0 * s).masked_fill(masked, -math.inf)
+    torch.testing.assert_close(got, F.cross_entropy(z, Y.argmax(1)))
+    assert count.item() == masked.sum().item()
+
+
+def test_train_logs_masked_pairs(tmp_path):
+    cfg = parse_train_args(["--data", "x.jsonl", "--out", "o", "--false-negative-margin", "-0.2"])
+    assert cfg.false_negative_margin == -0.2
+    with pytest.raises(ValueError, match="false_negative_margin"):
+        config(tmp_path, false_negative_margin=math.nan).validate()
+    for loss in ("prcl", "softmax"):
+        out = tmp_path / loss
+        train(config(out, loss=loss, max_steps=2, false_negative_margin=-0.5), encoder=tiny_encoder())
+        lines = [json.loads(x) for x in (out / "out" / "metrics.jsonl").read_text().splitlines()]
+        assert all(isinstance(r["masked_pairs"], int) for r in lines) and any(r["masked_pairs"] > 0 for r in lines)
+
+
 # ---- cached embeddings -----------------------------------------------------------------------------------
 
 def toy_batch():

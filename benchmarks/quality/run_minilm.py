@@ -15,6 +15,9 @@ Training rows, from qrels/train.tsv (grade 2 = the page itself, 1 = a page in it
 Every loss trains for the same number of steps of the same batch size with the same learning rate,
 other rows' documents as in-batch negatives, NoDuplicatesBatchSampler (a repeated query or page never
 shares a batch). --noise replaces that fraction of the rows' positives by random unjudged passages.
+--false-negative-margin M masks an in-batch negative whose cosine exceeds its query's positive's + M:
+PRCL leaves the pair out (PairRelevanceLoss's false_negative_margin), InfoNCE drops it from the softmax
+denominator (prcl.training.step.info_nce, in place of MultipleNegativesRankingLoss's equal formula).
 Each run appends one JSON line to --results.
 """
 import argparse
@@ -91,6 +94,27 @@ def train_rows(queries, corpus, qrels, args):
     return rows
 
 
+def masked_info_nce(margin):
+    """MultipleNegativesRankingLoss (query → every document of the batch, cosine × scale) with the
+    false-negative mask of prcl's InfoNCE: a masked document leaves the softmax denominator."""
+    import torch.nn.functional as F
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from prcl.training.step import info_nce
+
+    class MaskedInfoNCE(MultipleNegativesRankingLoss):
+        def compute_loss_from_embeddings(self, embeddings, labels):
+            q, d = F.normalize(embeddings[0], dim=-1), F.normalize(torch.cat(embeddings[1:]), dim=-1)
+            rows = torch.arange(q.shape[0], device=q.device)[:, None]
+            return info_nce(q, d, torch.ones(rows.shape, device=q.device), rows, scale=self.scale,
+                            false_negative_margin=margin)
+
+        def get_config_dict(self):
+            return {**super().get_config_dict(), "false_negative_margin": margin}
+
+    return MaskedInfoNCE
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loss", choices=LOSSES, required=True)
@@ -106,6 +130,7 @@ def main():
     ap.add_argument("--head-lr", type=float, help="learning rate of PRCL's learnable scale/bias (default: --lr)")
     ap.add_argument("--related-label", type=float, default=0.5, help="prcl-related: the grade-1 column's label")
     ap.add_argument("--noise", type=float, default=0.0, help="fraction of positives replaced by random passages")
+    ap.add_argument("--false-negative-margin", type=float, help="mask in-batch negatives above the positive + this")
     ap.add_argument("--max-seq-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(HERE / "results" / "minilm.jsonl"))
@@ -131,12 +156,13 @@ def main():
 
         rows = train_rows(queries, corpus, read_qrels(data / "qrels" / "train.tsv", queries, corpus), args)
         scale = {} if args.scale is None else {"scale": args.scale}
+        margin = args.false_negative_margin
         if args.loss == "infonce":
-            loss = MultipleNegativesRankingLoss(model, **scale)
+            loss = (MultipleNegativesRankingLoss if margin is None else masked_info_nce(margin))(model, **scale)
         else:
             bias = {} if args.bias is None else {"bias": None if args.bias == "prior" else float(args.bias)}
             loss = PairRelevanceLoss(model, **scale, **bias, learnable_scale=args.learn in ("scale", "both"),
-                                     learnable_bias=args.learn in ("bias", "both"))
+                                     learnable_bias=args.learn in ("bias", "both"), false_negative_margin=margin)
         head_lr = {} if args.head_lr is None else {"learning_rate_mapping": {r"logit_(scale|bias)": args.head_lr}}
         training_args = SentenceTransformerTrainingArguments(
             output_dir=str(HERE / "runs" / f"{args.loss}-{args.seed}-{os.getpid()}"), max_steps=args.steps,

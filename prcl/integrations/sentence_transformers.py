@@ -182,6 +182,8 @@ class PairRelevanceLoss(PairBCELoss):
             `learning_rate_mapping={r"logit_(scale|bias)": 1e-3}` in the training arguments.
         gather_across_devices: score the local anchors against the documents of every rank
             (prcl's process_group path). Needs torch.distributed initialised.
+        false_negative_margin: leave out an in-batch negative whose cosine exceeds its anchor's
+            positive's + margin, a probable false negative (prcl.fused_pair_bce); None: no mask.
 
     Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
     optional `label` column in [0, 1]: a float, the graded relevance of the positive, or a list of
@@ -191,8 +193,9 @@ class PairRelevanceLoss(PairBCELoss):
     """
 
     def __init__(self, model, scale=DEFAULT_SCALE, bias=None, learnable_scale=False, learnable_bias=False,
-                 gather_across_devices=False):
-        super().__init__(scale, bias, learnable_scale=learnable_scale, learnable_bias=learnable_bias)
+                 gather_across_devices=False, false_negative_margin=None):
+        super().__init__(scale, bias, learnable_scale=learnable_scale, learnable_bias=learnable_bias,
+                         false_negative_margin=false_negative_margin)
         self.model = model
         self.gather_across_devices = gather_across_devices
 
@@ -245,7 +248,8 @@ class PairRelevanceLoss(PairBCELoss):
             raise ValueError(f"labels: expected {q.shape[0]} rows, one per anchor, got {tuple(labels.shape)}")
         if not self.gather_across_devices:
             t, b = self.scale_and_bias(d.shape[0])
-            return fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b)
+            return fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b,
+                                  false_negative_margin=self.false_negative_margin)
         _require_distributed()
         from prcl.distributed import ddp_loss_scale
 
@@ -257,7 +261,7 @@ class PairRelevanceLoss(PairBCELoss):
         t, b = self.scale_and_bias(n_docs)
         t, b = (_MeanGradAcrossRanks.apply(x) if isinstance(x, Tensor) and x.requires_grad else x for x in (t, b))
         loss = fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b,
-                              process_group=dist.group.WORLD)
+                              process_group=dist.group.WORLD, false_negative_margin=self.false_negative_margin)
         # The ranks' values sum to the loss of the global batch, and DDP averages gradients over
         # ranks: returning world × the local share makes that average the global loss's gradient
         # (and the trainer's logged mean over ranks the global loss).
@@ -277,7 +281,8 @@ class PairRelevanceLoss(PairBCELoss):
             bias = self.logit_bias.item()
         scale = self.logit_scale.exp().item() if self.learnable_scale else self.fixed_scale
         return {"scale": scale, "bias": bias, "learnable_scale": self.learnable_scale,
-                "learnable_bias": self.learnable_bias, "gather_across_devices": self.gather_across_devices}
+                "learnable_bias": self.learnable_bias, "gather_across_devices": self.gather_across_devices,
+                "false_negative_margin": self.false_negative_margin}
 
     @property
     def citation(self):
@@ -306,9 +311,10 @@ class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
 
     def __init__(self, model, scale=DEFAULT_SCALE, bias=None, learnable_scale=False, learnable_bias=False,
                  gather_across_devices=False, mini_batch_size=32, mini_batch_num_tokens=None,
-                 show_progress_bar=False):
+                 show_progress_bar=False, false_negative_margin=None):
         super().__init__(model, scale=scale, bias=bias, learnable_scale=learnable_scale,
-                         learnable_bias=learnable_bias, gather_across_devices=gather_across_devices)
+                         learnable_bias=learnable_bias, gather_across_devices=gather_across_devices,
+                         false_negative_margin=false_negative_margin)
         if has_static_embedding_input(model):
             raise ValueError("model: a StaticEmbedding's inputs cannot be split into mini-batches; "
                              "use PairRelevanceLoss instead")

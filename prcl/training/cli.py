@@ -40,6 +40,9 @@ HELP = {
     "scale": "logit scale t (initial value with --learn-scale)",
     "learn_scale": "learn the scale (as log t)",
     "bias": "fixed logit bias (default −log(N−1) from each batch)",
+    "false_negative_margin": "exclude (PRCL) or drop from the softmax (InfoNCE) an in-batch negative whose "
+                             "similarity exceeds its query's positive's + this margin; metrics.jsonl logs "
+                             "masked_pairs per step",
     "dedup": "merge identical document texts into one column",
     "backend": "prcl.fused_pair_bce backend (default: chosen by device)",
     "lora_r": "LoRA rank; 0 trains every weight",

@@ -38,6 +38,7 @@ class TrainConfig:
     scale: float = 5.0  # prcl.contract.DEFAULT_SCALE (not imported: `prcl train --help` runs without torch)
     learn_scale: bool = False
     bias: float = None  # None = −log(N − 1) from each batch's N
+    false_negative_margin: float = None  # None = no mask; see prcl.fused_pair_bce
     dedup: bool = True
     backend: str = None
     lora_r: int = 16  # 0 = train every weight
@@ -99,7 +100,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (_number(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {v!r}")
-        for name in ("weight_decay", "lora_dropout", "bias"):
+        for name in ("weight_decay", "lora_dropout", "bias", "false_negative_margin"):
             v = getattr(self, name)
             if v is not None and not (_number(v) and math.isfinite(v)):
                 raise ValueError(f"{name}: must be a finite number, got {v!r}")

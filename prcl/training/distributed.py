@@ -49,9 +49,10 @@ def sum_scalar(x, process_group):
     return t.item()
 
 
-def gathered_info_nce(q, d, labels, label_index, *, scale, process_group):
+def gathered_info_nce(q, d, labels, label_index, *, scale, process_group, **mask):
     """InfoNCE of the local queries against every rank's documents, divided by the global query count so
-    that the ranks' losses sum to the global loss. label_index points into the local documents."""
+    that the ranks' losses sum to the global loss. label_index points into the local documents; `mask`:
+    info_nce's false_negative_margin and return_masked."""
     from torch.distributed.nn.functional import all_gather
 
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
@@ -66,4 +67,4 @@ def gathered_info_nce(q, d, labels, label_index, *, scale, process_group):
     d_all = torch.cat([p[:n] for p, n in zip(parts, n_docs)])
     offset = sum(n_docs[:rank])
     index = torch.where(label_index >= 0, label_index + offset, label_index)
-    return info_nce(q, d_all, labels, index, scale=scale, n_queries=n_queries)
+    return info_nce(q, d_all, labels, index, scale=scale, n_queries=n_queries, **mask)

@@ -218,7 +218,7 @@ class _Run:
         """Forward and backward over grad_accum micro-batches: (loss, global pairs, the last local batch)."""
         cfg, world = self.cfg, self.world
         local = slice(self.rank * cfg.batch_size // world, (self.rank + 1) * cfg.batch_size // world)
-        loss_sum, pairs = 0.0, 0
+        loss_sum, pairs, masked = 0.0, 0, []
         for _ in range(cfg.grad_accum):
             # every rank reads the same global batch and keeps its slice: equal batch counts per rank
             batch = build_batch([next(examples) for _ in range(cfg.batch_size)][local], dedup=cfg.dedup)
@@ -226,8 +226,13 @@ class _Run:
             scale, bias = self.state.head.scale_and_bias(len(batch.docs))
 
             def loss_fn(q, d, batch=batch, scale=scale, bias=bias):
-                return batch_loss(q, d, batch, loss=cfg.loss, scale=scale, bias=bias, backend=cfg.backend,
-                                  process_group=self.process_group)
+                out = batch_loss(q, d, batch, loss=cfg.loss, scale=scale, bias=bias, backend=cfg.backend,
+                                 process_group=self.process_group, false_negative_margin=cfg.false_negative_margin,
+                                 return_masked=cfg.false_negative_margin is not None)
+                if cfg.false_negative_margin is None:
+                    return out
+                masked.append(out[1])  # read with the loss below, one host read per micro-step
+                return out[0]
 
             loss = forward_backward(self.encoder, batch, loss_fn, mini_batch_size=cfg.mini_batch_size,
                                     cached=cfg.mini_batch_size is not None, device=self.device,
@@ -236,11 +241,13 @@ class _Run:
             # each query is scored against every rank's documents: count the global N
             n_docs = len(batch.docs) if world == 1 else sum_scalar(len(batch.docs), self.process_group)
             pairs += len(batch.queries) * n_docs
+        masked = sum(int(m) for m in masked) if masked else None
         if world > 1:
             # the ranks' losses SUM to the global loss, so its gradient is the SUM of theirs (DDP would average)
             sum_gradients(self.trainable, self.process_group)
             loss_sum, pairs = sum_scalar(loss_sum, self.process_group), sum_scalar(pairs, self.process_group)
-        return loss_sum, pairs, batch
+            masked = None if masked is None else int(sum_scalar(masked, self.process_group))
+        return loss_sum, pairs, batch, masked
 
     def update(self, loss):
         """The optimizer and scheduler step: (the gradient norm, or None when the step was skipped as
@@ -347,13 +354,15 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
     examples = iter(state.stream)
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
-        loss, pairs, batch = run.accumulate(examples)
+        loss, pairs, batch, masked = run.accumulate(examples)
         lr = state.scheduler.get_last_lr()[0]
         grad_norm = run.update(loss)
         step, dt = state.step, time.perf_counter() - t0
         record = {"step": step, "loss": loss if grad_norm is not None else None, "lr": lr,
                   "pairs_per_s": pairs / dt, "step_time_s": dt, "epoch": state.stream.state["epoch"],
                   "queries": cfg.batch_size, "docs_per_rank": len(batch.docs), "grad_norm": grad_norm}
+        if masked is not None:
+            record["masked_pairs"] = masked  # false negatives the mask excluded, summed over micro-batches and ranks
         if grad_norm is None:
             record["skipped"] = "non-finite"
         if cfg.learn_scale:

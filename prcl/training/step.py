@@ -21,7 +21,8 @@ from prcl.contract import DEFAULT_SCALE
 LOSSES = ("prcl", "softmax")
 
 
-def info_nce(q, d, labels, label_index, *, scale, reduction="mean", n_queries=None):
+def info_nce(q, d, labels, label_index, *, scale, reduction="mean", n_queries=None, false_negative_margin=None,
+             return_masked=False):
     """InfoNCE over each query's row of scaled similarities, the softmax baseline on PRCL's batches.
 
         loss_i = −Σ_j w_ij · log softmax_j(t·q_i·d_j),   w_ij = y_ij / Σ_j y_ij  over y_ij > 0
@@ -29,35 +30,44 @@ def info_nce(q, d, labels, label_index, *, scale, reduction="mean", n_queries=No
     Several positives or graded documents become a soft target weighted by relevance (a graded document
     at 0.5 gets half a positive's share); excluded pairs (y < 0) are masked with −inf so they are in
     neither numerator nor denominator; hard negatives and unlisted pairs (y = 0) are in the denominator
-    only. Materialises the (B, N) logits: this is the comparison, not the scalable path.
+    only. false_negative_margin masks as prcl.fused_pair_bce does: a y = 0 pair whose similarity exceeds
+    the row's best positive's + margin leaves the denominator; return_masked adds how many (int64 tensor).
+    Materialises the (B, N) logits: this is the comparison, not the scalable path.
     """
     B, N = q.shape[0], d.shape[0]
     y = torch.zeros(B, N, device=q.device)
     listed = label_index >= 0
     rows = torch.arange(B, device=q.device)[:, None].expand_as(listed)
     y[rows[listed], label_index[listed]] = labels[listed].float()
-    z = torch.as_tensor(scale, dtype=torch.float32, device=q.device) * (q.float() @ d.float().T)
-    logp = torch.log_softmax(z.masked_fill(y < 0, -math.inf), dim=1)
+    s = q.float() @ d.float().T
+    masked = torch.zeros_like(y, dtype=torch.bool)
+    if false_negative_margin is not None:
+        best = torch.where(y > 0, s.detach(), -math.inf).amax(1, keepdim=True)
+        masked = (y == 0) & (s.detach() > best + false_negative_margin) & (best > -math.inf)
+    z = torch.as_tensor(scale, dtype=torch.float32, device=q.device) * s
+    logp = torch.log_softmax(z.masked_fill((y < 0) | masked, -math.inf), dim=1)
     w = y.clamp(min=0)
     w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # a row without positives contributes 0
     per_query = -(w * logp.masked_fill(w == 0, 0.0)).sum(1)
-    if reduction == "none":
-        return per_query
-    return per_query.sum() / (n_queries or B)
+    out = per_query if reduction == "none" else per_query.sum() / (n_queries or B)
+    return (out, masked.sum()) if return_masked else out
 
 
-def batch_loss(q, d, batch, *, loss="prcl", scale=DEFAULT_SCALE, bias=None, backend=None, process_group=None):
-    """Loss of a Batch's embeddings q (B, D), d (N, D); scale/bias may be tensors that learn."""
+def batch_loss(q, d, batch, *, loss="prcl", scale=DEFAULT_SCALE, bias=None, backend=None, process_group=None,
+               false_negative_margin=None, return_masked=False):
+    """Loss of a Batch's embeddings q (B, D), d (N, D); scale/bias may be tensors that learn.
+    false_negative_margin / return_masked: the false-negative mask, as prcl.fused_pair_bce's."""
     labels, label_index = batch.labels.to(q.device), batch.label_index.to(q.device)
+    mask = dict(false_negative_margin=false_negative_margin, return_masked=return_masked)
     if loss == "prcl":
         return prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,
-                                   backend=backend, process_group=process_group)
+                                   backend=backend, process_group=process_group, **mask)
     if loss == "softmax":
         if process_group is None:
-            return info_nce(q, d, labels, label_index, scale=scale)
+            return info_nce(q, d, labels, label_index, scale=scale, **mask)
         from prcl.training.distributed import gathered_info_nce
 
-        return gathered_info_nce(q, d, labels, label_index, scale=scale, process_group=process_group)
+        return gathered_info_nce(q, d, labels, label_index, scale=scale, process_group=process_group, **mask)
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
 
 
