@@ -12,7 +12,8 @@ to log.txt and ends the process, and the results of the sections before it are a
 2. correctness: the CUDA loss and gradients (loss, dq, dd, dscale, dbias) against prcl.reference in
    float64, in bf16/fp16/fp32, every label form, awkward shapes (B = 1, sizes off every tile, D not a
    multiple of 8, a batch crossing G panels), sliced and transposed inputs, reductions "mean" and
-   "none", and the late-training regime (positives at cosine 0.95, scale 20, bias −10). Rule, as in
+   "none", the late-training regime (positives at cosine 0.95, scale 20, bias −10) and the false-negative
+   mask (gold: the reference with the same margin; the cases must mask some pairs). Rule, as in
    tests/test_pair_bce.py: err(prcl) ≤ 2·err(eager in the same dtype) + floor, errors relative to
    max |gold|.
 3. no_host_sync: forward and backward of every label form under torch.cuda.set_sync_debug_mode("error"),
@@ -64,6 +65,7 @@ LATE_FLOOR = {"fp32": 1e-6, "fp16": 2.5e-4, "bf16": 2e-3}
 FORMS = ("diagonal", "graded", "dense", "sparse")
 DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
 SCALE = 10.0  # prcl.bench's peers use scale 10 and bias −log(N−1): prcl is timed the same way
+MASK_MARGIN = -0.3  # the correctness section's false-negative margin: masks pairs in every case of every form
 WATCHDOG_GRACE_S = 30  # beyond a section's time box, before the C-level watchdog ends a hung process
 
 
@@ -203,14 +205,16 @@ def _laid_out(x, layout):
     return x.clone().requires_grad_()
 
 
-def evaluate(ck, fn, q, d, labels, label_index, reduction, scale, bias, layout="contiguous"):
-    """[loss, dq, dd, dscale, dbias] of fn at q, d (their dtype, the given layout) with tensor scalars."""
+def evaluate(ck, fn, q, d, labels, label_index, reduction, scale, bias, layout="contiguous", margin=None):
+    """[loss, dq, dd, dscale, dbias] of fn at q, d (their dtype, the given layout) with tensor scalars;
+    margin: the false-negative mask's."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_in, d_in = _laid_out(q, layout), _laid_out(d, layout)
     t = torch.tensor(scale, dtype=acc, device=ck.device, requires_grad=True)
     b = torch.tensor(bias, dtype=acc, device=ck.device, requires_grad=True)
     y = None if labels is None else labels.to(acc)
-    loss = fn(q_in, d_in, y, label_index=label_index, scale=t, bias=b, reduction=reduction)
+    loss = fn(q_in, d_in, y, label_index=label_index, scale=t, bias=b, reduction=reduction,
+              false_negative_margin=margin)
     weights = torch.linspace(0.5, 1.5, loss.numel(), device=ck.device, dtype=loss.dtype).reshape(loss.shape)
     grads = torch.autograd.grad((loss * weights).sum(), (q_in, d_in, t, b))
     return [loss.detach()] + [g.detach() for g in grads]
@@ -220,23 +224,29 @@ def rel_err(x, gold):
     return ((x.double() - gold).abs().max() / gold.abs().max().clamp(min=0.1)).item()
 
 
-def compare(ck, dtype_name, B, N, D, form, layout, reduction, late=False, seed=0):
-    """One correctness row: prcl vs eager vs float64 gold on the same rounded inputs."""
+def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", seed=0):
+    """One correctness row: prcl vs eager vs float64 gold on the same rounded inputs. regime: "plain",
+    "late" (late training) or "masked" (the false-negative mask at MASK_MARGIN)."""
     import prcl
     from prcl.reference import pair_bce
 
     dtype = ck.dtypes[dtype_name]
+    late, margin = regime == "late", MASK_MARGIN if regime == "masked" else None
     q, d, gen = inputs(ck, B, N, D, seed, late)
     labels, label_index = labels_for(ck, form, B, N, gen, converged=late)
     q, d = q.to(dtype), d.to(dtype)
     scale, bias = (20.0, -10.0) if late else (7.0, -3.0)
-    gold = evaluate(ck, pair_bce, q.double(), d.double(), labels, label_index, reduction, scale, bias)
-    eager = evaluate(ck, pair_bce, q, d, labels, label_index, reduction, scale, bias)
+    gold = evaluate(ck, pair_bce, q.double(), d.double(), labels, label_index, reduction, scale, bias, margin=margin)
+    eager = evaluate(ck, pair_bce, q, d, labels, label_index, reduction, scale, bias, margin=margin)
     fused = evaluate(ck, lambda *a, **k: prcl.fused_pair_bce(*a, backend=ck.backend, **k), q, d, labels,
-                     label_index, reduction, scale, bias, layout)
+                     label_index, reduction, scale, bias, layout, margin)
     floor = (LATE_FLOOR if late else FLOOR)[dtype_name]
     row = dict(case=f"B{B}-N{N}-D{D}", dtype=dtype_name, form=form, layout=layout, reduction=reduction,
-               regime="late" if late else "plain", passed=True, worst=None)
+               regime=regime, passed=True, worst=None)
+    if margin is not None:  # the mask must have masked something for the case to test it
+        row["masked_pairs"] = int(prcl.fused_pair_bce(q, d, labels, label_index=label_index, backend=ck.backend,
+                                                      false_negative_margin=margin, return_masked=True)[1])
+        row["passed"] = row["masked_pairs"] > 0
     for name, f, e, g in zip(("loss", "dq", "dd", "dscale", "dbias"), fused, eager, gold):
         fe, ee = rel_err(f, g), rel_err(e, g)
         ok = bool(torch.isfinite(f).all()) and fe <= 2 * ee + floor
@@ -248,13 +258,18 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, late=False, seed=0
 
 
 def correctness_cases(dry_run):
-    """(dtype, B, N, D, form, layout, reduction, late) in order of importance: if the time box ends the
-    section, the late-training regime and the multi-panel case have run. The diagonal and graded forms
-    pair query i with document i, so they take only the shapes with N >= B."""
+    """(dtype, B, N, D, form, layout, reduction, regime) in order of importance: if the time box ends the
+    section, the late-training regime, the false-negative mask (two-pass and panel gradients) and the
+    multi-panel case have run. The diagonal and graded forms pair query i with document i, so they take
+    only the shapes with N >= B. The masked cases are small: a pair within rounding of its row's
+    threshold could be masked by one side of the comparison and not the other."""
     late = (32, 48, 40) if dry_run else (512, 512, 128)
-    cases = [(dtype, *late, form, "contiguous", "mean", True) for dtype in ("bf16", "fp16") for form in FORMS]
+    cases = [(dtype, *late, form, "contiguous", "mean", "late") for dtype in ("bf16", "fp16") for form in FORMS]
+    masked = [(20, 40, 24)] if dry_run else [(64, 256, 96), (64, 256, 768)]
+    cases += [(dtype, *shape, form, "contiguous", "mean", "masked") for shape in masked
+              for dtype in (("bf16",) if dry_run else ("bf16", "fp32")) for form in FORMS]
     if not dry_run:  # more than one G panel (prcl.triton_impl.PANEL_ELEMS = 8192²) in both directions
-        cases.append(("bf16", 8200, 8300, 64, "sparse", "contiguous", "mean", False))
+        cases.append(("bf16", 8200, 8300, 64, "sparse", "contiguous", "mean", "plain"))
     if dry_run:  # the interpreter takes about a second a case
         shapes, dtypes = [(5, 6, 7), (17, 40, 20), (9, 4, 12)], ("bf16",)
     else:
@@ -264,7 +279,7 @@ def correctness_cases(dry_run):
         for dtype in dtypes:
             for form in FORMS if N >= B else ("dense", "sparse"):
                 for reduction in ("mean", "none"):
-                    cases.append((dtype, B, N, D, form, layouts[(k + len(cases)) % 3], reduction, False))
+                    cases.append((dtype, B, N, D, form, layouts[(k + len(cases)) % 3], reduction, "plain"))
     return cases
 
 
@@ -272,12 +287,12 @@ def correctness(ck, rec):
     rec["rule"] = "err(prcl) <= 2 * err(eager, same dtype) + floor; errors relative to max |float64 gold|"
     rec["floors"] = dict(plain=FLOOR, late=LATE_FLOOR)
     rows = rec["rows"] = []
-    for dtype, B, N, D, form, layout, reduction, late in correctness_cases(ck.dry_run):
+    for dtype, B, N, D, form, layout, reduction, regime in correctness_cases(ck.dry_run):
         try:
-            rows.append(compare(ck, dtype, B, N, D, form, layout, reduction, late))
+            rows.append(compare(ck, dtype, B, N, D, form, layout, reduction, regime))
         except Exception as e:  # noqa: BLE001 (one failing case must not hide the others)
             rows.append(dict(case=f"B{B}-N{N}-D{D}", dtype=dtype, form=form, layout=layout, reduction=reduction,
-                             regime="late" if late else "plain", passed=False, error=_error(e)))
+                             regime=regime, passed=False, error=_error(e)))
             log.error("correctness case failed:\n%s", traceback.format_exc())
     rec["passed"] = all(r["passed"] for r in rows)
     rec["failed"] = [r for r in rows if not r["passed"]]

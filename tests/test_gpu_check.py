@@ -51,6 +51,8 @@ def test_correctness_covers_every_form_layout_reduction_and_the_late_regime(dry_
     assert {r["form"] for r in rows} == set(gpu_check.FORMS)
     assert {r["layout"] for r in rows} == {"contiguous", "sliced", "transposed"}
     assert {r["reduction"] for r in rows} == {"mean", "none"}
+    masked = [r for r in rows if r["regime"] == "masked"]
+    assert {r["form"] for r in masked} == set(gpu_check.FORMS) and all(r["masked_pairs"] > 0 for r in masked)
     late = [r for r in rows if r["regime"] == "late"]
     assert {r["form"] for r in late} == set(gpu_check.FORMS) and {r["dtype"] for r in late} == {"bf16", "fp16"}
     for r in rows:
@@ -95,9 +97,9 @@ def test_every_gpu_correctness_case_passes_the_input_checks():
     ck = types.SimpleNamespace(device=torch.device("cpu"), dry_run=False)
     cases = gpu_check.correctness_cases(dry_run=False)
     assert any(B > N for _, B, N, *_ in cases) and {c[4] for c in cases} == set(gpu_check.FORMS)
-    for dtype, B, N, D, form, layout, reduction, late in cases:
-        q, d, gen = gpu_check.inputs(ck, B, N, D, late=late)
-        labels, label_index = gpu_check.labels_for(ck, form, B, N, gen, converged=late)
+    for dtype, B, N, D, form, layout, reduction, regime in cases:
+        q, d, gen = gpu_check.inputs(ck, B, N, D, late=regime == "late")
+        labels, label_index = gpu_check.labels_for(ck, form, B, N, gen, converged=regime == "late")
         check_inputs(q.float(), d.float(), labels, label_index, 7.0, -3.0, reduction, "triton")
 
 
