@@ -224,10 +224,12 @@ def rel_err(x, gold):
     return ((x.double() - gold).abs().max() / gold.abs().max().clamp(min=0.1)).item()
 
 
-def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", seed=0):
+def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", design="default", seed=0):
     """One correctness row: prcl vs eager vs float64 gold on the same rounded inputs. regime: "plain",
-    "late" (late training) or "masked" (the false-negative mask at MASK_MARGIN)."""
+    "late" (late training) or "masked" (the false-negative mask at MASK_MARGIN); design: the Triton
+    gradient's, "default" (the launcher's choice) or "two-pass" (forced)."""
     import prcl
+    from prcl import triton_impl
     from prcl.reference import pair_bce
 
     dtype = ck.dtypes[dtype_name]
@@ -238,11 +240,15 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", se
     scale, bias = (20.0, -10.0) if late else (7.0, -3.0)
     gold = evaluate(ck, pair_bce, q.double(), d.double(), labels, label_index, reduction, scale, bias, margin=margin)
     eager = evaluate(ck, pair_bce, q, d, labels, label_index, reduction, scale, bias, margin=margin)
-    fused = evaluate(ck, lambda *a, **k: prcl.fused_pair_bce(*a, backend=ck.backend, **k), q, d, labels,
-                     label_index, reduction, scale, bias, layout, margin)
+    triton_impl.TWO_PASS = True if design == "two-pass" else None
+    try:
+        fused = evaluate(ck, lambda *a, **k: prcl.fused_pair_bce(*a, backend=ck.backend, **k), q, d, labels,
+                         label_index, reduction, scale, bias, layout, margin)
+    finally:
+        triton_impl.TWO_PASS = None
     floor = (LATE_FLOOR if late else FLOOR)[dtype_name]
     row = dict(case=f"B{B}-N{N}-D{D}", dtype=dtype_name, form=form, layout=layout, reduction=reduction,
-               regime=regime, passed=True, worst=None)
+               regime=regime, design=design, passed=True, worst=None)
     if margin is not None:  # the mask must have masked something for the case to test it
         row["masked_pairs"] = int(prcl.fused_pair_bce(q, d, labels, label_index=label_index, backend=ck.backend,
                                                       false_negative_margin=margin, return_masked=True)[1])
@@ -258,10 +264,11 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", se
 
 
 def correctness_cases(dry_run):
-    """(dtype, B, N, D, form, layout, reduction, regime) in order of importance: if the time box ends the
-    section, the late-training regime, the false-negative mask (two-pass and panel gradients) and the
-    multi-panel case have run. The diagonal and graded forms pair query i with document i, so they take
-    only the shapes with N >= B. The masked cases are small: a pair within rounding of its row's
+    """(dtype, B, N, D, form, layout, reduction, regime, design) in order of importance: if the time box
+    ends the section, the late-training regime, the false-negative mask and the multi-panel case have
+    run. Each 16-bit case with D ≤ TWO_PASS_MAX_D runs twice: with the launcher's gradient design and
+    with the two-pass design forced. The diagonal and graded forms pair query i with document i, so they
+    take only the shapes with N >= B. The masked cases are small: a pair within rounding of its row's
     threshold could be masked by one side of the comparison and not the other."""
     late = (32, 48, 40) if dry_run else (512, 512, 128)
     cases = [(dtype, *late, form, "contiguous", "mean", "late") for dtype in ("bf16", "fp16") for form in FORMS]
@@ -280,19 +287,22 @@ def correctness_cases(dry_run):
             for form in FORMS if N >= B else ("dense", "sparse"):
                 for reduction in ("mean", "none"):
                     cases.append((dtype, B, N, D, form, layouts[(k + len(cases)) % 3], reduction, "plain"))
-    return cases
+    from prcl.tuning import TWO_PASS_MAX_D
+
+    return [(*c, design) for c in cases
+            for design in ("default", "two-pass")[:2 if c[0] != "fp32" and c[3] <= TWO_PASS_MAX_D else 1]]
 
 
 def correctness(ck, rec):
     rec["rule"] = "err(prcl) <= 2 * err(eager, same dtype) + floor; errors relative to max |float64 gold|"
     rec["floors"] = dict(plain=FLOOR, late=LATE_FLOOR)
     rows = rec["rows"] = []
-    for dtype, B, N, D, form, layout, reduction, regime in correctness_cases(ck.dry_run):
+    for dtype, B, N, D, form, layout, reduction, regime, design in correctness_cases(ck.dry_run):
         try:
-            rows.append(compare(ck, dtype, B, N, D, form, layout, reduction, regime))
+            rows.append(compare(ck, dtype, B, N, D, form, layout, reduction, regime, design))
         except Exception as e:  # noqa: BLE001 (one failing case must not hide the others)
             rows.append(dict(case=f"B{B}-N{N}-D{D}", dtype=dtype, form=form, layout=layout, reduction=reduction,
-                             regime=regime, passed=False, error=_error(e)))
+                             regime=regime, design=design, passed=False, error=_error(e)))
             log.error("correctness case failed:\n%s", traceback.format_exc())
     rec["passed"] = all(r["passed"] for r in rows)
     rec["failed"] = [r for r in rows if not r["passed"]]
@@ -651,8 +661,8 @@ def _flash_varlen():
 # driver
 
 
-# time boxes in seconds: 420 in all, leaving the 8 minutes' rest for start-up and imports
-SECTIONS = (("environment", 20, environment), ("correctness", 130, correctness), ("no_host_sync", 30, no_host_sync),
+# time boxes in seconds: 450 in all, leaving the 8 minutes' rest for start-up and imports
+SECTIONS = (("environment", 20, environment), ("correctness", 160, correctness), ("no_host_sync", 30, no_host_sync),
             ("cuda_graph", 30, cuda_graph), ("timings", 150, timings), ("lora_step", 60, lora_step))
 
 
@@ -697,12 +707,12 @@ def summary(results):
         lines += ["", "## Correctness", "", rec["rule"], "",
                   f"{sum(r['passed'] for r in rec['rows'])} of {len(rec['rows'])} cases pass."]
         if rec.get("failed"):
-            lines += [""] + _table(rec["failed"], ["case", "dtype", "form", "layout", "reduction", "regime", "worst", "error"])
+            lines += [""] + _table(rec["failed"], ["case", "dtype", "form", "layout", "reduction", "regime", "design", "worst", "error"])
         late = [dict(r, **{k: r[k]["err"] for k in ("loss", "dq", "dd")}) for r in rec["rows"]
                 if r.get("regime") == "late" and "loss" in r]
         if late:
             lines += ["", "Late-training regime (cos 0.95, scale 20, bias −10), errors relative to max |gold|:", ""]
-            lines += _table(late, ["case", "dtype", "form", "loss", "dq", "dd", "passed"])
+            lines += _table(late, ["case", "dtype", "form", "design", "loss", "dq", "dd", "passed"])
     for name in ("no_host_sync", "cuda_graph"):
         if sections.get(name, {}).get("rows"):
             lines += ["", f"## {name}", ""] + _table(sections[name]["rows"], list(sections[name]["rows"][0]))

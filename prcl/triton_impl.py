@@ -82,10 +82,9 @@ def fp32_matmul_allows_tf32():
 
 
 def input_precision(dtype):
-    """tl.dot's precision. 16-bit products are exact in any. float32 takes TF32 where torch's matmul setting
-    allows it, else three TF32 products (tf32x3: about float32's accuracy on the tensor cores) — a plain
-    float32 dot runs on the FMA units, 2.4× slower than eager at B = N = 16384, D = 768 on an H200."""
-    return "tf32" if dtype != torch.float32 or fp32_matmul_allows_tf32() else "tf32x3"
+    """tl.dot's precision. 16-bit products are exact in any; float32 gets float32 products, as eager
+    float32 matmul does, unless torch's matmul setting allows TF32."""
+    return "tf32" if dtype != torch.float32 or fp32_matmul_allows_tf32() else "ieee"
 
 
 def _launch(q, d, scale, bias, y, index, col0, w, G, threshold=None):

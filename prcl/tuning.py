@@ -46,10 +46,11 @@ _TABLE = {
 # The two-pass gradient (docs/design.md, "Two-pass gradient"): its BLOCK_O × D float32 accumulator
 # lives in registers, so D ≤ TWO_PASS_MAX_D; the launcher chooses it for 16-bit inputs on sm_90-class
 # GPUs at D ≤ TWO_PASS_CROSSOVER_D. Timed on an H200 (gpu_check, B = N = 65536, bf16 fwd+bwd) it took
-# 10.4 / 12.4 / 18.9 ms against the panels' 16.9 / 17.7 / 27.0 ms at D = 64 / 128 / 256: it wins up to its
-# limit. 4 warps: ≥ 2 blocks per SM at every D.
+# 10.4 / 12.4 / 18.9 ms against the panels' 16.9 / 17.7 / 27.0 ms at D = 64 / 128 / 256, a win up to its
+# limit (256); the crossover stays 0 until the GPU check's correctness section has passed with it on a
+# GPU (so far only the interpreter has checked it). 4 warps: ≥ 2 blocks per SM at every D.
 TWO_PASS_MAX_D = 256
-TWO_PASS_CROSSOVER_D = 256
+TWO_PASS_CROSSOVER_D = 0
 _TWO_PASS = dict(BLOCK_O=64, BLOCK_S=64, num_warps=4, num_stages=2)
 
 

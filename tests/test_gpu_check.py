@@ -97,7 +97,8 @@ def test_every_gpu_correctness_case_passes_the_input_checks():
     ck = types.SimpleNamespace(device=torch.device("cpu"), dry_run=False)
     cases = gpu_check.correctness_cases(dry_run=False)
     assert any(B > N for _, B, N, *_ in cases) and {c[4] for c in cases} == set(gpu_check.FORMS)
-    for dtype, B, N, D, form, layout, reduction, regime in cases:
+    assert {c[-1] for c in cases} == {"default", "two-pass"}
+    for dtype, B, N, D, form, layout, reduction, regime, design in cases:
         q, d, gen = gpu_check.inputs(ck, B, N, D, late=regime == "late")
         labels, label_index = gpu_check.labels_for(ck, form, B, N, gen, converged=regime == "late")
         check_inputs(q.float(), d.float(), labels, label_index, 7.0, -3.0, reduction, "triton")

@@ -45,7 +45,7 @@ def test_kernel_compiles(rows, arch, dtype, mode):
         assert r["spill_bytes"] == 0
         assert r["mma"] == ("wgmma" if arch == "sm_90" else "mma.sync")
     else:
-        assert r["mma"] == ("wgmma" if arch == "sm_90" else "mma.sync")  # three TF32 products (tf32x3)
+        assert r["mma"] == "FMA"  # IEEE fp32 products run on the FMA units
     assert r["tma"] == (arch == "sm_90")
 
 

@@ -435,15 +435,15 @@ def test_fp32_matmul_precision_read_through_the_current_api():
 
 
 def test_fp32_dot_precision_follows_the_matmul_setting():
-    """float32 products: TF32 where torch's matmul setting allows it, else three TF32 products (about float32's
-    accuracy, on the tensor cores); 16-bit products are exact either way."""
+    """float32 products: TF32 where torch's matmul setting allows it, else float32 ones; 16-bit products are
+    exact either way."""
     from prcl.triton_impl import input_precision
 
     matmul = torch.backends.cuda.matmul
     saved = matmul.fp32_precision
     try:
         matmul.fp32_precision = "ieee"
-        assert input_precision(torch.float32) == "tf32x3" and input_precision(torch.bfloat16) == "tf32"
+        assert input_precision(torch.float32) == "ieee" and input_precision(torch.bfloat16) == "tf32"
         matmul.fp32_precision = "tf32"
         assert input_precision(torch.float32) == "tf32"
     finally:
