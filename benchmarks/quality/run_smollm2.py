@@ -17,6 +17,7 @@ encoder, with the same instruction) on: one corpus embedding per checkpoint serv
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -141,7 +142,7 @@ def main():
             record["curve"] = [[step, m["ndcg@10"]] for step, m in curve]
         record.update(max_seq_length=args.max_length, wall_s=round(time.perf_counter() - t_start, 1),
                       cpu_s=round(usage.children_user + usage.children_system + time.process_time() - cpu_start, 1),
-                      threads=1, cpu=cpu_name(), torch=torch.__version__, command="python " + " ".join(sys.argv))
+                      threads=1, cpu=cpu_name(), torch=torch.__version__, command="python " + shlex.join(sys.argv))
         append_record(record, args.results)
 
 
