@@ -282,12 +282,13 @@ class LLMEncoder:
             if not ids:
                 raise ValueError(f"texts[{i}] = {texts[i]!r:.40} has no tokens (the tokenizer adds no special "
                                  f"tokens to it), so there is nothing to pool: remove it")
-            # the instruction ends where the first non-special token starting inside the text begins; a
-            # token straddling the boundary counts as instruction, a leading BOS too
+            # the instruction ends at the first non-special token reaching into the text: a token that
+            # straddles the boundary is text (byte-level BPE puts the joining space into the text's first
+            # token, "Ġopen", offsets included); a leading BOS counts as instruction
             n_inst = 0
             if prefix:
-                n_inst = next((i for i, ((s, _), sp) in enumerate(zip(offsets, special))
-                               if not sp and s >= len(prefix)), len(ids))
+                n_inst = next((i for i, ((_, e), sp) in enumerate(zip(offsets, special))
+                               if not sp and e > len(prefix)), len(ids))
                 if n_inst >= self.max_length:
                     raise ValueError(f"instruction takes {n_inst} tokens, leaving none of max_length="
                                      f"{self.max_length} for the text")

@@ -7,7 +7,8 @@
 The directory loads with plain sentence-transformers and transformers >= 5.2, no prcl and no remote code:
   - the merged model (safetensors) with `"is_causal": false` in config.json, which transformers reads on
     every forward of the supported families (Llama, Mistral, Qwen2/3, Gemma) for bidirectional attention;
-  - the tokenizer, padding on the right (the default position ids then count real tokens, as prcl's do);
+  - the tokenizer, padding on the right (the default position ids then count real tokens, as prcl's do),
+    without its chat template (sentence-transformers would wrap every text in it);
   - Pooling (prcl's pooling, `include_prompt: false`: the instruction's tokens are not pooled) and Normalize;
   - the instruction, joined to the text as prcl joins it, as the prompt "query" (config_sentence_transformers.json).
 sentence-transformers counts the prompt's tokens by tokenizing it alone; export refuses an instruction whose
@@ -66,7 +67,15 @@ def export(model, out, *, adapter=None, gguf_file=None, instruction=None, poolin
         enc.load_adapter(adapter).merge_lora()
     base, tok = enc.model, enc.tokenizer
     base.config.is_causal = False  # LLMEncoder set it; written to config.json, read by transformers on load
+    if gguf_file or str(model).endswith(".gguf"):
+        # a GGUF's weights were de-quantised on load; transformers still marks the model quantized and
+        # refuses to save it: save the de-quantised weights as plain safetensors
+        base.hf_quantizer = None
+        base.config.__dict__.pop("quantization_config", None)
     tok.padding_side = "right"
+    # sentence-transformers wraps every text in a tokenizer's chat template (its "message" modality);
+    # prcl embeds the plain text
+    tok.chat_template = None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     out.mkdir(parents=True, exist_ok=True)
