@@ -1,4 +1,4 @@
-"""`python -m prcl` / `prcl`: bench | train | encode | eval.
+"""`python -m prcl` / `prcl`: bench | train | encode | eval | export.
 
 Imports nothing heavy: each command's module is imported only when that command runs."""
 import importlib
@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("prcl.training", "train_main", "fine-tune a text encoder with PRCL"),
     "encode": ("prcl.training", "encode_main", "embed texts with a (LoRA-adapted) encoder"),
     "eval": ("prcl.ir", "main", "retrieval metrics (nDCG@10, recall, MRR, MAP) on a BEIR/TREC set"),
+    "export": ("prcl.export", "main", "a trained encoder as a sentence-transformers model directory"),
 }
 
 

@@ -296,12 +296,13 @@ class LLMEncoder:
             if not ids:
                 raise ValueError(f"texts[{i}] = {texts[i]!r:.40} has no tokens (the tokenizer adds no special "
                                  f"tokens to it), so there is nothing to pool: remove it")
-            # the instruction ends where the first non-special token starting inside the text begins; a
-            # token straddling the boundary counts as instruction, a leading BOS too
+            # the instruction ends at the first non-special token reaching into the text: a token that
+            # straddles the boundary is text (byte-level BPE puts the joining space into the text's first
+            # token, "Ġopen", offsets included); a leading BOS counts as instruction
             n_inst = 0
             if prefix:
-                n_inst = next((i for i, ((s, _), sp) in enumerate(zip(offsets, special))
-                               if not sp and s >= len(prefix)), len(ids))
+                n_inst = next((i for i, ((_, e), sp) in enumerate(zip(offsets, special))
+                               if not sp and e > len(prefix)), len(ids))
                 if n_inst >= self.max_length:
                     raise ValueError(f"instruction takes {n_inst} tokens, leaving none of max_length="
                                      f"{self.max_length} for the text")
@@ -382,15 +383,20 @@ class LLMEncoder:
         with torch.autocast(dev.type, enabled=False):  # pool in float32, autocast or not
             return weights.to(dev) @ hidden[0].float()
 
-    def _embed_tokens(self, seqs, packed):
-        pooled = self._forward_packed(seqs) if packed else self._forward_padded(seqs)
+    def _embed_tokens(self, seqs, packed, max_tokens=None):
+        if packed:
+            pooled = torch.cat([self._forward_packed(part) for part in pack_by_tokens(seqs, max_tokens)])
+        else:
+            pooled = self._forward_padded(seqs)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     # ---- public ------------------------------------------------------------------------------------------
 
-    def embed(self, texts, instruction=None, *, packed=False):
+    def embed(self, texts, instruction=None, *, packed=False, max_tokens=None):
         """(len(texts), hidden) embeddings with autograd into the model: one forward for the batch, in the
         model's current mode (call `.model.train()` for LoRA dropout and gradient checkpointing).
+        packed=True with max_tokens: one packed forward per run of consecutive texts of at most max_tokens
+        tokens in all (a longer text alone), which bounds a block mask's (tokens × tokens) size.
 
         Pooled and normalised in float32, then returned in the model's compute dtype when that is bf16/fp16
         (16-bit weights, or autocast) — the loss takes them as they are, on its 16-bit kernels — else float32.
@@ -400,7 +406,7 @@ class LLMEncoder:
         dtype = dtype if dtype in HALF_DTYPES else torch.float32
         if not texts:
             return torch.zeros(0, self.hidden_size, device=self.device, dtype=dtype)
-        return self._embed_tokens(self.tokenize(texts, instruction), packed).to(dtype)
+        return self._embed_tokens(self.tokenize(texts, instruction), packed, max_tokens).to(dtype)
 
     @torch.no_grad()
     def encode(self, texts, instruction=None, batch_size=32, *, packed=False, progress=False):
@@ -484,6 +490,24 @@ class LLMEncoder:
 
     def _is_peft(self):
         return hasattr(self.model, "peft_config")
+
+
+def pack_by_tokens(seqs, max_tokens=None):
+    """seqs split into runs of consecutive sequences of at most max_tokens tokens in all (a longer sequence
+    alone); one run when max_tokens is None."""
+    if max_tokens is None:
+        return [seqs]
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    parts, size = [], max_tokens + 1
+    for seq in seqs:
+        n = len(seq[0])
+        if size + n > max_tokens:
+            parts.append([])
+            size = 0
+        parts[-1].append(seq)
+        size += n
+    return parts
 
 
 def _as_list(texts, name="texts"):

@@ -16,7 +16,7 @@ from prcl.encoders import (BIDIRECTIONAL_MODEL_TYPES, POOLINGS, LLMEncoder, cont
                            flash_attn_available, smollm2_gguf as find_smollm2_gguf, torch_varlen_attn)
 from prcl.training.batching import Batch
 from prcl.training.step import batch_loss, forward_backward
-from tiny_llm import tiny_model_and_tokenizer, tiny_tokenizer
+from tiny_llm import CORPUS, tiny_model_and_tokenizer, tiny_tokenizer
 
 CPU_BACKENDS = ("sdpa", "eager")
 TEXTS = ["the cat sat on the mat", "a dog runs in the park with a red ball",
@@ -113,6 +113,26 @@ def test_instruction_tokens_attend_but_are_not_pooled(pooling, packed):
     other = enc.encode([text], instruction="represent this sentence for searching relevant passages",
                        packed=packed)[0]
     assert (got - other).abs().max() > 1e-3
+
+
+def test_a_token_straddling_the_instruction_boundary_is_text():
+    """Byte-level BPE (SmolLM2's, Llama 3's, Qwen's) joins the space before a word to the word ("Ġopen") and
+    its offsets start at that space: the text's first word is still text, and a one-word text is pooled
+    over its own token, not over the instruction."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS.split("\n"), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["[PAD]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]")
+    model, _ = tiny_model_and_tokenizer("llama", causal_lm=True)
+    enc = LLMEncoder(model, tok)
+    for text in ("the cat sat", "cat"):
+        ids, n_inst = enc.tokenize([text], "represent this sentence:")[0]
+        assert tok.convert_ids_to_tokens(ids[n_inst:]) == tok.tokenize(" " + text)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -1,4 +1,5 @@
 """prcl.training on CPU with a tiny random Llama: data errors, batches, GradCache, the loop, resume, CLI."""
+import copy
 import dataclasses
 import json
 import math
@@ -259,6 +260,57 @@ def test_cached_replays_dropout_exactly():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6 * scale, msg=n)
     _, g2, _, _ = run_step(enc, batch, cached=False, mini=3, seed=2)  # other masks: other gradients
     assert any(not torch.allclose(g2[n], g0[n]) for n in g0)
+
+
+def family_encoder(family):
+    """A tiny `family` model with LoRA whose B matrices are random (at init they are 0, so A gets no gradient)."""
+    from prcl.encoders import LLMEncoder
+
+    model, tok = tiny_model_and_tokenizer(family)
+    torch.manual_seed(0)
+    enc = LLMEncoder(model, tok).add_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for n, p in enc.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return enc
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
+@pytest.mark.parametrize("cached, mini, max_tokens", [(False, None, None), (False, None, 16), (True, 3, 8)])
+def test_packed_step_equals_padded(family, cached, mini, max_tokens):
+    """Packed (one row, or rows of at most max_tokens tokens) and padded steps: the same loss and LoRA
+    gradients, within the accuracy rule: each path's error against a float64 padded step at most twice the
+    padded float32 step's, plus a floor of 1e-6 of the gradient's scale (the loss pools in float32)."""
+    batch = toy_batch()
+
+    def step(enc, packed):
+        enc.model.zero_grad(set_to_none=True)
+        enc.model.train()
+        loss = forward_backward(enc, batch, lambda q, d: batch_loss(q, d, batch), mini_batch_size=mini,
+                                cached=cached, packed=packed, max_tokens=max_tokens)
+        return loss.double(), {n: g.double() for n, g in lora_grads(enc).items()}
+
+    enc = family_encoder(family)
+    enc64 = copy.deepcopy(enc)
+    enc64.model.double()
+    ref_loss, ref = step(enc64, packed=False)
+    (pad_loss, pad), (pack_loss, pack) = step(enc, packed=False), step(enc, packed=True)
+    assert abs(pack_loss - ref_loss) <= 2 * abs(pad_loss - ref_loss) + 1e-6 * abs(ref_loss)
+    for n in ref:
+        floor = 1e-6 * ref[n].abs().max()
+        assert (pack[n] - ref[n]).abs().max() <= 2 * (pad[n] - ref[n]).abs().max() + floor, n
+    assert any(not torch.equal(pack[n], pad[n]) for n in ref)  # two computations, not one path twice
+
+
+def test_pack_by_tokens_splits_runs_under_the_budget():
+    from prcl.encoders import pack_by_tokens
+
+    seqs = [([0] * n, 0) for n in (3, 4, 9, 2, 2, 5)]
+    assert [[len(s[0]) for s in part] for part in pack_by_tokens(seqs, 8)] == [[3, 4], [9], [2, 2], [5]]
+    assert pack_by_tokens(seqs) == [seqs]
+    with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+        pack_by_tokens(seqs, 0)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Table (mean ± std over seeds) and plot of run_minilm.py's results, one row per setting.
+"""Table (mean ± std over seeds) and plot of run_minilm.py's results, one row per setting; with
+run_smollm2.py --eval-every results, also NAME-curves.png (nDCG@10 against training steps).
 
     python benchmarks/quality/report.py [--results results/minilm.jsonl]   # -> the same name .md and .png
 """
@@ -11,13 +12,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
 # flags that do not change what is trained or measured
-NOT_SETTINGS = {"--seed", "--results", "--split", "--threads"}
+NOT_SETTINGS = {"--seed", "--results", "--split", "--splits", "--threads", "--train-dir"}
 
 
 def settings(command):
-    """The run's flags but the seed and where results go, as written: the row's key."""
-    args = shlex.split(command)[2:]
-    pairs = [(a, b) for a, b in zip(args[::2], args[1::2]) if a not in NOT_SETTINGS]
+    """The run's flags but the seed and where results go, as written: the row's key. A flag takes the
+    words up to the next flag (--splits dev test; an instruction written unquoted)."""
+    flags = []
+    for word in shlex.split(command)[2:]:
+        if word.startswith("--"):
+            flags.append((word, []))
+        else:
+            flags[-1][1].append(word)
+    pairs = [(a, " ".join(b)) for a, b in flags if a not in NOT_SETTINGS]
     loss = dict(pairs).get("--loss")
     return loss, " ".join(f"{a} {b}" for a, b in pairs if a != "--loss")
 
@@ -76,6 +83,29 @@ def main():
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
+    curves = [r for r in records if "curve" in r]
+    if curves:
+        plot_curves(curves, path.with_name(path.stem + "-curves.png"), args.title)
+
+
+def plot_curves(records, out, title):
+    """nDCG@10 against training steps, one line per run (the "curve" of run_smollm2.py --eval-every),
+    one panel per split."""
+    import matplotlib.pyplot as plt
+
+    splits = sorted({r["split"] for r in records})
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for r in (r for r in records if r["split"] == split):
+            steps, ys = zip(*r["curve"])
+            ax.plot(steps, ys, marker="o", label=f"{r['loss']} seed {r['seed']}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"nDCG@10 ({split} split)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":

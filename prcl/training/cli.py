@@ -50,6 +50,9 @@ HELP = {
     "lora_dropout": "LoRA dropout",
     "lora_layers": "LoRA on the last K transformer layers only (0 = all)",
     "pooling": "mean, weighted_mean or last",
+    "pack": "embed each encoder call as packed rows (varlen kernel on CUDA, block mask elsewhere); "
+            "--no-pack pads",
+    "pack_tokens": "tokens per packed row at most (bounds the block mask's tokens × tokens)",
     "max_length": "tokens per text (longer texts are truncated)",
     "dtype": "weights' dtype when loading: float32, bfloat16, float16 (default: the checkpoint's)",
     "attn_implementation": "sdpa, flash_attention_2 or eager",

@@ -46,6 +46,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_layers: int = 0  # LoRA on the last K transformer layers only (0 = all): backward stops below them
     pooling: str = "mean"
+    pack: bool = True  # each encoder call as packed rows (no padding); False: padded batches
+    pack_tokens: int = 2048  # tokens per packed row at most (a longer text gets a row of its own)
     max_length: int = 512
     dtype: str = None  # weights' dtype when loading: float32, bfloat16, float16 (None = the checkpoint's)
     attn_implementation: str = "sdpa"
@@ -84,7 +86,7 @@ class TrainConfig:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"out: {self.out!r} is a file; --out takes a directory")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batch_size", "keep_checkpoints",
-                     "shuffle_block", "max_length"):
+                     "shuffle_block", "max_length", "pack_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")

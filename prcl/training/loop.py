@@ -236,7 +236,8 @@ class _Run:
 
             loss = forward_backward(self.encoder, batch, loss_fn, mini_batch_size=cfg.mini_batch_size,
                                     cached=cfg.mini_batch_size is not None, device=self.device,
-                                    autocast=self.autocast, loss_weight=1.0 / cfg.grad_accum)
+                                    autocast=self.autocast, loss_weight=1.0 / cfg.grad_accum,
+                                    packed=cfg.pack, max_tokens=cfg.pack_tokens)
             loss_sum += loss.item() / cfg.grad_accum
             # each query is scored against every rank's documents: count the global N
             n_docs = len(batch.docs) if world == 1 else sum_scalar(len(batch.docs), self.process_group)

@@ -71,17 +71,18 @@ def batch_loss(q, d, batch, *, loss="prcl", scale=DEFAULT_SCALE, bias=None, back
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
 
 
-def embed_texts(encoder, texts, instructions):
+def embed_texts(encoder, texts, instructions, **embed_kw):
     """(len(texts), H) with grad (if enabled), in the encoder's output dtype (bf16/fp16 for a 16-bit model:
-    the loss takes them as they are); one encoder call per distinct instruction."""
+    the loss takes them as they are); one encoder call per distinct instruction. embed_kw (packed,
+    max_tokens) go to encoder.embed."""
     groups = {}
     for i, ins in enumerate(instructions):
         groups.setdefault(ins, []).append(i)
     if len(groups) == 1:
-        return encoder.embed(texts, instruction=instructions[0])
+        return encoder.embed(texts, instruction=instructions[0], **embed_kw)
     parts, order = [], []
     for ins, idx in groups.items():
-        parts.append(encoder.embed([texts[i] for i in idx], instruction=ins))
+        parts.append(encoder.embed([texts[i] for i in idx], instruction=ins, **embed_kw))
         order += idx
     out = torch.cat(parts)
     return out[torch.argsort(torch.tensor(order, device=out.device))]
@@ -107,19 +108,21 @@ def _set_rng_state(state, device):
 
 
 def forward_backward(encoder, batch, loss_fn, *, mini_batch_size=None, cached=True, device=None,
-                     autocast=contextlib.nullcontext, loss_weight=1.0):
+                     autocast=contextlib.nullcontext, loss_weight=1.0, packed=False, max_tokens=None):
     """Embeds `batch`, computes loss_fn(q, d) and backpropagates loss_weight·loss into the encoder's
     parameters (and any tensor loss_fn closes over). Returns the loss, detached.
 
     cached=False keeps every mini-batch's graph alive at once (the plain path, memory ∝ batch);
     cached=True is the GradCache path above. Both embed the same mini-batches in the same order.
+    packed=True embeds each mini-batch as packed rows of at most max_tokens tokens (encoder.embed).
     """
+    embed_kw = {"packed": True, "max_tokens": max_tokens} if packed else {}
     device = device or torch.device("cpu")
     parts = chunks(batch, mini_batch_size)
     B = len(batch.queries)
     if not cached:
         with autocast():
-            e = torch.cat([embed_texts(encoder, texts, ins) for texts, ins in parts])
+            e = torch.cat([embed_texts(encoder, texts, ins, **embed_kw) for texts, ins in parts])
         loss = loss_fn(e[:B], e[B:])
         (loss * loss_weight).backward()
         return loss.detach()
@@ -130,7 +133,7 @@ def forward_backward(encoder, batch, loss_fn, *, mini_batch_size=None, cached=Tr
         for texts, ins in parts:
             states.append(_rng_state(device))
             with autocast():
-                embs.append(embed_texts(encoder, texts, ins))
+                embs.append(embed_texts(encoder, texts, ins, **embed_kw))
     after = _rng_state(device)
     e = torch.cat(embs).requires_grad_()
     loss = loss_fn(e[:B], e[B:])
@@ -139,7 +142,7 @@ def forward_backward(encoder, batch, loss_fn, *, mini_batch_size=None, cached=Tr
     for (texts, ins), state, g in zip(parts, states, grads):
         _set_rng_state(state, device)
         with autocast():
-            emb = embed_texts(encoder, texts, ins)
+            emb = embed_texts(encoder, texts, ins, **embed_kw)
         emb.backward(g)
     _set_rng_state(after, device)
     return loss.detach()
