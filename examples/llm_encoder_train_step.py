@@ -111,7 +111,8 @@ def main(argv=None):
     results = {name: train(name, args) for name in ("prcl", "infonce")}
     print(f"\nsummary ({args.steps} steps, {len(QUERIES)} queries, {len(POSITIVES + HARD_NEGATIVES)} documents)")
     for name, (first, last, before, after) in results.items():
-        print(f"{name:8s} loss {first:.4f} -> {last:.4f}   top-1 retrieval {before}/{len(QUERIES)} -> {after}/{len(QUERIES)}")
+        n = len(QUERIES)
+        print(f"{name:8s} loss {first:.4f} -> {last:.4f}   top-1 retrieval {before}/{n} -> {after}/{n}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def device(threads):
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU {cpu}, {os.cpu_count()} CPUs, "
-            f"{threads} thread(s) per run, nice 10, commit {commit.strip() or 'unknown'}, python {sys.version.split()[0]}")
+            f"{threads} thread(s) per run, nice 10, commit {commit.strip() or 'unknown'}, "
+            f"python {sys.version.split()[0]}")
 
 
 def main(argv=None):

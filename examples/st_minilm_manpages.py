@@ -102,7 +102,8 @@ def spread(values):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DATA), help="BEIR directory with qrels/{train,SPLIT}.tsv (default: %(default)s)")
+    ap.add_argument("--data", default=str(DATA),
+                    help="BEIR directory with qrels/{train,SPLIT}.tsv (default: %(default)s)")
     ap.add_argument("--split", default="test", help="evaluation split (default: test)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--losses", nargs="+", choices=("prcl", "infonce"), default=["prcl", "infonce"])
@@ -127,7 +128,7 @@ def main(argv=None):
     zero_shot = retrieval(load_model(args), data, args.split)
     print(f"all-MiniLM-L6-v2 on {data.name}: {len(rows['anchor'])} training pairs; evaluation on {args.split}: "
           f"{zero_shot['queries']} queries against {zero_shot['documents']} documents")
-    print(f"zero-shot: " + "  ".join(f"{k} {zero_shot[k]:.4f}" for k in SHOWN), flush=True)
+    print("zero-shot: " + "  ".join(f"{k} {zero_shot[k]:.4f}" for k in SHOWN), flush=True)
     results = {name: [] for name in args.losses}
     for seed in args.seeds:
         for name in args.losses:

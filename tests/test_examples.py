@@ -39,7 +39,8 @@ def test_make_dpkg_jsonl(tmp_path):
     assert set(counts) == {"dpkg_train.jsonl", "dpkg_eval.jsonl"} and sum(counts.values()) == 20
     rows = [json.loads(x) for name in counts for x in (tmp_path / "data" / name).read_text().splitlines()]
     assert len(rows) == 20
-    assert rows[0]["positive"].startswith("a long description of package") and "second paragraph" not in rows[0]["positive"]
+    assert rows[0]["positive"].startswith("a long description of package")
+    assert "second paragraph" not in rows[0]["positive"]
 
 
 def test_llm_encoder_train_step():
