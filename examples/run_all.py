@@ -1,7 +1,7 @@
 """Regenerate the README's example figures: run every example at its README budget, niced, on a fixed
 number of threads, after printing the device; the output is also written to runs/examples.log.
 
-    python examples/run_all.py                  # all, 1 thread each: ~35 CPU-minutes
+    python examples/run_all.py                  # all, 1 thread each (the README's figures)
     python examples/run_all.py --only st_minilm_manpages --threads 2
 
 The man-pages set is built first when it is missing (benchmarks/quality/build_manpages.py).

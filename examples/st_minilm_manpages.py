@@ -11,7 +11,7 @@ own tuned setting (lr 1e-4, scale 10). Each seed reshuffles the rows; the model 
 weights.
 
     python benchmarks/quality/build_manpages.py        # the data, once (seconds; needs manpages-dev)
-    python examples/st_minilm_manpages.py              # seeds 0 1 2: ~5 CPU-minutes at one thread
+    python examples/st_minilm_manpages.py              # seeds 0 1 2: ~10 CPU-minutes at one thread
     python examples/st_minilm_manpages.py --cached --mini-batch-size 8   # CachedPairRelevanceLoss
 """
 import argparse

