@@ -9,6 +9,7 @@ a column pass that accumulate G·d and Gᵀ·q in registers, G never in memory (
 """
 import contextlib
 
+import numpy
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -23,6 +24,40 @@ ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
 # The gradient's design: None chooses by the performance model (docs/design.md, "Two-pass gradient"),
 # True or False forces the two-pass kernels (D ≤ 256 only) or the G panels (tests, prcl.gpu_check)
 TWO_PASS = None
+
+
+def _interpreter_index_shim():
+    """Triton < 3.8's interpreter takes int() of a scalar's 1-element array (a loop bound such as
+    range(first, last)), which numpy >= 2.4 refuses; like triton 3.8, squeeze it to 0-d first."""
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreting() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 8):
+    _interpreter_index_shim()
+
+
+def check_interpreter():
+    """Run both gradient designs' kernels once, tiny, in Triton's interpreter; a RuntimeError naming
+    triton's and numpy's versions when this pairing cannot run them (prcl.gpu_check --dry-run)."""
+    global TWO_PASS
+    from prcl.functional import fused_pair_bce
+    saved = TWO_PASS
+    try:
+        for TWO_PASS in (False, True):
+            q, d = torch.randn(20, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
+            fused_pair_bce(q, d, backend="triton").backward()
+    except Exception as e:
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter cannot run prcl's kernels with numpy "
+                           f"{numpy.__version__}: {type(e).__name__}: {e}") from e
+    finally:
+        TWO_PASS = saved
 
 
 def kernel_config(dtype, write_g, arch, D=768):
