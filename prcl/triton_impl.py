@@ -32,9 +32,13 @@ def _interpreter_index_shim():
     from triton.runtime import interpreter
     patch_tensor = interpreter._patch_lang_tensor
 
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def patched(tensor, *scope):  # triton >= 3.6 passes a scope that undoes the patches after the launch
+        patch_tensor(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     interpreter._patch_lang_tensor = patched
 

@@ -429,6 +429,15 @@ def test_fp32_matmul_precision_read_through_the_current_api():
     from prcl.triton_impl import fp32_matmul_allows_tf32
 
     matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9: the legacy flag is the API
+        saved = matmul.allow_tf32
+        try:
+            for allow in (True, False):
+                matmul.allow_tf32 = allow
+                assert fp32_matmul_allows_tf32() is allow
+        finally:
+            matmul.allow_tf32 = saved
+        return
     saved = matmul.fp32_precision, torch.backends.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
