@@ -43,8 +43,16 @@ def _interpreter_index_shim():
     interpreter._patch_lang_tensor = patched
 
 
-if interpreting() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 8):
+# triton's (major, minor) when its interpreter runs the kernels, else None: older interpreters need shims
+_INTERPRETER = tuple(map(int, triton.__version__.split(".")[:2])) if interpreting() else None
+if _INTERPRETER and _INTERPRETER < (3, 8):
     _interpreter_index_shim()
+
+
+def _stride_multiple(x):
+    """Elements a row stride must be a multiple of: 16 bytes' worth; 16 elements in triton < 3.6's
+    interpreter, which checks descriptor strides in elements rather than bytes."""
+    return 16 if _INTERPRETER and _INTERPRETER < (3, 6) else ALIGN // x.element_size()
 
 
 def check_interpreter():
@@ -83,13 +91,13 @@ def _launch_config(q, write_g):
 def _padded_zeros(like, rows, cols):
     """A (rows, cols) view of zeros whose row stride is padded to 16 bytes, as TMA needs.
     Zeros, not garbage: CPU bf16 GEMMs on such a padded view were seen to read the padding (NaN·0)."""
-    per = ALIGN // like.element_size()
+    per = _stride_multiple(like)
     return like.new_zeros(rows, triton.cdiv(cols, per) * per)[:, :cols]
 
 
 def _aligned(x):
     """x itself when TMA can read it (rows apart, 16-byte strides and base), else an aligned copy."""
-    per = ALIGN // x.element_size()
+    per = _stride_multiple(x)
     if (x.stride(1) == 1 and x.stride(0) >= x.shape[1] and x.stride(0) % per == 0
             and x.data_ptr() % ALIGN == 0):
         return x
