@@ -10,12 +10,13 @@ that never allocates B×N.
 float64 inputs (gradcheck through the ops) go to the PyTorch twin; the C++ kernel computes in float32.
 
 The library is loaded when this module is first imported, from the package directory. When it is
-missing (built without torch or a compiler), was built against another torch, or fails to load,
-`available()` is False, `status()` says why, one log message says so, and prcl runs its PyTorch path
-instead.
+missing (the build skipped it: prcl_cpu.not_built says why), was built against another torch, or fails
+to load, `available()` is False, `status()` says why, one log message says so, and prcl runs its PyTorch
+path instead; with PRCL_REQUIRE_NATIVE=1 that first import raises RuntimeError instead, naming why.
 
 Environment:
     PRCL_NATIVE=0        never load the library (tests of the fallback; debugging)
+    PRCL_REQUIRE_NATIVE=1   an unavailable library is an error, not a fallback (CI)
     PRCL_NATIVE_LIB=path load this file instead of searching the package directory
     PRCL_NATIVE_ISA=avx2|base    cap the instruction set of the kernel's vectorised epilogue
     PRCL_NATIVE_TILES=TM,TN[,TN_MIN]   tile shape override, for tuning
@@ -31,6 +32,7 @@ from prcl import torch_impl
 _log = logging.getLogger(__name__)
 _LIB_GLOBS = ("libprcl_cpu*.so", "libprcl_cpu*.dylib", "prcl_cpu*.dll")
 _VERSION_FILE = "prcl_cpu.torch_version"
+_NOT_BUILT_FILE = "prcl_cpu.not_built"  # written by CMakeLists.txt when it skips the kernel
 
 
 def _search_dirs():
@@ -63,8 +65,10 @@ def _try_load():
         return False, "disabled by PRCL_NATIVE=0", logging.INFO
     lib = _find_library()
     if lib is None:
-        return False, (f"libprcl_cpu not found in {', '.join(map(str, _search_dirs()))} (build it with "
-                       "`pip install --no-build-isolation -e .`)"), logging.WARNING
+        skipped = [d / _NOT_BUILT_FILE for d in _search_dirs() if (d / _NOT_BUILT_FILE).is_file()]
+        why = (f"the build skipped it: {skipped[0].read_text().strip()}" if skipped
+               else "build it with `pip install --no-build-isolation -e .`")
+        return False, f"libprcl_cpu not found in {', '.join(map(str, _search_dirs()))} ({why})", logging.WARNING
     built = _built_against(lib)
     if built is not None and built != torch.__version__:
         # a library built against another torch may load and then crash: refuse it up front
@@ -80,6 +84,8 @@ def _try_load():
 
 def _load():
     loaded, message, level = _try_load()
+    if not loaded and os.environ.get("PRCL_REQUIRE_NATIVE") == "1":
+        raise RuntimeError(f"PRCL_REQUIRE_NATIVE=1 but the native CPU kernel is unavailable: {message}")
     if not loaded:
         _log.log(level, "prcl: native CPU kernel unavailable, using the PyTorch path: %s", message)
     return loaded, message

@@ -9,6 +9,7 @@ a column pass that accumulate G·d and Gᵀ·q in registers, G never in memory (
 """
 import contextlib
 
+import numpy
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -23,6 +24,52 @@ ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
 # The gradient's design: None chooses by the performance model (docs/design.md, "Two-pass gradient"),
 # True or False forces the two-pass kernels (D ≤ 256 only) or the G panels (tests, prcl.gpu_check)
 TWO_PASS = None
+
+
+def _interpreter_index_shim():
+    """Triton < 3.8's interpreter takes int() of a scalar's 1-element array (a loop bound such as
+    range(first, last)), which numpy >= 2.4 refuses; like triton 3.8, squeeze it to 0-d first."""
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, *scope):  # triton >= 3.6 passes a scope that undoes the patches after the launch
+        patch_tensor(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    interpreter._patch_lang_tensor = patched
+
+
+# triton's (major, minor) when its interpreter runs the kernels, else None: older interpreters need shims
+_INTERPRETER = tuple(map(int, triton.__version__.split(".")[:2])) if interpreting() else None
+if _INTERPRETER and _INTERPRETER < (3, 8):
+    _interpreter_index_shim()
+
+
+def _stride_multiple(x):
+    """Elements a row stride must be a multiple of: 16 bytes' worth; 16 elements in triton < 3.6's
+    interpreter, which checks descriptor strides in elements rather than bytes."""
+    return 16 if _INTERPRETER and _INTERPRETER < (3, 6) else ALIGN // x.element_size()
+
+
+def check_interpreter():
+    """Run both gradient designs' kernels once, tiny, in Triton's interpreter; a RuntimeError naming
+    triton's and numpy's versions when this pairing cannot run them (prcl.gpu_check --dry-run)."""
+    global TWO_PASS
+    from prcl.functional import fused_pair_bce
+    saved = TWO_PASS
+    try:
+        for TWO_PASS in (False, True):
+            q, d = torch.randn(20, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
+            fused_pair_bce(q, d, backend="triton").backward()
+    except Exception as e:
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter cannot run prcl's kernels with numpy "
+                           f"{numpy.__version__}: {type(e).__name__}: {e}") from e
+    finally:
+        TWO_PASS = saved
 
 
 def kernel_config(dtype, write_g, arch, D=768):
@@ -44,13 +91,13 @@ def _launch_config(q, write_g):
 def _padded_zeros(like, rows, cols):
     """A (rows, cols) view of zeros whose row stride is padded to 16 bytes, as TMA needs.
     Zeros, not garbage: CPU bf16 GEMMs on such a padded view were seen to read the padding (NaN·0)."""
-    per = ALIGN // like.element_size()
+    per = _stride_multiple(like)
     return like.new_zeros(rows, triton.cdiv(cols, per) * per)[:, :cols]
 
 
 def _aligned(x):
     """x itself when TMA can read it (rows apart, 16-byte strides and base), else an aligned copy."""
-    per = ALIGN // x.element_size()
+    per = _stride_multiple(x)
     if (x.stride(1) == 1 and x.stride(0) >= x.shape[1] and x.stride(0) % per == 0
             and x.data_ptr() % ALIGN == 0):
         return x

@@ -12,6 +12,7 @@ Tests that need the built library skip when it is missing, with the reason; PRCL
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,9 +24,7 @@ import prcl
 from prcl import native
 from test_pair_bce import DTYPES, FORMS, _ids, check_against_oracle, kernel_label_layouts, make_inputs, make_labels, run
 
-if os.environ.get("PRCL_REQUIRE_NATIVE") == "1" and not native.available():
-    raise RuntimeError(f"PRCL_REQUIRE_NATIVE=1 but the native CPU kernel is unavailable: {native.status()}")
-
+# with PRCL_REQUIRE_NATIVE=1, native.available() raises instead, naming why
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"native CPU kernel not built: {native.status()}")
 
@@ -249,8 +248,25 @@ FALLBACK = """
 @pytest.mark.parametrize("env", [{"PRCL_NATIVE": "0"}, {"PRCL_NATIVE_LIB": "/nonexistent/libprcl_cpu.so"}],
                          ids=["disabled", "unloadable"])
 def test_fallback_to_the_torch_path(env):
-    r = json.loads(_run_python(FALLBACK, **env).stdout.strip().splitlines()[-1])
+    r = json.loads(_run_python(FALLBACK, PRCL_REQUIRE_NATIVE="0", **env).stdout.strip().splitlines()[-1])
     assert r["available"] is False and r["auto"] == "torch" and r["close"], r
     assert "backend='native' needs" in r["explicit"], r
     assert len(r["records"]) == 1 and "using the PyTorch path" in r["records"][0], r
     assert ("PRCL_NATIVE=0" if "PRCL_NATIVE" in env else "failed to load") in r["status"], r
+
+
+@pytest.mark.parametrize("require", ["0", "1"])
+def test_a_skipped_build_says_why(require, tmp_path, monkeypatch):
+    # CMakeLists.txt leaves prcl_cpu.not_built instead of the library when it cannot build it
+    (tmp_path / "prcl_cpu.not_built").write_text("no working C++ compiler found\n")
+    monkeypatch.setattr(native, "_search_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.delenv("PRCL_NATIVE_LIB", raising=False)
+    monkeypatch.delenv("PRCL_NATIVE", raising=False)
+    monkeypatch.setenv("PRCL_REQUIRE_NATIVE", require)
+    why = "the build skipped it: no working C++ compiler found"
+    if require == "1":
+        with pytest.raises(RuntimeError, match="PRCL_REQUIRE_NATIVE=1 but .* unavailable: .*" + re.escape(why)):
+            native.available()
+    else:
+        assert not native.available() and why in native.status()

@@ -1,26 +1,49 @@
 """What the install exposes: prcl.kernels from the package, and no `kernels` that could stand in for
-the PyPI package of that name, which transformers imports when it is installed."""
+the PyPI package of that name (Hugging Face's), which transformers imports when it is installed
+(transformers >= 5.25 depends on it, so it may well be installed next to prcl)."""
 import json
+import os
 import subprocess
 import sys
 
-PROBE = r"""
-import importlib.util, json
 import prcl.kernels.pair_bce
-from transformers.utils.import_utils import is_kernels_available
+
+# argv[1]: prcl's kernel folder; argv[2] == "strip": first drop every sys.path entry under which that
+# folder is a top-level `kernels` (an editable install's repository root), i.e. answer without prcl.
+PROBE = r"""
+import importlib.util, json, os, sys
+kdir = sys.argv[1]
+if sys.argv[2] == "strip":
+    sys.path[:] = [p for p in sys.path if os.path.realpath(os.path.join(p or ".", "kernels")) != kdir]
+else:
+    import prcl.kernels.pair_bce as pb
+    assert os.path.realpath(os.path.dirname(pb.__file__)) == kdir, pb.__file__
 spec = importlib.util.find_spec("kernels")
-print(json.dumps({"kernels_is_module": spec is not None and spec.loader is not None,
-                  "kernels_dirs": [] if spec is None else sorted(spec.submodule_search_locations or []),
+files = [] if spec is None else [spec.origin] if spec.has_location else []
+files += [] if spec is None else list(spec.submodule_search_locations or [])
+from transformers.utils.import_utils import is_kernels_available
+print(json.dumps({"files": sorted(os.path.realpath(f) for f in files if f),
+                  "regular": spec is not None and spec.has_location,
                   "transformers_sees_kernels": is_kernels_available()}))
 """
 
 
-def test_no_top_level_kernels_module(tmp_path):
-    # from another directory, so that only the installed prcl (and its editable .pth) is on sys.path
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    # The editable install puts the repository root on sys.path, where kernels/ (no __init__.py) can
-    # only ever be an empty namespace package: it has no loader, loses to a real `kernels` anywhere on
-    # sys.path, and transformers, which checks the distribution's metadata, does not count it.
-    assert not r["kernels_is_module"], r
-    assert r["transformers_sees_kernels"] is False, r
+def _probe(tmp_path, kdir, mode):
+    # from another directory, so that only the installed prcl (or PYTHONPATH) is on sys.path
+    out = subprocess.run([sys.executable, "-c", PROBE, kdir, mode], cwd=tmp_path, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_name_is_not_prcls(tmp_path):
+    kdir = os.path.realpath(os.path.dirname(prcl.kernels.pair_bce.__file__))
+    with_prcl, without = _probe(tmp_path, kdir, "keep"), _probe(tmp_path, kdir, "strip")
+    # A regular `kernels` module or package (Hugging Face's, when installed) is never prcl's folder or
+    # a file in it. The editable install puts the repository root on sys.path, where kernels/ (no
+    # __init__.py) can only be a namespace package: it has no file, loses to a real `kernels`
+    # anywhere on sys.path, and transformers does not count it.
+    if with_prcl["regular"]:
+        assert not any(f == kdir or f.startswith(kdir + os.sep) for f in with_prcl["files"]), with_prcl
+        assert with_prcl["files"] == without["files"], (with_prcl, without)
+    # transformers sees `kernels` exactly as it would without prcl
+    assert with_prcl["transformers_sees_kernels"] == without["transformers_sees_kernels"], (with_prcl, without)

@@ -182,6 +182,30 @@ def test_many_panels(form, backend, monkeypatch):
                              q, d, labels, label_index, torch.float32, reduction)
 
 
+def test_interpreter_check_runs_both_designs_and_names_the_versions(monkeypatch):
+    # what prcl.gpu_check --dry-run calls first: this triton/numpy pairing runs both gradient designs
+    import numpy
+    import triton
+
+    from prcl import functional, triton_impl
+
+    designs = []
+    run = functional.fused_pair_bce
+    monkeypatch.setattr(functional, "fused_pair_bce",
+                        lambda *a, **k: designs.append(triton_impl.TWO_PASS) or run(*a, **k))
+    triton_impl.check_interpreter()
+    assert designs == [False, True] and triton_impl.TWO_PASS is None
+
+    def broken(*a, **k):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(functional, "fused_pair_bce", broken)
+    with pytest.raises(RuntimeError, match=f"Triton {triton.__version__}'s interpreter .* numpy {numpy.__version__}: "
+                                           "TypeError: only 0-dimensional"):
+        triton_impl.check_interpreter()
+    assert triton_impl.TWO_PASS is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_labels_of_minus_infinity_exclude_without_nan(backend):
     q, d, _ = make_inputs(4, 6, 8, torch.float32)
@@ -421,6 +445,15 @@ def test_fp32_matmul_precision_read_through_the_current_api():
     from prcl.triton_impl import fp32_matmul_allows_tf32
 
     matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9: the legacy flag is the API
+        saved = matmul.allow_tf32
+        try:
+            for allow in (True, False):
+                matmul.allow_tf32 = allow
+                assert fp32_matmul_allows_tf32() is allow
+        finally:
+            matmul.allow_tf32 = saved
+        return
     saved = matmul.fp32_precision, torch.backends.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
