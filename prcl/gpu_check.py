@@ -741,6 +741,12 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.dry_run:  # Triton reads this when it is first imported: the kernels run in its interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        from prcl.triton_impl import check_interpreter
+
+        try:
+            check_interpreter()
+        except RuntimeError as e:  # one line naming triton's and numpy's versions
+            raise SystemExit(f"gpu_check --dry-run: {e}") from None
     args.out.mkdir(parents=True, exist_ok=True)
     handlers = [logging.FileHandler(args.out / "log.txt", mode="w"), logging.StreamHandler()]
     for h in handlers:
