@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from prcl.contract import triton_interpreting
+from prcl import torch_impl
 from prcl.panels import acc_dtype
 
 BACKENDS = ("triton", "torch", "native")
@@ -154,10 +155,7 @@ def label_grad(q, d, scale, bias, labels, label_index, w, threshold=None):
         s, keep = q @ d.T, labels >= 0
     else:
         keep = (label_index >= 0) & (label_index < d.shape[0]) & (labels >= 0)
-        docs = label_index.clamp(0, d.shape[0] - 1)
-        s = q.new_zeros(labels.shape)
-        for k in range(labels.shape[1]):  # one row-dot per listed column: B×D at a time, never B×N
-            s[:, k] = torch.linalg.vecdot(q, d[docs[:, k]])
+        s = torch_impl.listed_dots(q, d, label_index)
     if threshold is not None:
         keep &= (labels != 0) | (s <= threshold[:, None])
     z = s.mul_(scale).add_(bias)  # s is this function's own: in place

@@ -103,18 +103,28 @@ def _panels(q, d, labels, label_index):
             yield slice(i, i + q_i.shape[0]), q_i.to(acc) @ d_j.to(acc).T, label_tile(y, index, j, d_j.shape[0], acc)
 
 
+def listed_dots(q, d, label_index):
+    """q_i·d_j in float32 (B, K) for each listed pair (i, label_index[i, k]), one row-dot per column:
+    B×D at a time, never B×N. Pads and out-of-range indices read document 0: callers mask them."""
+    q, d = q.to(acc_dtype(q.dtype)), d.to(acc_dtype(d.dtype))
+    docs = label_index.clamp(0, d.shape[0] - 1)
+    s = q.new_zeros(label_index.shape)
+    for k in range(label_index.shape[1]):
+        s[:, k] = torch.linalg.vecdot(q, d[docs[:, k]])
+    return s
+
+
 def labelled_max(q, d, labels, label_index):
     """p_i = max over row i's pairs with y > 0 of q_i·d_j, float32 (B,), −inf for rows without one;
     from the inputs as the kernels read them (products summed in float32). Listed labels take K row
-    dots each (a (B, K, D) gather); a dense label matrix takes one forward pass over bounded panels."""
+    dots each; a dense label matrix takes one forward pass over bounded panels."""
     acc = acc_dtype(q.dtype)
     B, N = q.shape[0], d.shape[0]
     if label_index is not None:
         if label_index.shape[1] == 0:
             return q.new_full((B,), -math.inf, dtype=acc)
         listed = (label_index >= 0) & (label_index < N) & (labels > 0)
-        s = torch.einsum("bd,bkd->bk", q.to(acc), d.to(acc)[label_index.clamp(0, N - 1)])
-        return torch.where(listed, s, -math.inf).amax(1)
+        return torch.where(listed, listed_dots(q, d, label_index), -math.inf).amax(1)
     best = q.new_full((B,), -math.inf, dtype=acc)
     for rows_, s, y in _panels(q, d, labels, label_index):
         best[rows_] = torch.maximum(best[rows_], torch.where(y > 0, s, -math.inf).amax(1))
