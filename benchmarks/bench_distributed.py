@@ -6,7 +6,7 @@ Weak scaling on gloo (CPU): every rank holds B_LOCAL queries and N_LOCAL documen
 batch, the work per rank (B_LOCAL × R·N_LOCAL pairs) and the traffic grow with the world size R.
 Each world size gets one pool of spawned ranks (1 intra-op thread each) that waits for commands, so
 the timed call is one step on every rank — not the process start-up. Peak memory is what one step
-adds to rank 0's resident set (prcl.bench's CPU meter), measured in a second pool of ranks started
+adds to rank 0's resident set (prcl.tools.bench's CPU meter), measured in a second pool of ranks started
 with the meter's glibc setting, so that the timed pool keeps glibc's defaults: the gathered documents
 for "gather", two chunks plus accumulators for "ring".
 The figures land in extra_info (world, strategy, peak_mib, pairs_per_rank, device, torch version).
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from prcl.bench.memory import measuring_env, peak_memory
+from prcl.tools.bench.memory import measuring_env, peak_memory
 
 WORLDS = (1, 2, 3)
 STRATEGIES = ("gather", "ring")

@@ -2,14 +2,14 @@
 
 One pytest-benchmark group per case (B, N, D, dtype, label form, mode); in each group, measured in
 the same run: prcl (automatic backend; on CPU also the PyTorch path when auto is the native kernel),
-the eager reference (prcl.reference.pair_bce, the tests' oracle), torch.compile of it, open_clip's
+the eager reference (prcl.backends.reference.pair_bce, the tests' oracle), torch.compile of it, open_clip's
 SigLipLoss and siglip-kernel when installed (diagonal labels, square batches; siglip-kernel on CUDA
 only), and the three-GEMM floor (S = q·dᵀ, G·d, Gᵀ·q; forward only: one GEMM).
 
 extra_info of each entry: peak memory beyond the inputs (peak_bytes; fwd+bwd includes the gradients),
 TFLOP/s on 2·B·N·D (fwd) or 6·B·N·D (fwd+bwd), the device name, versions, and the case itself.
 Cases that cannot fit, and peers that are not installed, are skipped with the reason. No entry
-passes or fails on speed. Timing, memory, inputs and FLOP counts come from prcl.bench, as in
+passes or fails on speed. Timing, memory, inputs and FLOP counts come from prcl.tools.bench, as in
 `python -m prcl bench`.
 """
 import gc
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from prcl import bench as pb
+from prcl.tools import bench as pb
 
 # B (= N for the square label forms), hardneg B (N = 8·B), D, dtypes, per device. The CPU sweep is
 # sized to finish in about two minutes on 2 cores; the CUDA sweep is the one issue 3 asks for.

@@ -2,14 +2,14 @@
 --benchmark-only` (collected with the rest by `pytest benchmarks/ --benchmark-only`).
 
 One pytest-benchmark group per case (B = N, D, mode), fp32, diagonal labels, on CPU; in each group,
-measured in the same run: the eager reference (prcl.reference.pair_bce, the tests' oracle), prcl's
+measured in the same run: the eager reference (prcl.backends.reference.pair_bce, the tests' oracle), prcl's
 PyTorch path (backend="torch") and the native kernel (backend="native"). Default sweep: B = N ∈
 {1024, 2048}, D ∈ {32, 64, 256, 768}, a few minutes on 2 cores; PRCL_BENCH_LARGE=1 adds 4096 to 16384
 (the eager reference alone then needs ~24 B per pair: 6 GiB at 16384²; cases that cannot fit skip).
 
 extra_info: median and IQR in ms, TFLOP/s on 2·B·N·D (fwd) or 6·B·N·D (fwd+bwd), peak memory of
-one warm call beyond its inputs (peak_bytes; fwd+bwd includes the gradients) from prcl.bench's memory
-meter (resident-set growth in a worker process, prcl/bench/memory.py says why) and, on the native entry, its speed-up over the
+one warm call beyond its inputs (peak_bytes; fwd+bwd includes the gradients) from prcl.tools.bench's memory
+meter (resident-set growth in a worker process, prcl/tools/bench/memory.py says why) and, on the native entry, its speed-up over the
 other two measured just before it. test_memory_target runs the issue's memory case (B = N = 20000,
 D = 32, fwd+bwd) in a fresh process. The device name, thread count, load average
 and versions are recorded: on a shared machine, read the medians beside the load.
@@ -23,8 +23,8 @@ import textwrap
 import pytest
 import torch
 
-from prcl import bench as pb
-from prcl import native
+from prcl.tools import bench as pb
+from prcl.backends import native
 
 LARGE = os.environ.get("PRCL_BENCH_LARGE") == "1"
 BATCHES = [1024, 2048, 4096, 8192, 16384] if LARGE else [1024, 2048]
@@ -50,7 +50,7 @@ def _case(B, D):
 
 
 def _probe_name(impl):
-    """prcl.bench's memory worker names implementations by role: map ours onto its names."""
+    """prcl.tools.bench's memory worker names implementations by role: map ours onto its names."""
     if impl == "eager":
         return "eager"
     return "prcl" if impl == pb.resolved_backend("cpu") else "prcl-torch"
@@ -102,12 +102,12 @@ def test_native(benchmark, B, D, mode, impl):
     benchmark.extra_info.update(info)
 
 
-# A fresh process started with prcl.bench's MEASURING_ENV, where its CPU memory meter (peak_memory: VmHWM
+# A fresh process started with prcl.tools.bench's MEASURING_ENV, where its CPU memory meter (peak_memory: VmHWM
 # reset around one warm call) is exact. ru_maxrss cannot be reset, and importing torch alone peaks
 # above this call's growth: it read 0 MB here.
 MEMORY_TARGET = """
     import json, time, torch, prcl
-    from prcl import bench as pb
+    from prcl.tools import bench as pb
     case = pb.make_case(20000, 20000, 32, "fp32", "cpu", "diagonal")
     step = pb.Step(pb.prcl_loss("native"), case, "fwd+bwd")
     step()  # warm-up: first-call allocations, thread pool

@@ -7,7 +7,7 @@ A tiny random Llama (tests/tiny_llm.py, hidden 64, LoRA r=8) on B queries, each 
 one hard negative (N ≈ 2B documents). Uncached keeps every text's activations until the backward;
 cached embeds MINI texts at a time, so its peak should stay flat as B grows while its time grows by
 the second forward. Peak memory is what one warm step adds to what was held before it, from
-prcl.bench's meter: CUDA's allocator on a GPU; on CPU the resident set of a worker process that
+prcl.tools.bench's meter: CUDA's allocator on a GPU; on CPU the resident set of a worker process that
 builds the same encoder and batch (an untimed step). Figures land in extra_info: B, N, cached, peak_mib, steps_per_s, pairs_per_s, device.
 """
 import json
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_llm import CORPUS, tiny_model_and_tokenizer  # noqa: E402
 
-from prcl.bench.memory import MemoryWorker, peak_memory  # noqa: E402
+from prcl.tools.bench.memory import MemoryWorker, peak_memory  # noqa: E402
 from prcl.training import build_batch, forward_backward, parse_example  # noqa: E402
 from prcl.training.step import batch_loss  # noqa: E402
 

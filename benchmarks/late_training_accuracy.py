@@ -12,8 +12,8 @@ import math
 import torch
 
 import prcl
-from prcl.bench.cases import late_training_inputs
-from prcl.reference import pair_bce
+from prcl.tools.bench.cases import late_training_inputs
+from prcl.backends.reference import pair_bce
 
 OUTPUTS = ("loss", "dq", "dd", "dscale", "dbias")
 

@@ -3,7 +3,7 @@ sentence-transformers' InfoNCE (MultipleNegativesRankingLoss) on the same budget
 
 Data: the man-pages benchmark (benchmarks/quality/README.md), BEIR layout: train on the top-graded
 (query, page) pairs of qrels/train.tsv, then search the whole corpus for the queries of qrels/test.tsv
-and score nDCG@10, recall@k and MRR@10 with prcl.ir.evaluate (the code of `prcl eval`).
+and score nDCG@10, recall@k and MRR@10 with prcl.retrieval.evaluate (the code of `prcl eval`).
 The recipe is the one the README's "Training quality" section recommends: 20 steps of 32 pairs,
 lr 1e-4 with linear decay after 10 % warmup, 64-token texts, in-batch negatives only (no duplicate
 query or page in a batch), PRCL at its defaults (t = 5, b = −log(N−1), binary labels); InfoNCE at its
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships inside the gt-al
 
 import torch  # noqa: E402
 
-from prcl.ir import evaluate, read_split  # noqa: E402
+from prcl.retrieval import evaluate, read_split  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "data" / "manpages"
 SHOWN = ("ndcg@10", "recall@1", "recall@10", "mrr@10")

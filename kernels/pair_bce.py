@@ -17,7 +17,7 @@ G_ij = σ(z_ij) − y_ij, excluded pairs (y < 0) left out of both.
    out (y < 0, or a column past N in the last tile, where TMA filled S with 0) gets the bias −1e30:
    then e = 0 and l = G = G·S = 0, with no mask per pair; when BLOCK_N divides N (RAGGED_N off, every
    full-size panel) no tile has such columns and the bias is one scalar. With HAS_THR, a pair with
-   y = 0 whose S exceeds its row's false-negative threshold (prcl/loss.py, +inf for a row without
+   y = 0 whose S exceeds its row's false-negative threshold (prcl/core/loss.py, +inf for a row without
    one) gets the bias −1e30 too: two compares and a select per pair, nothing more in memory.
 4. The epilogue stays in registers, in float32, in base 2: z₂ = z·log2(e) = S·(t·log2 e) + b·log2 e,
    row sums scaled by ln 2 once. One e = 2^(−|z₂|) = exp(−|z|) serves everything. With
@@ -255,7 +255,7 @@ def pair_tile_kernel(
     tl.store(rows_ptr + pid_s * M + o_m, b_rows * LN2, mask=m_m)
     if WRITE_G:
         b_g = tl.where(m_m, b_g, 0.0)  # rows past M saw S = 0, not nothing (their G·S is 0 already)
-        if HAS_W:  # per-row weights apply to the row sums only: G itself stays σ − y (see prcl/panels.py)
+        if HAS_W:  # per-row weights apply to the row sums only: G itself stays σ − y (see prcl/backends/panels.py)
             b_w = tl.load(w_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
             b_gs = b_gs * b_w
             b_g = b_g * b_w
@@ -280,7 +280,7 @@ def pair_pass_kernel(
     documents in the row pass, documents × queries in the column pass), G as pair_tile_kernel does
     (rounded once to the inputs' dtype), and accumulates G·streamed rows in float32 registers. The row
     pass also sums the loss rows, Σ w·G∘S and Σ w·G; the column pass weights the streamed queries by w
-    (rounded to their dtype, as prcl.panels does), the row pass its own rows' G·d. Rows or columns past
+    (rounded to their dtype, as prcl.backends.panels does), the row pass its own rows' G·d. Rows or columns past
     the edges are zero-filled by the descriptors: their products add 0."""
     pid_o = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -378,7 +378,7 @@ def pair_pass_kernel(
             if UPCAST:
                 b_str = b_str.to(tl.float32)
         b_acc = tl.dot(b_g16, b_str, b_acc, input_precision=INPUT_PRECISION)
-    if ROW_PASS and HAS_W:  # dq = t·W·G·d: the weights on the thin side (see prcl/panels.py)
+    if ROW_PASS and HAS_W:  # dq = t·W·G·d: the weights on the thin side (see prcl/backends/panels.py)
         b_w = tl.load(w_ptr + o_o, mask=m_o, other=0.0).to(tl.float32)
         b_acc = b_acc * b_w[:, None]
         b_gs = b_gs * b_w

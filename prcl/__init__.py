@@ -8,7 +8,7 @@ import importlib
 __version__ = "0.1.0"
 __all__ = ["fused_pair_bce", "default_bias", "__version__"]
 
-_HOMES = {"fused_pair_bce": "prcl.functional", "default_bias": "prcl.contract"}
+_HOMES = {"fused_pair_bce": "prcl.functional", "default_bias": "prcl.core.contract"}
 
 
 def __getattr__(name):

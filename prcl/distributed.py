@@ -65,9 +65,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from prcl import loss
-from prcl.contract import DEFAULT_SCALE, DTYPES, REDUCTIONS, check_inputs, check_margin, default_bias
-from prcl.ops import auto_backend, check_backend
+from prcl.core import loss
+from prcl.core.contract import DEFAULT_SCALE, DTYPES, REDUCTIONS, check_inputs, check_margin, default_bias
+from prcl.core.ops import auto_backend, check_backend
 
 STRATEGIES = ("gather", "ring")
 
@@ -166,7 +166,7 @@ class _Plan:
     backend: object
     per_row: bool
     want: tuple = (False,) * 4  # which of q, d, scale, bias get a gradient
-    threshold: object = None  # the false-negative mask's per-query thresholds (prcl.loss), or None
+    threshold: object = None  # the false-negative mask's per-query thresholds (prcl.core.loss), or None
     masked: list = None  # the ring's per-chunk counts of masked pairs, when asked
 
     @property

@@ -2,7 +2,7 @@
 
     loss = Σ_i Σ_j [softplus(z_ij) − y_ij·z_ij] / B,   z = t·q·dᵀ + b,   excluded pairs (y < 0) left out
 
-The public signature and its routing: one process (prcl.loss on a backend of prcl.ops), several
+The public signature and its routing: one process (prcl.core.loss on a backend of prcl.core.ops), several
 (prcl.distributed), or the eager reference. Labels and exclusions enter the kernels themselves;
 docs/design.md says why.
 """
@@ -11,9 +11,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from prcl import loss, reference
-from prcl.contract import DEFAULT_SCALE, check_inputs, check_margin
-from prcl.ops import auto_backend, check_backend
+from prcl.core import loss
+from prcl.backends import reference
+from prcl.core.contract import DEFAULT_SCALE, check_inputs, check_margin
+from prcl.core.ops import auto_backend, check_backend
 
 
 def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, label_index: Optional[Tensor] = None,

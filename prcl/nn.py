@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prcl.contract import DEFAULT_SCALE, check_margin, default_bias, describe_number, finite_number
+from prcl.core.contract import DEFAULT_SCALE, check_margin, default_bias, describe_number, finite_number
 from prcl.functional import fused_pair_bce
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prcl import ir
+from prcl import retrieval as ir
 from prcl.files import run_lock
 from prcl.training import checkpoint
 from prcl.training.cli import encode_main, train_main
@@ -174,7 +174,7 @@ def test_argparse_errors_exit_2(run):
 
 
 def test_bench_threads_must_be_positive(capsys):
-    from prcl.bench.cli import main
+    from prcl.tools.bench.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["--threads", "-1"])
@@ -342,7 +342,7 @@ def test_bom_opening_training_data_and_beir_files_is_dropped(tmp_path):
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:99"])
 def test_bad_device_for_eval_encode_and_bench(model_dir, tmp_path, capsys, device):
-    from prcl.bench.cli import main as bench_main
+    from prcl.tools.bench.cli import main as bench_main
 
     qrels = beir(tmp_path / "set")
     write_jsonl(tmp_path / "t.jsonl", ['"a text"'])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prcl
-from prcl.reference import pair_bce
+from prcl.backends.reference import pair_bce
 from test_pair_bce import BACKENDS, DEVICE, FLOOR, LATE_FLOOR, make_inputs, make_labels, rel_err, slow
 
 GRADED_FORMS = ["graded", "dense", "sparse"]
@@ -131,7 +131,7 @@ loss = step(q, d)  # the first prcl call of this process: the native library loa
 eager = prcl.fused_pair_bce(q, d)
 torch.testing.assert_close(loss, eager)
 torch.testing.assert_close(grad, torch.autograd.grad(eager, q)[0])
-print("backend:", prcl.ops.auto_backend(q.device))
+print("backend:", prcl.core.ops.auto_backend(q.device))
 """
 
 
@@ -190,7 +190,7 @@ def test_an_int_past_the_float_range_names_the_argument(arg, value):
 def test_scale_gradient_beyond_one_panel():
     # the PyTorch backend's Σ G∘S went through a float32 BLAS dot: 3.5e-5 relative error where eager
     # and the native kernel have 4e-8; B·N = 1024 × 1100 spans two panels of torch_impl.PANEL_ELEMS
-    from prcl import torch_impl
+    from prcl.backends import torch_impl
 
     B, N = 1024, 1100
     assert B * N > torch_impl.PANEL_ELEMS

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prcl import bench
-from prcl.bench import memory, peers, table
+from prcl.tools import bench
+from prcl.tools.bench import memory, peers, table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-B", "48", "-N", "61", "-D", "24", "--repeats", "2", "--device", "cpu"]

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import prcl
-from prcl import reference
+from prcl.backends import reference
 from prcl.encoders import (BIDIRECTIONAL_MODEL_TYPES, POOLINGS, LLMEncoder, contrastive_loss_step,
                            flash_attn_available, smollm2_gguf as find_smollm2_gguf, torch_varlen_attn)
 from prcl.training.batching import Batch

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import prcl
-from prcl.reference import pair_bce
+from prcl.backends.reference import pair_bce
 
 q = torch.randn(4, 8)
 d = torch.randn(6, 8)

@@ -1,4 +1,4 @@
-"""prcl.ir: BEIR/TREC readers, chunked exact search, trec_eval metrics, `prcl eval`."""
+"""prcl.retrieval: BEIR/TREC readers, chunked exact search, trec_eval metrics, `prcl eval`."""
 import json
 import math
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prcl.ir import (compute_metrics, evaluate, examples_to_beir, main, read_corpus, read_qrels, read_queries,
+from prcl.retrieval import (compute_metrics, evaluate, examples_to_beir, main, read_corpus, read_qrels, read_queries,
                      read_split, search)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -238,7 +238,7 @@ def test_prcl_eval_sentence_transformers_model(tmp_path):
 def test_cli_parser_needs_no_torch():
     import subprocess
 
-    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('ir', 'prcl/ir.py'); "
+    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('ir', 'prcl/retrieval/__init__.py'); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.parser().parse_args("
             "['--model', 'm', '--qrels', 'r', '--out', 'o']); "
             "assert 'torch' not in sys.modules")

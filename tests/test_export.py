@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_llm import FAMILIES, tiny_model_and_tokenizer  # noqa: E402
 
 from prcl.encoders import LLMEncoder, smollm2_gguf  # noqa: E402
-from prcl.export import export, main  # noqa: E402
+from prcl.encoders.export import export, main  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "a dog runs in the park with a red ball and the cat looks on", "rain"]
 INSTRUCTION = "given a question retrieve documents that answer the question"

@@ -1,4 +1,4 @@
-"""`python -m prcl.gpu_check --dry-run` runs every section end to end on CPU and writes its few files;
+"""`python -m prcl gpu-check --dry-run` runs every section end to end on CPU and writes its few files;
 a failing or overrunning section is recorded and the others still run."""
 import json
 import os
@@ -11,15 +11,15 @@ import types
 import pytest
 import torch
 
-from prcl import gpu_check
-from prcl.contract import check_inputs
+from prcl.tools import gpu_check
+from prcl.core.contract import check_inputs
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "prcl.gpu_check", "--out", str(out), "--dry-run"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "prcl.tools.gpu_check", "--out", str(out), "--dry-run"], env=env,
                           capture_output=True, text=True, timeout=900)
     return proc, out, json.loads((out / "results.json").read_text())
 
@@ -39,7 +39,7 @@ def test_dry_run_passes_and_writes_few_files(dry_run):
 @pytest.mark.slow
 def test_environment_names_device_versions_and_command(dry_run):
     env = dry_run[2]["sections"]["environment"]
-    assert "prcl.gpu_check" in env["command"] and "--dry-run" in env["command"]
+    assert "prcl.tools.gpu_check" in env["command"] and "--dry-run" in env["command"]
     assert env["versions"]["torch"] and env["versions"]["prcl"] and env["device"]["name"]
 
 
@@ -132,7 +132,7 @@ def test_a_hung_section_leaves_the_earlier_results_and_a_traceback(tmp_path):
     and summary are on disk, the summary names the section that hung and log.txt holds its traceback."""
     script = f"""
 import signal, sys, time
-from prcl import gpu_check
+from prcl.tools import gpu_check
 def fine(ck, rec):
     rec["passed"] = True
 def hung(ck, rec):

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from prcl import compile_report
+from prcl.tools import compile_report
 
 
 @pytest.fixture(scope="module")
 def report():
     # a fresh process: this session's triton may run in the interpreter, which cannot compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "prcl.compile_report", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "prcl.tools.compile_report", "--json"], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -62,7 +62,7 @@ def test_sm90_false_negative_mask_costs_its_compare_only(rows):
     """With HAS_THR (false_negative_margin) the sm_90 kernels still compile without spills at the same
     blocks per SM, and the 16-bit epilogues grow by the per-pair test only (3 instructions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "prcl.compile_report", "--json", "--arch", "90",
+    out = subprocess.run([sys.executable, "-m", "prcl.tools.compile_report", "--json", "--arch", "90",
                           "--false-negative-mask"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     masked = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Peak memory of fwd+bwd beyond the inputs (gradients included), measured by prcl.bench's CPU meter
+"""Peak memory of fwd+bwd beyond the inputs (gradients included), measured by prcl.tools.bench's CPU meter
 (resident-set growth around one warm call) in a process started with the meter's glibc setting, where
 it is exact:
 
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from prcl import bench as pb
-from prcl import native
-from prcl.bench.cli import parser
-from prcl.bench.memory import MEASURING_ENV, MemoryWorker, impl_step
+from prcl.tools import bench as pb
+from prcl.backends import native
+from prcl.tools.bench.cli import parser
+from prcl.tools.bench.memory import MEASURING_ENV, MemoryWorker, impl_step
 
 SCRIPT = r"""
 import json
-from prcl import bench as pb
+from prcl.tools import bench as pb
 case = pb.make_case(20000, 20000, 32)
 pb.Step(pb.prcl_loss("torch"), pb.make_case(64, 64, 32), "fwd+bwd")()  # warm-up: first-call allocations
 step = pb.Step(pb.prcl_loss("torch"), case, "fwd+bwd")

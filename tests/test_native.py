@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import prcl
-from prcl import native
+from prcl.backends import native
 from test_pair_bce import DTYPES, FORMS, _ids, check_against_oracle, kernel_label_layouts, make_inputs, make_labels, run
 
 # with PRCL_REQUIRE_NATIVE=1, native.available() raises instead, naming why
@@ -96,7 +96,7 @@ def test_scale_and_bias_gradients_match_torch_path():
 
 @needs_native
 def test_is_the_cpu_default():
-    from prcl.ops import auto_backend
+    from prcl.core.ops import auto_backend
 
     assert auto_backend(torch.device("cpu")) == "native"
     q, d, _ = make_inputs(12, 20, 8, torch.float32)
@@ -179,7 +179,7 @@ def test_every_epilogue_variant_agrees(isa):
     # would not pick by itself, against the default one
     code = """
         import json, torch, prcl
-        from prcl import native
+        from prcl.backends import native
         assert native.available(), native.status()
         g = torch.Generator().manual_seed(0)
         q, d = torch.randn(300, 40, generator=g) * 0.4, torch.randn(350, 40, generator=g) * 0.4
@@ -206,10 +206,10 @@ def test_memory_is_bounded():
     # B = N = 20000, D = 32: one B×N float32 matrix is 1.5 GiB; the target is under 100 MB of peak
     # RSS growth for fwd+bwd, gradients included. Measured as benchmarks/bench_native.py does: a fresh
     # process whose glibc mmaps every large block (RSS follows live tensors), VmHWM reset around one
-    # warm call by prcl.bench.peak_memory (ru_maxrss cannot be reset; torch's import peaks higher).
+    # warm call by prcl.tools.bench.peak_memory (ru_maxrss cannot be reset; torch's import peaks higher).
     code = """
         import json, torch
-        from prcl import bench as pb
+        from prcl.tools import bench as pb
         step = pb.Step(pb.prcl_loss("native"), pb.make_case(20000, 20000, 32), "fwd+bwd")
         step()  # warm-up: first-call allocations, thread pool
         print(json.dumps({"growth_mb": pb.peak_memory(step, "cpu") / 2**20}))
@@ -228,8 +228,8 @@ FALLBACK = """
     logging.getLogger("prcl").addHandler(Keep())
     logging.getLogger("prcl").setLevel(logging.DEBUG)
     import prcl
-    from prcl import native
-    from prcl.ops import auto_backend
+    from prcl.backends import native
+    from prcl.core.ops import auto_backend
     q, d = torch.randn(6, 8), torch.randn(7, 8)
     auto = auto_backend(torch.device("cpu"))
     loss = prcl.fused_pair_bce(q, d)  # backend None on CPU
@@ -264,7 +264,7 @@ def test_a_skipped_build_says_why(require, tmp_path, monkeypatch):
     monkeypatch.delenv("PRCL_NATIVE", raising=False)
     monkeypatch.setenv("PRCL_REQUIRE_NATIVE", require)
     why = "the build skipped it: no working C++ compiler found"
-    if require == "1":  # the load, as prcl.native's first import runs it
+    if require == "1":  # the load, as prcl.backends.native's first import runs it
         with pytest.raises(RuntimeError, match="PRCL_REQUIRE_NATIVE=1 but .* unavailable: .*" + re.escape(why)):
             native._load()
     else:

@@ -47,3 +47,25 @@ def test_kernels_name_is_not_prcls(tmp_path):
         assert with_prcl["files"] == without["files"], (with_prcl, without)
     # transformers sees `kernels` exactly as it would without prcl
     assert with_prcl["transformers_sees_kernels"] == without["transformers_sees_kernels"], (with_prcl, without)
+
+
+# A finder ahead of every other that hides prcl.kernels: a bare source tree (PYTHONPATH=., no install)
+BARE_TREE = r"""
+import importlib.abc, os, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "prcl.kernels" or name.startswith("prcl.kernels."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+from prcl.backends import triton_impl
+print(os.path.realpath(sys.modules["prcl.kernels.pair_bce"].__file__))
+print(triton_impl.pair_tile_kernel.fn.__module__)
+"""
+
+
+def test_a_bare_source_tree_loads_the_kernels_from_the_top_level_folder(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", BARE_TREE], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [os.path.join(root, "kernels", "pair_bce.py"), "prcl.kernels.pair_bce"]

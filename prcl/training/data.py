@@ -138,7 +138,7 @@ def read_beir(qrels, corpus=None, queries=None):
     those in between graded documents, grade <= 0 hard negatives. A query whose best document is below
     the highest grade has no positive, only graded documents. Bad lines raise `FILE:LINE: reason`.
     """
-    from prcl.ir import iter_qrels, read_corpus, read_queries, split_paths
+    from prcl.retrieval import iter_qrels, read_corpus, read_queries, split_paths
 
     corpus, queries = split_paths(qrels, corpus, queries)
     judged = list(iter_qrels(qrels))
@@ -163,7 +163,7 @@ def read_beir(qrels, corpus=None, queries=None):
 def data_files(path):
     """The files a training data set is read from: the JSONL file, or BEIR qrels and their corpus and queries."""
     if is_beir(path):
-        from prcl.ir import split_paths
+        from prcl.retrieval import split_paths
 
         return [path, *split_paths(path)]
     return [path]

@@ -1,4 +1,4 @@
-"""Retrieval evaluation during training: the --eval set read and scored by `prcl eval`'s code (prcl.ir)."""
+"""Retrieval evaluation during training: the --eval set read and scored by `prcl eval`'s code (prcl.retrieval)."""
 import contextlib
 import json
 import logging
@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from prcl import ir
+from prcl import retrieval as ir
 from prcl.files import append_text
 from prcl.training.data import is_beir, read_examples
 
@@ -39,7 +39,7 @@ def _encode(encoder, texts, instruction, batch_size):
 
 
 def evaluate(encoder, eval_set, *, ks=(1, 5, 10), batch_size=32, autocast=contextlib.nullcontext):
-    """Retrieval over the evaluation set (read_eval_set) with `prcl eval`'s code (prcl.ir.evaluate:
+    """Retrieval over the evaluation set (read_eval_set) with `prcl eval`'s code (prcl.retrieval.evaluate:
     trec_eval's measures through ir-measures): every query against every document of the set. Returns
     recall@k for ks, nDCG@10, MRR@10, MAP and the counts. Runs under fork_rng: evaluating or not never
     shifts the training's dropout stream.

@@ -16,7 +16,7 @@ import math
 import torch
 
 import prcl
-from prcl.contract import DEFAULT_SCALE
+from prcl.core.contract import DEFAULT_SCALE
 
 LOSSES = ("prcl", "softmax")
 

@@ -8,21 +8,44 @@ a column pass that accumulate G·d and Gᵀ·q in registers, G never in memory (
 "Two-pass gradient"). Nothing here reads a tensor value on the host.
 """
 import contextlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from prcl import tuning
-from prcl.contract import triton_interpreting as interpreting
-from prcl.kernels.pair_bce import pair_pass_kernel, pair_tile_kernel
-from prcl.panels import finish_grads, panel_grads
+from prcl.backends import tuning
+from prcl.core.contract import triton_interpreting as interpreting
+from prcl.backends.panels import finish_grads, panel_grads
+
+
+def _kernels():
+    """kernels/pair_bce.py as prcl.kernels.pair_bce: installed there by a wheel or an editable install
+    (pyproject.toml maps kernels/ into the package); a bare source tree (PYTHONPATH=.) has no such
+    folder, and the file beside the package is loaded under the same name."""
+    name = "prcl.kernels.pair_bce"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name not in ("prcl.kernels", name):
+            raise
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "kernels" / "pair_bce.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_pair_bce = _kernels()
+pair_pass_kernel, pair_tile_kernel = _pair_bce.pair_pass_kernel, _pair_bce.pair_tile_kernel
 
 PANEL_ELEMS = 1 << 26  # 128 MiB of bf16 G: panels of 8192 × 8192 keep the gradient GEMMs large
 ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
 # The gradient's design: None chooses by the performance model (docs/design.md, "Two-pass gradient"),
-# True or False forces the two-pass kernels (D ≤ 256 only) or the G panels (tests, prcl.gpu_check)
+# True or False forces the two-pass kernels (D ≤ 256 only) or the G panels (tests, prcl.tools.gpu_check)
 TWO_PASS = None
 
 
@@ -57,7 +80,7 @@ def _stride_multiple(x):
 
 def check_interpreter():
     """Run both gradient designs' kernels once, tiny, in Triton's interpreter; a RuntimeError naming
-    triton's and numpy's versions when this pairing cannot run them (prcl.gpu_check --dry-run)."""
+    triton's and numpy's versions when this pairing cannot run them (prcl.tools.gpu_check --dry-run)."""
     global TWO_PASS
     from prcl.functional import fused_pair_bce
     saved = TWO_PASS
@@ -73,8 +96,8 @@ def check_interpreter():
 
 
 def kernel_config(dtype, write_g, arch, D=768):
-    """Tile sizes and launch settings for one launch (`python -m prcl.compile_report` reads them too):
-    prcl.tuning's choice for (arch, dtype, gradient or forward, D bucket), made once per process."""
+    """Tile sizes and launch settings for one launch (`python -m prcl compile-report` reads them too):
+    prcl.backends.tuning's choice for (arch, dtype, gradient or forward, D bucket), made once per process."""
     return tuning.pick(arch, dtype, write_g, D)
 
 
@@ -217,7 +240,7 @@ def _pass(own, streamed, scale, bias, y, index, w, threshold, row_pass):
 
 
 def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
-    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
+    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
     q, d = _aligned(q), _aligned(d)
     out_dtype = q.dtype if rounded else None
     if two_pass(q):

@@ -1,11 +1,11 @@
 """One row per implementation (time, peak memory, error vs float64), a progress line per row, and
 the rendered table."""
 
-from prcl.bench import MODES, SCALE, first_line
-from prcl.bench.cases import GOLD_BYTES_PER_PAIR, device_name, fit_problem, flops, versions
-from prcl.bench.memory import measure_peak_memory
-from prcl.bench.peers import reference_loss
-from prcl.bench.timing import SPREAD_WARNING, Step, spread, summarize, time_step
+from prcl.tools.bench import MODES, SCALE, first_line
+from prcl.tools.bench.cases import GOLD_BYTES_PER_PAIR, device_name, fit_problem, flops, versions
+from prcl.tools.bench.memory import measure_peak_memory
+from prcl.tools.bench.peers import reference_loss
+from prcl.tools.bench.timing import SPREAD_WARNING, Step, spread, summarize, time_step
 
 
 def errors_vs_float64(fn, case):
@@ -132,7 +132,7 @@ def render(rows, case, repeats, loads=()):
         "interquartile range / median (worse mode); TFLOP/s on 2·B·N·D (fwd) and 6·B·N·D (fwd+bwd); "
         "x eager: fwd+bwd speed-up",
         f"peak: memory beyond the inputs during one call ({meter}; fwd+bwd includes the gradients)",
-        "err: vs prcl.reference in float64: |loss - loss64| / |loss64|, max|g - g64| / max|g64| over dq, dd",
+        "err: vs prcl.backends.reference in float64: |loss - loss64| / |loss64|, max|g - g64| / max|g64| over dq, dd",
         "machine: " + " -> ".join(load_text(load) for load in loads) if loads else "machine: load not read",
         "",
         fmt(head),

@@ -40,8 +40,8 @@ def first_line(e):
 
 def __getattr__(name):
     if name not in _MODULE_OF:
-        raise AttributeError(f"module 'prcl.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"prcl.bench.{_MODULE_OF[name]}"), name)
+        raise AttributeError(f"module 'prcl.tools.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"prcl.tools.bench.{_MODULE_OF[name]}"), name)
 
 
 def __dir__():

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prcl.contract import DEFAULT_SCALE, DTYPES, check_inputs, check_margin, default_bias
+from prcl.core.contract import DEFAULT_SCALE, DTYPES, check_inputs, check_margin, default_bias
 
 
 def dense_labels(labels, label_index, B, N, device):

@@ -19,10 +19,10 @@ from contextlib import contextmanager
 
 import torch
 
-from prcl.bench import first_line
-from prcl.bench.cases import make_case
-from prcl.bench.peers import Unsupported, implementation
-from prcl.bench.timing import Step, synchronize
+from prcl.tools.bench import first_line
+from prcl.tools.bench.cases import make_case
+from prcl.tools.bench.peers import Unsupported, implementation
+from prcl.tools.bench.timing import Step, synchronize
 
 # glibc maps blocks above 128 KiB with mmap and unmaps them on free, so RSS follows live tensors; the
 # variable also switches off the dynamic threshold that otherwise rises to the largest freed block.
@@ -47,7 +47,7 @@ def memory_problem(device):
     missing = {k: v for k, v in MEASURING_ENV.items() if os.environ.get(k) != v}
     if missing:
         return (f"the CPU memory meter needs a process started with {missing} "
-                "(prcl.bench.memory.MemoryWorker is one)")
+                "(prcl.tools.bench.memory.MemoryWorker is one)")
     return None
 
 

@@ -2,7 +2,7 @@
 
 For each implementation: forward-only and forward+backward median time (with spread), TFLOP/s on the
 2·B·N·D / 6·B·N·D basis, peak memory beyond the inputs, and the error of the loss and of the gradients
-against float64 (prcl.reference on float64 inputs, the same oracle the tests use). A line per
+against float64 (prcl.backends.reference on float64 inputs, the same oracle the tests use). A line per
 implementation as it completes, then the table.
 
 torch is imported after the arguments parse: `--help` and argument errors answer without it.
@@ -11,7 +11,7 @@ import argparse
 import gc
 import time
 
-from prcl.bench import DTYPE_NAMES, LABEL_FORMS, SCALE
+from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS, SCALE
 from prcl.files import resolve_device
 
 
@@ -46,11 +46,11 @@ def main(argv=None):
         p.error(f"argument --threads: must be >= 1, got {args.threads}")
     import torch
 
-    from prcl.bench.cases import default_docs, make_case
-    from prcl.bench.peers import PEERS, implementations
-    from prcl.bench.table import load_text, measure, progress_line, render
-    from prcl.bench.timing import load_average
-    from prcl.contract import check_inputs
+    from prcl.tools.bench.cases import default_docs, make_case
+    from prcl.tools.bench.peers import PEERS, implementations
+    from prcl.tools.bench.table import load_text, measure, progress_line, render
+    from prcl.tools.bench.timing import load_average
+    from prcl.core.contract import check_inputs
 
     try:
         device = resolve_device(args.device)

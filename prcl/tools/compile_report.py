@@ -1,10 +1,10 @@
 """Compile the Triton kernel for Ampere, Hopper and Blackwell without a GPU and measure the machine code.
 
-    python -m prcl.compile_report [--json] [--arch 80 90 ...] [--false-negative-mask]   # a row per (arch, dtype, fwd/grad)
-    /tmp/t36/bin/python -m prcl.compile_report                   # the same with another triton (a venv)
+    python -m prcl compile-report [--json] [--arch 80 90 ...] [--false-negative-mask]   # a row per (arch, dtype, fwd/grad)
+    VENV/bin/python -m prcl compile-report                     # the same with another triton (a venv)
 
 triton.compile with an explicit GPUTarget needs no driver. Each row is read from the cubin that triton
-itself builds for the launcher's own configuration (`prcl.triton_impl.kernel_config`), with the
+itself builds for the launcher's own configuration (`prcl.backends.triton_impl.kernel_config`), with the
 cuobjdump and nvdisasm that triton bundles:
 
 - registers and stack (bytes of stack frame): `cuobjdump -res-usage`; spill_bytes: the spill stores
@@ -61,9 +61,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from prcl.kernels.pair_bce import pair_pass_kernel, pair_tile_kernel
-from prcl.triton_impl import input_precision, kernel_config
-from prcl.tuning import two_pass_config
+from prcl.backends.triton_impl import input_precision, kernel_config, pair_pass_kernel, pair_tile_kernel
+from prcl.backends.tuning import two_pass_config
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 ARCHS = (80, 90, 100, 120)
@@ -318,7 +317,7 @@ def rows_for(arch, mask=False):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m prcl.compile_report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m prcl compile-report", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="one JSON object: triton version, rows, skipped archs")
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--false-negative-mask", action="store_true",

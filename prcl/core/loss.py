@@ -2,7 +2,7 @@
 
     loss = Σ_i Σ_j [softplus(z_ij) − y_ij·z_ij] / B,   z = t·q·dᵀ + b,   pairs with y < 0 left out
 
-Callers check their inputs once (prcl.contract.check_inputs) and pick the backend (prcl.ops); what
+Callers check their inputs once (prcl.core.contract.check_inputs) and pick the backend (prcl.core.ops); what
 is left here is device work. No tensor value is read on the host and no Python float is copied to
 the device (scalars are filled in place), so a CUDA call never waits for the GPU and can be captured
 in a CUDA graph.
@@ -12,8 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from prcl import ops, torch_impl
-from prcl.contract import default_bias
+from prcl.core import ops
+from prcl.backends import torch_impl
+from prcl.core.contract import default_bias
 
 
 def scalar(x, device) -> Tensor:
@@ -26,7 +27,7 @@ def scalar(x, device) -> Tensor:
 
 
 def kernel_labels(labels, label_index, B, device):
-    """Any public label form in the ops' layout (prcl.ops): dense (labels (B, N), None), or sparse
+    """Any public label form in the ops' layout (prcl.core.ops): dense (labels (B, N), None), or sparse
     (labels (B, K), label_index (B, K)). The diagonal forms are one listed pair per row, (i, i)."""
     if labels is None or labels.dim() == 1:
         y = torch.ones(B, 1, device=device) if labels is None else labels[:, None]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import prcl
-from prcl.bench import DTYPE_NAMES, LABEL_FORMS
+from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 SPARSE_K = 4

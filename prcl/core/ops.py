@@ -3,7 +3,7 @@
     pair_bce_rows(q, d, t, b, Y)  = [Σ_j l_ij]_i     l_ij = softplus(z_ij) − y_ij·z_ij,  z = t·q·dᵀ + b   (B,)
     pair_bce_total(q, d, t, b, Y) = (Σ_ij l_ij, and its gradients)
 
-Y reaches the kernels in one of two label-light layouts (prcl.loss builds them from the public forms):
+Y reaches the kernels in one of two label-light layouts (prcl.core.loss builds them from the public forms):
 `labels (B, N), label_index None` is a dense label tile; `labels (B, K), label_index (B, K)` lists
 y for pairs (i, label_index[i, k]), every other pair has y = 0 and an index outside [0, N) lists
 nothing. A pair with y < 0 is excluded: no loss, no gradient. Each kernel forms σ(z) − y in float32
@@ -23,7 +23,7 @@ float32 (the ring strategy sums them across calls before its one rounding).
 
 Backends ("triton", "torch", "native") implement `rows(q, d, t, b, labels, label_index)` and
 `grads(q, d, t, b, labels, label_index, w, c, rounded)` -> (rows, c·G·d, c·Gᵀ·q, Σ G∘S, Σ G) with
-G_ij = w_i·(σ(z_ij) − y_ij) (prcl.panels); all run on CPU tensors, triton through its interpreter.
+G_ij = w_i·(σ(z_ij) − y_ij) (prcl.backends.panels); all run on CPU tensors, triton through its interpreter.
 """
 import functools
 import importlib.util
@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from prcl.contract import triton_interpreting
-from prcl import torch_impl
-from prcl.panels import acc_dtype
+from prcl.core.contract import triton_interpreting
+from prcl.backends import torch_impl
+from prcl.backends.panels import acc_dtype
 
 BACKENDS = ("triton", "torch", "native")
 
@@ -50,7 +50,7 @@ def auto_backend(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton" if _cuda_kernel_usable(device) else "torch"
     if device.type == "cpu":
-        from prcl import native
+        from prcl.backends import native
 
         return "native" if native.available() else "torch"
     return "torch"  # any other device (meta, mps, …): the PyTorch twin runs wherever torch does
@@ -64,7 +64,7 @@ def check_backend(name: str, device: torch.device) -> None:
         raise ValueError(f"backend='triton' needs CUDA tensors (q is on {device}), or TRITON_INTERPRET=1 "
                          "set before triton is imported to run the kernels in Triton's interpreter")
     if name == "native":
-        from prcl import native
+        from prcl.backends import native
 
         if device.type != "cpu" or not native.available():
             raise ValueError(f"backend='native' needs CPU tensors (q is on {device}) and the built native "
@@ -72,8 +72,8 @@ def check_backend(name: str, device: torch.device) -> None:
 
 
 def _impl(name):
-    return importlib.import_module({"torch": "prcl.torch_impl", "triton": "prcl.triton_impl",
-                                    "native": "prcl.native"}[name])
+    return importlib.import_module({"torch": "prcl.backends.torch_impl", "triton": "prcl.backends.triton_impl",
+                                    "native": "prcl.backends.native"}[name])
 
 
 def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded, threshold=None):
@@ -120,7 +120,7 @@ def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, la
     return rows.sum() * weight, dq, dd, dt, db
 
 
-# threshold (B,): false negatives, a pair with y = 0 and q_i·d_j > threshold_i is excluded (prcl.loss)
+# threshold (B,): false negatives, a pair with y = 0 and q_i·d_j > threshold_i is excluded (prcl.core.loss)
 pair_bce_rows = _define(f"pair_bce_rows({_ARGS}, str backend, Tensor? threshold=None) -> Tensor", _rows)
 pair_bce_rows_backward = _define(
     f"pair_bce_rows_backward({_ARGS}, Tensor grad_rows, str backend, bool rounded=False, Tensor? threshold=None) "

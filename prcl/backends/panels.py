@@ -3,12 +3,12 @@
     G_ij = σ(z_ij) − y_ij  (0 for excluded pairs),  W = diag(w):
     dq = t·W·G·d      dd = t·Gᵀ·(W·q)      dt = Σ W·G∘S      db = Σ W·G
 
-Backends return G·d and Gᵀ·q times grad_scale = c (prcl.ops passes t times the reduction's weight),
+Backends return G·d and Gᵀ·q times grad_scale = c (prcl.core.ops passes t times the reduction's weight),
 in float32, or rounded once to the inputs' dtype when asked (`out_dtype`).
 
 A backend supplies `block(q_rows, d_cols, labels, label_index, col, w_rows, threshold_rows) -> (loss
 row sums, G, Σ W·G∘S, Σ W·G)` for one panel, whose labels are the panel's rows of the kernel label
-layout (prcl.ops), whose first document is `col` and whose rows' false-negative thresholds (or None)
+layout (prcl.core.ops), whose first document is `col` and whose rows' false-negative thresholds (or None)
 are threshold_rows; this driver feeds each panel's G to the two gradient GEMMs, so
 memory stays one panel however large B·N grows. The weights go on the thin side (rows of q and of
 G·d), never into G: G = σ − y stays in [−1, 1], where fp16 and bf16 panels hold it without underflow
@@ -17,7 +17,7 @@ Panels are visited in a fixed order: results are deterministic.
 """
 import torch
 
-from prcl.tuning import panel_shape
+from prcl.backends.tuning import panel_shape
 
 
 def acc_dtype(dtype):

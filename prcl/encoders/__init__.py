@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import prcl
-from prcl.contract import DEFAULT_SCALE
+from prcl.core.contract import DEFAULT_SCALE
 from prcl.files import regular_file
 
 logger = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 import prcl
-from prcl import reference
-from prcl.bench import SCALE, first_line
-from prcl.contract import default_bias
-from prcl.ops import auto_backend
+from prcl.backends import reference
+from prcl.tools.bench import SCALE, first_line
+from prcl.core.contract import default_bias
+from prcl.core.ops import auto_backend
 
 PEERS = ("open_clip", "siglip-kernel")  # optional packages: left out of the CLI table when absent
 

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from prcl.panels import acc_dtype, panel_grads, panel_labels
-from prcl.tuning import panel_shape
+from prcl.backends.panels import acc_dtype, panel_grads, panel_labels
+from prcl.backends.tuning import panel_shape
 
 PANEL_ELEMS = 1 << 20
 
@@ -34,7 +34,7 @@ def label_tile(y, index, col, cols, dtype):
 def pair_terms(s, t, b, y, threshold=None):
     """Per pair, from the similarity s, the label y (< 0: excluded) and z = t·s + b:
     (l = softplus(z) − y·z, G = σ(z) − y), both 0 for excluded pairs; with a per-row threshold
-    (rows, 1), a pair with y = 0 and s > threshold is excluded too (prcl.loss, false negatives).
+    (rows, 1), a pair with y = 0 and s > threshold is excluded too (prcl.core.loss, false negatives).
 
     With e = exp(−|z|) and r = e/(1 + e) = σ(−|z|):
         l = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e)      no cancellation of y·z against softplus
@@ -72,7 +72,7 @@ def rows(q, d, scale, bias, labels, label_index, threshold=None):
 
 
 def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
-    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.panels."""
+    """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
 
     def block(q_i, d_j, y, index, col, w_i, thr_i):
         s = q_i @ d_j.T

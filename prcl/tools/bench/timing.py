@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from prcl.bench import MODES
+from prcl.tools.bench import MODES
 
 SPREAD_WARNING = 0.10  # IQR/median above this: the timings are noise-bound, the table says so
 

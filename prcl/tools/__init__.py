@@ -1,0 +1,1 @@
+"""Tooling around the library: `prcl bench`, `prcl gpu-check` and `prcl compile-report`."""
