@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--warmup-steps", type=int, default=None, help="default: prcl train's (10%% of --steps)")
     ap.add_argument("--instruction", default=None, help="prepended to every query (training and evaluation)")
+    ap.add_argument("--extra-train", help="`prcl train` JSONL appended to the training pairs (build_debian.py)")
     ap.add_argument("--eval-every", type=int, default=0, help="also score the adapter of every N-th step")
     ap.add_argument("--splits", nargs="+", default=["test"], choices=("dev", "test"), help="splits scored")
     ap.add_argument("--train-dir", help="score the checkpoints in this `prcl train` --out (an earlier run, e.g. "
@@ -111,6 +112,9 @@ def main():
     adapters = [(0, None)]
     if args.loss != "zero-shot" and not args.train_dir:
         train = train_jsonl(data, args.loss == "prcl-graded", args.instruction, out / "train.jsonl")
+        if args.extra_train:
+            with open(train, "a") as f:
+                f.write(Path(args.extra_train).read_text())
         every = args.eval_every or args.steps
         cmd = prcl + ["train", *model, "--data", str(train), "--out", str(out / "train"), "--seed", str(args.seed),
                       "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
@@ -136,8 +140,9 @@ def main():
     for split, curve in scores.items():
         record = {"loss": args.loss, "seed": args.seed, "split": split, "model": gguf.name, **curve[-1][1]}
         if args.loss != "zero-shot":
-            record.update(steps=curve[-1][0], planned_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_layers=args.lora_layers,
-                          lora_r=args.lora_r, instruction=args.instruction)
+            record.update(steps=curve[-1][0], planned_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          lora_layers=args.lora_layers, lora_r=args.lora_r, instruction=args.instruction,
+                          extra_train=args.extra_train)
         if args.eval_every:
             record["curve"] = [[step, m["ndcg@10"]] for step, m in curve]
         record.update(max_seq_length=args.max_length, wall_s=round(time.perf_counter() - t_start, 1),
