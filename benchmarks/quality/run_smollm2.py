@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--warmup-steps", type=int, default=None, help="default: prcl train's (10%% of --steps)")
     ap.add_argument("--instruction", default=None, help="prepended to every query (training and evaluation)")
+    ap.add_argument("--teacher", help="`prcl train --teacher`: a model grading every in-batch pair (PRCL losses)")
     ap.add_argument("--extra-train", help="`prcl train` JSONL appended to the training pairs (build_debian.py)")
     ap.add_argument("--eval-every", type=int, default=0, help="also score the adapter of every N-th step")
     ap.add_argument("--splits", nargs="+", default=["test"], choices=("dev", "test"), help="splits scored")
@@ -124,6 +125,8 @@ def main():
                       "--keep-checkpoints", str(args.steps // every + 1)]
         if args.warmup_steps is not None:
             cmd += ["--warmup-steps", str(args.warmup_steps)]
+        if args.teacher:
+            cmd += ["--teacher", args.teacher]
         if args.loss == "infonce":
             cmd += ["--loss", "softmax", "--scale", "10"]  # the tuned InfoNCE scale (README)
         subprocess.run(cmd, check=True, env=env)
@@ -142,7 +145,7 @@ def main():
         if args.loss != "zero-shot":
             record.update(steps=curve[-1][0], planned_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           lora_layers=args.lora_layers, lora_r=args.lora_r, instruction=args.instruction,
-                          extra_train=args.extra_train)
+                          extra_train=args.extra_train, teacher=args.teacher)
         if args.eval_every:
             record["curve"] = [[step, m["ndcg@10"]] for step, m in curve]
         record.update(max_seq_length=args.max_length, wall_s=round(time.perf_counter() - t_start, 1),

@@ -43,6 +43,8 @@ HELP = {
     "false_negative_margin": "exclude (PRCL) or drop from the softmax (InfoNCE) an in-batch negative whose "
                              "similarity exceeds its query's positive's + this margin; metrics.jsonl logs "
                              "masked_pairs per step",
+    "teacher": "model directory or .gguf whose cosines label every in-batch pair the data leaves unlabelled, "
+               "calibrated per row between the batch's median and the query's positive (0..1)",
     "dedup": "merge identical document texts into one column",
     "backend": "prcl.fused_pair_bce backend (default: chosen by device)",
     "lora_r": "LoRA rank; 0 trains every weight",

@@ -39,6 +39,7 @@ class TrainConfig:
     learn_scale: bool = False
     bias: float = None  # None = −log(N − 1) from each batch's N
     false_negative_margin: float = None  # None = no mask; see prcl.fused_pair_bce
+    teacher: str = None  # a model whose cosines grade every pair of a batch (prcl.training.teacher)
     dedup: bool = True
     backend: str = None
     lora_r: int = 16  # 0 = train every weight
@@ -83,6 +84,8 @@ class TrainConfig:
                 regular_file(getattr(self, name), name)
         if self.model:
             check_model_path(self.model, self.gguf_file, prog="prcl train")
+        if self.teacher:
+            check_model_path(self.teacher, None, prog="prcl train")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"out: {self.out!r} is a file; --out takes a directory")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batch_size", "keep_checkpoints",

@@ -27,6 +27,7 @@ from prcl.training.data import ExampleStream, check_file, data_files
 from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
 from prcl.training.evaluation import evaluate_and_record, read_eval_set
 from prcl.training.step import batch_loss, forward_backward
+from prcl.training.teacher import load_teacher, teacher_batch
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ class _Run:
     process_group: object
     rank: int
     world: int
+    teacher: object = None  # an LLMEncoder grading every pair (cfg.teacher), or None
 
     @property
     def trainable(self):
@@ -222,6 +224,8 @@ class _Run:
         for _ in range(cfg.grad_accum):
             # every rank reads the same global batch and keeps its slice: equal batch counts per rank
             batch = build_batch([next(examples) for _ in range(cfg.batch_size)][local], dedup=cfg.dedup)
+            if self.teacher is not None:
+                batch = teacher_batch(batch, self.teacher)
             # N only matters to a learned bias offset; the trainer's bias is fixed (None: −log(N−1) per call)
             scale, bias = self.state.head.scale_and_bias(len(batch.docs))
 
@@ -298,6 +302,8 @@ def train(cfg, encoder=None):
     process_group, rank, world = setup(timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if cfg.batch_size % world:
         raise ValueError(f"batch_size: {cfg.batch_size} queries do not split over {world} ranks")
+    if cfg.teacher and world > 1:
+        raise ValueError("teacher: not supported under torchrun (a rank's teacher grades only its own documents)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -341,7 +347,8 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
     metrics = _Metrics(out / "metrics.jsonl", state.step, enabled=rank == 0)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    run = _Run(cfg, encoder, state, out, device, autocast, process_group, rank, world)
+    teacher = load_teacher(cfg.teacher, max_length=cfg.max_length, device=device) if cfg.teacher else None
+    run = _Run(cfg, encoder, state, out, device, autocast, process_group, rank, world, teacher)
 
     summary = {"losses": [], "eval_before": None, "eval_after": None}
     if eval_set and state.step == 0:

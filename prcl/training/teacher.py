@@ -1,0 +1,74 @@
+"""Teacher-graded labels: a second encoder grades every (query, document) pair of a batch.
+
+PRCL's labels may be dense, one per pair, so a teacher can say how related each in-batch "negative"
+is (BiXSE trains BCE on such graded relevance). The teacher embeds the batch's queries (without the
+student's instruction: it has its own conventions) and documents, L2-normalised, under no_grad; its
+cosines s_ij become labels by a per-row calibration anchored on the row's own positives:
+
+    p_i = max over the row's listed positives of s_ij      (what the teacher gives a true positive)
+    m_i = median over the row's N documents of s_ij         (what it gives a typical in-batch document)
+    y_ij = clamp((s_ij − m_i) / (p_i − m_i), 0, 1)          for every pair the data did not list
+
+so a document the teacher ranks with the positive gets ≈ 1, one at or below the batch's median 0,
+and the scale of the teacher's cosines (which differs between models) drops out. Listed pairs keep
+the data's label (positives 1, graded documents their relevance, excluded pairs −1); a row without a
+listed positive, or whose positive the teacher scores at or below the median, keeps 0 elsewhere.
+"""
+from pathlib import Path
+
+import torch
+
+from prcl.training.batching import Batch
+
+
+class _SentenceTransformerTeacher:
+    """A sentence-transformers model behind the `embed(texts)` of prcl's encoders."""
+
+    def __init__(self, path: str, device: torch.device):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(path, device=str(device))
+
+    def embed(self, texts: list) -> torch.Tensor:
+        return self.model.encode(texts, batch_size=max(1, len(texts)), convert_to_tensor=True,
+                                 normalize_embeddings=True, show_progress_bar=False)
+
+
+def load_teacher(path: str, *, max_length: int, device: torch.device):
+    """A frozen teacher in eval mode: a sentence-transformers directory (modules.json) through
+    sentence-transformers, with its own pooling and length; anything else as prcl.encoders.LLMEncoder
+    (mean pooling, max_length tokens)."""
+    if (Path(path) / "modules.json").is_file():
+        teacher = _SentenceTransformerTeacher(path, device)
+    else:
+        from prcl.encoders import LLMEncoder
+
+        teacher = LLMEncoder.from_pretrained(path, max_length=max_length)
+    teacher.model.to(device).eval().requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def calibrated_labels(s: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B, N) float32 labels from the teacher's cosines s (B, N) and the batch's listed pairs."""
+    listed = batch.dense_labels()
+    is_listed = torch.zeros_like(listed, dtype=torch.bool)
+    rows = torch.arange(len(batch.queries))[:, None].expand_as(batch.label_index)
+    keep = batch.label_index >= 0
+    is_listed[rows[keep], batch.label_index[keep]] = True
+    s = s.float()
+    p = torch.where(listed > 0, s, -torch.inf).amax(1, keepdim=True)
+    m = s.median(1, keepdim=True).values
+    usable = p > m  # a positive the teacher ranks above the median: the row has a scale
+    y = ((s - m) / torch.where(usable, p - m, 1.0)).clamp(0, 1) * usable
+    return torch.where(is_listed, listed, y)
+
+
+@torch.no_grad()
+def teacher_batch(batch: Batch, teacher) -> Batch:
+    """The batch with every pair listed: the data's labels where it lists one, the teacher's elsewhere.
+    teacher: anything with `embed(texts)` returning L2-normalised rows (load_teacher's)."""
+    q, d = teacher.embed(batch.queries).float(), teacher.embed(batch.docs).float()
+    y = calibrated_labels(q @ d.T, batch)
+    index = torch.arange(len(batch.docs)).expand(len(batch.queries), -1).contiguous()
+    return Batch(batch.queries, batch.instructions, batch.docs, y, index)
