@@ -74,14 +74,22 @@ STRATEGIES = ("gather", "ring")
 
 @dataclass(frozen=True)
 class Gather:
-    """`process_group=Gather(group)`: the all-gather strategy (the default for a bare group)."""
+    """`process_group=Gather(group)`: the all-gather strategy (the default for a bare group).
+
+    Args:
+        group: a torch.distributed process group; None is the default group.
+    """
     group: object = None
     strategy = "gather"
 
 
 @dataclass(frozen=True)
 class Ring:
-    """`process_group=Ring(group)`: the ring strategy, two document chunks in memory at a time."""
+    """`process_group=Ring(group)`: the ring strategy, two document chunks in memory at a time.
+
+    Args:
+        group: a torch.distributed process group; None is the default group.
+    """
     group: object = None
     strategy = "ring"
 
@@ -99,7 +107,20 @@ def _unwrap(process_group, strategy):
 
 def ddp_loss_scale(process_group=None):
     """The factor to multiply the loss by so that DDP's/FSDP's gradient average over the ranks is
-    the gradient of the global loss Σ_r loss_r: the loss group's world size (see the module doc)."""
+    the gradient of the global loss Σ_r loss_r: the loss group's world size (see the module doc).
+
+    Args:
+        process_group: the group the loss is gathered over (a group, None for the default group, or
+            Ring/Gather of one).
+
+    Returns:
+        float: the group's world size R.
+
+    Example (under torchrun, the encoder wrapped in DDP or FSDP):
+
+        loss = prcl.fused_pair_bce(q, d, process_group=pg) * ddp_loss_scale(pg)
+        loss.backward()   # DDP's average over the R ranks is now the global loss's gradient
+    """
     group, _ = _unwrap(process_group, None)
     return float(dist.get_world_size(group))
 
@@ -186,6 +207,45 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
     Same arguments as `prcl.fused_pair_bce` with local tensors; `process_group` is a torch.distributed
     group, `None` for the default group, or `Ring(group)` / `Gather(group)`; `strategy` is "gather"
     (default) or "ring". Semantics, DDP/FSDP scaling and strategies: see the module docstring.
+    `prcl.fused_pair_bce(..., process_group=pg)` calls this.
+
+    Args:
+        q, d: this rank's queries (B_r, D) and documents (N_r, D); local sizes may differ between ranks.
+        labels, label_index: this rank's labels, as for prcl.fused_pair_bce, indexing local documents;
+            dense (B_r, N_r) labels cover the local documents, every other rank's are negatives.
+        scale, bias: as for prcl.fused_pair_bce; bias=None is −log(N − 1) with the global N. Every
+            rank must pass the same values.
+        reduction: "mean" (÷ the global B), "sum", or "none" (this rank's (B_r,) rows).
+        backend: as for prcl.fused_pair_bce.
+        process_group: see above. strategy: "gather" or "ring" (or given by Ring/Gather).
+        false_negative_margin, return_masked: as for prcl.fused_pair_bce, for this rank's queries.
+
+    Returns:
+        This rank's share of the loss (float32): the shares of all ranks sum to the one-process loss
+        on the concatenated batch; with return_masked=True, (loss, masked). Every rank must call
+        backward; each then holds the exact global-loss gradient of its own q and d.
+
+    Raises:
+        ValueError: on every rank, when any rank's inputs fail the checks (naming that rank) or the
+            ranks disagree on a setting (naming it and each rank's value), or when torch.distributed
+            is not initialised.
+
+    Example (one rank here; under torchrun every rank runs the same lines on its own slice, see
+    examples/distributed_loss.py):
+
+        >>> import tempfile, torch, torch.distributed as dist, prcl
+        >>> from prcl.distributed import Ring, distributed_pair_bce, ddp_loss_scale
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, d = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+        >>> one_process = prcl.fused_pair_bce(q, d)
+        >>> torch.allclose(distributed_pair_bce(q, d), one_process)                    # gather
+        True
+        >>> torch.allclose(prcl.fused_pair_bce(q, d, process_group=Ring()), one_process)  # ring
+        True
+        >>> ddp_loss_scale()
+        1.0
+        >>> dist.destroy_process_group()
     """
     group, strategy = _unwrap(process_group, strategy)
     if not dist.is_initialized():

@@ -36,6 +36,28 @@ class PairBCELoss(nn.Module):
         learnable_bias: learn b as `logit_bias`: an offset on −log(N−1) starting at 0 when bias is
             None, else the bias itself starting at `bias`.
         reduction, backend, false_negative_margin: as for prcl.fused_pair_bce.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, prcl, prcl.nn
+        >>> criterion = prcl.nn.PairBCELoss(learnable_scale=True, learnable_bias=True)
+        >>> criterion
+        PairBCELoss(scale=exp(1.609), bias=-log(N-1) + learned, reduction='mean')
+        >>> sorted(name for name, _ in criterion.named_parameters())
+        ['logit_bias', 'logit_scale']
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
+        >>> d = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+        >>> loss = criterion(q, d)
+        >>> torch.allclose(loss, prcl.fused_pair_bce(q, d))   # at the start: t = 5, b = −log(N−1)
+        True
+        >>> loss.backward()
+        >>> criterion.logit_scale.grad.shape, criterion.logit_bias.grad.shape
+        (torch.Size([]), torch.Size([]))
+
+        Give the two parameters their own, larger learning rate (as SigLIP does):
+
+        >>> opt = torch.optim.AdamW([{"params": [q], "lr": 1e-4},
+        ...                          {"params": criterion.parameters(), "lr": 0.1}])
     """
 
     def __init__(self, scale: float = DEFAULT_SCALE, bias: Optional[float] = None, *, learnable_scale: bool = False,
@@ -64,6 +86,27 @@ class PairBCELoss(nn.Module):
 
     def forward(self, q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
                 label_index: Optional[Tensor] = None, process_group=None, return_masked: bool = False):
+        """The loss of queries q against documents d at this module's scale and bias.
+
+        Args:
+            q: queries (B, D); d: documents (N, D); float32, float16 or bfloat16, one dtype and device.
+            labels, label_index: as for prcl.fused_pair_bce (None: pair (i, i) positive).
+            process_group: as for prcl.fused_pair_bce; with a learnable bias on the prior, −log(N−1)
+                takes the global N (one all-reduce of the local N).
+            return_masked: also return the number of pairs the false-negative margin masked.
+
+        Returns:
+            As prcl.fused_pair_bce: a float32 scalar, or (B,) for reduction="none"; with
+            return_masked=True, (loss, masked).
+
+        Example:
+            >>> import torch, prcl.nn
+            >>> criterion = prcl.nn.PairBCELoss(reduction="none", false_negative_margin=0.1)
+            >>> q, d = torch.eye(3, 4), torch.eye(5, 4)
+            >>> per_query, masked = criterion(q, d, return_masked=True)
+            >>> per_query.shape, int(masked)
+            (torch.Size([3]), 0)
+        """
         n_docs = d.shape[0]
         if process_group is not None and self.learnable_bias and self.fixed_bias is None:
             # the prior needs the global N, and local batches may differ in size
