@@ -163,6 +163,20 @@ def test_repeated_query_excludes_the_other_rows_positives():
     assert b.dense_labels().tolist() == [[1, -1, 0], [-1, 1, 0], [0, 0, 1]]
 
 
+def test_excluded_pairs_on_ids_by_hand():
+    """The rule on ids, as build_batch and the sentence-transformers losses call it: queries 0 and 2 share a
+    key; documents 1 and 3 share a text."""
+    from prcl.training.batching import excluded_pairs
+
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2, 4])
+    relevant = torch.tensor([True, False, True, True])
+    q, d = excluded_pairs(torch.tensor([5, 6, 5]), torch.tensor([0, 1, 2, 1, 3]), rows, cols, relevant)
+    # query 0 lists text 1 (column 1) as a negative: its copy, column 3, is out; its twin, query 2, marks
+    # column 4 relevant: out for query 0. Query 2 leaves out query 0's relevant column 0, not its negative 1.
+    # Query 1 lists nothing that repeats.
+    assert list(zip(q.tolist(), d.tolist())) == [(0, 3), (0, 4), (2, 0)]
+
+
 def test_info_nce_one_positive_is_cross_entropy_and_masks_exclusions():
     q, d = torch.randn(3, 6), torch.randn(5, 6)
     b = build_batch([Example("q0", ("d0",)), Example("q1", ("d1",)), Example("q2", ("d2",), ("d3", "d4"))])

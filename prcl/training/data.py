@@ -9,6 +9,8 @@
 A data path ending in .tsv is a BEIR-layout qrels file instead (DIR/qrels/SPLIT.tsv beside
 DIR/corpus.jsonl and DIR/queries.jsonl): see read_beir.
 """
+from __future__ import annotations
+
 import functools
 import json
 import logging
@@ -62,7 +64,7 @@ def _texts(obj, key, allow_str):
 KEYS = ("query", "positive", "negatives", "instruction", "graded")
 
 
-def parse_example(line):
+def parse_example(line: str) -> Example:
     """One JSONL line -> Example; ValueError with the reason when the line is not a valid example."""
     try:
         obj = json.loads(line)
@@ -215,7 +217,7 @@ def check_file(path):
     return sum(1 for _ in iter_file(path))
 
 
-def read_examples(path, *, skip_bad_lines=False, skipped=None):
+def read_examples(path: str | os.PathLike, *, skip_bad_lines: bool = False, skipped=None) -> list[Example]:
     """All examples of a (small, e.g. evaluation) file, in order."""
     return [ex for _, _, ex in iter_file(path, skip_bad_lines=skip_bad_lines, skipped=skipped)]
 
