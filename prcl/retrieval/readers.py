@@ -35,15 +35,25 @@ def lines(path: PathLike, what: str) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
+def json_object(line: str, kind: str | None = None) -> dict:
+    """The JSON object on one line of a JSON Lines file; ValueError with the reason (invalid JSON, or another
+    value than an object; `kind` names what the object should have been)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object{f' ({kind})' if kind else ''}, got {type(obj).__name__}")
+    return obj
+
+
 def _jsonl(path: PathLike, kind: str) -> Iterator[tuple[int, dict]]:
     """Yields (line number, object) for the non-blank lines of a JSON Lines file."""
     for lineno, line in lines(path, "queries" if kind == "query" else "corpus"):
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object ({kind}), got {type(obj).__name__}")
+            obj = json_object(line, kind)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
         yield lineno, obj
 
 

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from prcl.files import regular_file
+from prcl.retrieval.readers import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,7 @@ KEYS = ("query", "positive", "negatives", "instruction", "graded")
 
 def parse_example(line: str) -> Example:
     """One JSONL line -> Example; ValueError with the reason when the line is not a valid example."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(line)
     unknown = [k for k in obj if k not in KEYS]
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(map(json.dumps, unknown))}; allowed: {', '.join(KEYS)}")
