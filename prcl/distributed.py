@@ -268,7 +268,7 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
     if bias is None:
         bias = default_bias(sum(n_sizes))
     if strategy == "gather":
-        d_all = _GatherRows.apply(d, plan) if want[1] else _gather_rows(d, plan)
+        d_all = gather_rows(d, plan.n_sizes, group)
         y, index = _global_labels(plan, q, d.shape[0], sum(n_sizes))
         # the global mean's 1/B inside the op: the query gradients are rounded once, with it applied
         return loss.pair_bce(q, d_all, y, index, scale, bias, reduction, backend, n_queries=sum(b_sizes),
@@ -296,37 +296,45 @@ def _global_labels(plan, q, N, n_total):
     return y, None
 
 
-def _gather_rows(x, plan):
-    """All-gathers rows of unequal counts: pad each rank's rows to the largest count, gather, slice."""
-    n_max, D = max(plan.n_sizes), x.shape[1]
+def gather_rows(x, sizes, group=None):
+    """cat_r x_r over the ranks of `group`, where rank r holds sizes[r] rows (all ranks pass the same sizes):
+    each rank's rows padded to the largest count, all-gathered, the padding dropped. Differentiable in x:
+    ∂L/∂x_r = Σ_s (∂L_s/∂x_all)[rows of r], a reduce-scatter of the ranks' gradients (in float32)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherRows.apply(x, sizes, group)
+    return _gather_rows(x, sizes, group)
+
+
+def _gather_rows(x, sizes, group):
+    n_max, D = max(sizes), x.shape[1]
     x = x.detach()
     padded = x if x.shape[0] == n_max else torch.cat([x, x.new_zeros(n_max - x.shape[0], D)])
-    buf = x.new_empty(plan.world, n_max, D)
-    dist.all_gather(list(buf.unbind(0)), padded.contiguous(), group=plan.group)
-    if all(n == n_max for n in plan.n_sizes):
+    buf = x.new_empty(len(sizes), n_max, D)
+    dist.all_gather(list(buf.unbind(0)), padded.contiguous(), group=group)
+    if all(n == n_max for n in sizes):
         return buf.view(-1, D)
     # padding rows are dropped here, before the loss: they get neither loss nor gradient
-    return torch.cat([buf[r, :n] for r, n in enumerate(plan.n_sizes)])
+    return torch.cat([buf[r, :n] for r, n in enumerate(sizes)])
 
 
 class _GatherRows(torch.autograd.Function):
-    """d_all = cat_r d_r;  ∂L/∂d_r = Σ_s (∂L_s/∂d_all)[rows of r]: a reduce-scatter of the gradients."""
+    """x_all = cat_r x_r;  ∂L/∂x_r = Σ_s (∂L_s/∂x_all)[rows of r]: a reduce-scatter of the gradients."""
 
     @staticmethod
-    def forward(ctx, x, plan):
-        ctx.plan, ctx.dtype = plan, x.dtype
-        return _gather_rows(x, plan)
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group, ctx.dtype = sizes, group, x.dtype
+        return _gather_rows(x, sizes, group)
 
     @staticmethod
     def backward(ctx, grad):
-        plan = ctx.plan
-        n_max, D = max(plan.n_sizes), grad.shape[1]
+        sizes = ctx.sizes
+        n_max, D = max(sizes), grad.shape[1]
         # float32 on the wire: R bf16 partial gradients summed in bf16 would lose the low bits
         parts = [p if p.shape[0] == n_max else torch.cat([p, p.new_zeros(n_max - p.shape[0], D)])
-                 for p in grad.float().split(plan.n_sizes)]
+                 for p in grad.float().split(sizes)]
         out = grad.new_empty(n_max, D, dtype=torch.float32)
-        dist.reduce_scatter(out, [p.contiguous() for p in parts], group=plan.group)
-        return out[: plan.n_sizes[plan.rank]].to(ctx.dtype), None
+        dist.reduce_scatter(out, [p.contiguous() for p in parts], group=ctx.group)
+        return out[: sizes[dist.get_rank(ctx.group)]].to(ctx.dtype), None, None
 
 
 # --- strategy "ring" -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prcl import retrieval as ir
+from prcl.retrieval import cli as eval_cli, compute_metrics, read_corpus, read_split, write_run
 from prcl.files import run_lock
 from prcl.training import checkpoint
 from prcl.training.cli import encode_main, train_main
@@ -203,10 +203,10 @@ def test_fifo_as_data_or_config_or_eval_is_refused_without_blocking(run, tmp_pat
 def test_fifo_as_qrels_corpus_or_encode_data_is_refused_without_blocking(model_dir, tmp_path, capsys, no_hang):
     pipe = fifo(tmp_path / "pipe")
     qrels = beir(tmp_path / "set")
-    assert ir.main(["--model", str(model_dir), "--qrels", pipe, "--corpus", pipe, "--queries", pipe,
+    assert eval_cli.main(["--model", str(model_dir), "--qrels", pipe, "--corpus", pipe, "--queries", pipe,
                     "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys).endswith("is not a regular file (a FIFO, socket or device); pass a file")
-    assert ir.main(["--model", str(model_dir), "--qrels", str(qrels), "--corpus", pipe,
+    assert eval_cli.main(["--model", str(model_dir), "--qrels", str(qrels), "--corpus", pipe,
                     "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (f"prcl eval: error: corpus: '{pipe}' is not a regular file (a FIFO, socket or "
                                   "device); pass a file")
@@ -247,7 +247,7 @@ def test_eval_file_faults_are_found_before_the_evaluation(model_dir, tmp_path, c
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the file fault was found")
 
-    monkeypatch.setattr(ir, "load_encode", no_model)
+    monkeypatch.setattr(eval_cli, "load_encode", no_model)
     qrels = beir(tmp_path / "set")
     base = ["--model", str(model_dir), "--qrels", str(qrels)]
     (tmp_path / "file").write_text("x")
@@ -257,11 +257,11 @@ def test_eval_file_faults_are_found_before_the_evaluation(model_dir, tmp_path, c
          f"corpus: '{tmp_path}' is a directory; expected a file"),
     ]
     for extra, message in cases:
-        assert ir.main(base + extra) == 1
+        assert eval_cli.main(base + extra) == 1
         assert error_line(capsys) == f"prcl eval: error: {message}"
     loose = tmp_path / "test.tsv"
     shutil.copy(qrels, loose)
-    assert ir.main(["--model", str(model_dir), "--qrels", str(loose), "--out", str(tmp_path / "o")]) == 1
+    assert eval_cli.main(["--model", str(model_dir), "--qrels", str(loose), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (
         f"prcl eval: error: qrels: {loose} is not in a qrels/ folder (the BEIR layout is DIR/qrels/SPLIT.tsv beside "
         "DIR/corpus.jsonl and DIR/queries.jsonl); move it there, or (prcl eval) pass --corpus and --queries")
@@ -277,20 +277,20 @@ def test_qrels_linked_into_another_dataset_is_refused(model_dir, tmp_path, capsy
     (tmp_path / "mine" / "qrels").mkdir(parents=True)
     link = tmp_path / "mine" / "qrels" / "test.tsv"
     link.symlink_to(other)
-    assert ir.main(["--model", str(model_dir), "--qrels", str(link), "--out", str(tmp_path / "o")]) == 1
+    assert eval_cli.main(["--model", str(model_dir), "--qrels", str(link), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (
         f"prcl eval: error: qrels: {link} is a link into {other.parent}, another folder than the one it is in; "
         "put a copy there, or (prcl eval) pass --corpus and --queries to say which corpus to read")
 
 
-@pytest.mark.parametrize("command", [ir.main, encode_main])
+@pytest.mark.parametrize("command", [eval_cli.main, encode_main])
 def test_a_model_path_that_does_not_exist(tmp_path, capsys, command):
     qrels = beir(tmp_path / "set")
     write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
-    argv = (["--qrels", str(qrels), "--out", str(tmp_path / "o")] if command is ir.main
+    argv = (["--qrels", str(qrels), "--out", str(tmp_path / "o")] if command is eval_cli.main
             else ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy")])
     assert command(["--model", "some-org/no-model"] + argv) == 1
-    prog = "prcl eval" if command is ir.main else "prcl encode"
+    prog = "prcl eval" if command is eval_cli.main else "prcl encode"
     assert error_line(capsys) == (f"{prog}: error: model: no such file or directory 'some-org/no-model' ({prog} "
                                   "loads local models only: a model directory or a .gguf file)")
 
@@ -336,7 +336,7 @@ def test_bom_opening_training_data_and_beir_files_is_dropped(tmp_path):
     qrels = beir(tmp_path / "set")
     for f in (qrels, tmp_path / "set" / "corpus.jsonl", tmp_path / "set" / "queries.jsonl"):
         f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
-    queries, corpus, judged = ir.read_split(qrels)
+    queries, corpus, judged = read_split(qrels)
     assert "q0" in queries and "d0" in corpus and judged["q0"] == {"d0": 2, "d1": 1}
 
 
@@ -348,7 +348,7 @@ def test_bad_device_for_eval_encode_and_bench(model_dir, tmp_path, capsys, devic
     write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
     want = (f"device: unknown device {device!r}; expected cpu, cuda or cuda:N" if device == "bogus" else
             f"device: {device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s) here; pass --device cpu")
-    assert ir.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "o"),
+    assert eval_cli.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "o"),
                     "--device", device]) == 1
     assert error_line(capsys).startswith(f"prcl eval: error: {want}")
     assert encode_main(["--model", str(model_dir), "--data", str(tmp_path / "t.jsonl"),
@@ -478,7 +478,7 @@ def test_eval_out_with_a_linked_run_file(model_dir, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "victim").write_text("precious")
     (tmp_path / "o" / "run.trec").symlink_to(tmp_path / "victim")
-    assert ir.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "o")]) == 1
+    assert eval_cli.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "o")]) == 1
     assert error_line(capsys) == (f"prcl eval: error: out: {tmp_path / 'o' / 'run.trec'} is a symbolic link; prcl "
                                   "eval writes only through paths that are not links: remove it, or choose another "
                                   "--out")
@@ -722,7 +722,7 @@ def test_train_eval_and_prcl_eval_agree_on_graded_qrels(model_dir, tmp_path, cap
     first evaluation and prcl eval must report the same figures on the same graded BEIR set."""
     qrels = beir(tmp_path / "set", ["q0\td0\t3", "q0\td1\t1", "q0\td4\t2", "q1\td2\t1", "q1\td3\t0", "q2\td5\t2"],
                  n_docs=len(LINES))
-    assert ir.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "e"), "--k", "1", "5",
+    assert eval_cli.main(["--model", str(model_dir), "--qrels", str(qrels), "--out", str(tmp_path / "e"), "--k", "1", "5",
                     "10"]) == 0
     assert f"prcl eval: corpus {tmp_path / 'set' / 'corpus.jsonl'}, queries {tmp_path / 'set' / 'queries.jsonl'}" in (
         capsys.readouterr().err)  # says which corpus it reads
@@ -744,20 +744,20 @@ def test_run_file_keeps_precision_and_the_metrics_tie_order(tmp_path):
     close = {"q": {"a": 0.5, "b": 0.5 + 1e-7, "c": 0.1}}  # 6 decimals would make a and b tie
     tied = {"q": {"a": 0.5, "b": 0.5, "c": 0.1}}  # trec_eval breaks the tie by doc id, descending: b first
     for run in (close, tied):
-        ir.write_run(tmp_path / "run.trec", run)
+        write_run(tmp_path / "run.trec", run)
         back = {}
         for r in ir_measures.read_trec_run(str(tmp_path / "run.trec")):
             back.setdefault(r.query_id, {})[r.doc_id] = r.score
         assert back == run
         ranks = [line.split()[2] for line in (tmp_path / "run.trec").read_text().splitlines()]
         assert ranks == ["b", "a", "c"]
-        assert ir.compute_metrics(qrels, back, ks=(1,)) == ir.compute_metrics(qrels, run, ks=(1,))
-        assert ir.compute_metrics(qrels, run, ks=(1,))["recall@1"] == 0.0  # b outranks a in the metrics too
+        assert compute_metrics(qrels, back, ks=(1,)) == compute_metrics(qrels, run, ks=(1,))
+        assert compute_metrics(qrels, run, ks=(1,))["recall@1"] == 0.0  # b outranks a in the metrics too
 
 
 def test_ids_with_whitespace_are_refused(tmp_path):
     write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "d 1", "text": "x"}])
     with pytest.raises(ValueError, match=r":1: _id 'd 1' contains whitespace, which a TREC run or qrels line"):
-        ir.read_corpus(tmp_path / "corpus.jsonl")
+        read_corpus(tmp_path / "corpus.jsonl")
     with pytest.raises(ValueError, match="document id 'd\\\\t1' contains whitespace"):
-        ir.write_run(tmp_path / "run.trec", {"q": {"d\t1": 1.0}})
+        write_run(tmp_path / "run.trec", {"q": {"d\t1": 1.0}})

@@ -97,18 +97,23 @@ def batch_texts(batch_size, seed):
 
 
 def expected_labels(anchors, columns, labels):
-    """The (B, N) label matrix the loss should use, written out pair by pair (−1 = left out).
+    """The (B, N) label matrix the loss should use, written out pair by pair (−1 = left out): a copy of
+    one of the row's own documents, or of a document relevant (label > 0) to a row with the same anchor.
     labels[i]: the positive's relevance, or a list with one per document column of row i."""
     B = len(anchors)
     docs = [text for column in columns for text in column]
+    row_labels = [labels[i] if isinstance(labels[i], list) else [labels[i]] + [0.0] * (len(columns) - 1)
+                  for i in range(B)]
+    relevant = {}  # anchor text -> texts relevant to some row with that anchor
+    for i in range(B):
+        relevant.setdefault(anchors[i], set()).update(docs[c * B + i] for c, y in enumerate(row_labels[i]) if y > 0)
     y = torch.zeros(B, len(docs), dtype=torch.float64)
     for i in range(B):
         own = {docs[c * B + i] for c in range(len(columns))}
-        own_labels = labels[i] if isinstance(labels[i], list) else [labels[i]] + [0.0] * (len(columns) - 1)
         for j, doc in enumerate(docs):
             if j % B == i:
-                y[i, j] = own_labels[j // B]
-            elif doc in own or (j < B and anchors[j] == anchors[i]):
+                y[i, j] = row_labels[i][j // B]
+            elif doc in own or doc in relevant[anchors[i]]:
                 y[i, j] = -1.0
     return y
 
@@ -286,6 +291,19 @@ def test_excluded_pairs_by_hand():
     assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (0, 2), (1, 3), (2, 0)]
     rows, cols = excluded_pairs(torch.tensor([7, 8, 7]), torch.arange(6))  # queries 0 and 2 repeat
     assert list(zip(rows.tolist(), cols.tolist())) == [(0, 2), (2, 0)]
+
+
+def test_excluded_pairs_follow_the_labels_of_a_repeated_anchor():
+    """A repeated anchor's relevant documents (label > 0, and their copies) are left out for its twin, as
+    build_batch leaves them out (the one rule, prcl.training.batching.excluded_pairs)."""
+    anchors, docs = torch.tensor([7, 8, 7]), torch.tensor([0, 1, 2, 3, 4, 0])  # doc 5 copies doc 0
+    rows, cols = excluded_pairs(anchors, docs)
+    # query 0 leaves out doc 2 (the positive of query 2, its twin) and doc 5 (a copy of its own positive);
+    # query 2 leaves out doc 0 (a copy of its doc 5)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 2), (0, 5), (2, 0)]
+    relevant = torch.tensor([True, True, False, False, False, True])  # query 2's positive graded 0: a negative
+    rows, cols = excluded_pairs(anchors, docs, relevant)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 5), (2, 0)]
 
 
 def test_text_groups_ignore_padding_side_and_width():

@@ -163,6 +163,20 @@ def test_repeated_query_excludes_the_other_rows_positives():
     assert b.dense_labels().tolist() == [[1, -1, 0], [-1, 1, 0], [0, 0, 1]]
 
 
+def test_excluded_pairs_on_ids_by_hand():
+    """The rule on ids, as build_batch and the sentence-transformers losses call it: queries 0 and 2 share a
+    key; documents 1 and 3 share a text."""
+    from prcl.training.batching import excluded_pairs
+
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2, 4])
+    relevant = torch.tensor([True, False, True, True])
+    q, d = excluded_pairs(torch.tensor([5, 6, 5]), torch.tensor([0, 1, 2, 1, 3]), rows, cols, relevant)
+    # query 0 lists text 1 (column 1) as a negative: its copy, column 3, is out; its twin, query 2, marks
+    # column 4 relevant: out for query 0. Query 2 leaves out query 0's relevant column 0, not its negative 1.
+    # Query 1 lists nothing that repeats.
+    assert list(zip(q.tolist(), d.tolist())) == [(0, 3), (0, 4), (2, 0)]
+
+
 def test_info_nce_one_positive_is_cross_entropy_and_masks_exclusions():
     q, d = torch.randn(3, 6), torch.randn(5, 6)
     b = build_batch([Example("q0", ("d0",)), Example("q1", ("d1",)), Example("q2", ("d2",), ("d3", "d4"))])
@@ -483,6 +497,51 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     norms = [[json.loads(x)["grad_norm"] for x in (tmp_path / run / "out" / "metrics.jsonl").read_text().splitlines()]
              for run in ("one", "two")]
     torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-4, atol=1e-6)
+
+
+def _softmax_rank(rank, world, store, b_sizes, n_sizes):
+    import datetime
+
+    import torch.distributed as dist
+
+    from prcl.training.softmax import gathered_info_nce
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        g = torch.Generator().manual_seed(0)
+        Q = F.normalize(torch.randn(sum(b_sizes), 6, generator=g), dim=1).requires_grad_()
+        Dd = F.normalize(torch.randn(sum(n_sizes), 6, generator=g), dim=1).requires_grad_()
+        # each query lists its own rank's document k as positive and k + 1 graded 0.5 (local columns)
+        local = [(torch.tensor([[1.0, 0.5]] * B), torch.tensor([[k, (k + 1) % N] for k in range(B)]))
+                 for B, N in zip(b_sizes, n_sizes)]
+        b0, n0 = sum(b_sizes[:rank]), sum(n_sizes[:rank])
+        labels = torch.cat([y for y, _ in local])
+        index = torch.cat([i + sum(n_sizes[:r]) for r, (_, i) in enumerate(local)])
+        whole = info_nce(Q, Dd, labels, index, scale=4.0)
+        whole.backward()
+        q = Q.detach()[b0: b0 + b_sizes[rank]].clone().requires_grad_()
+        d = Dd.detach()[n0: n0 + n_sizes[rank]].clone().requires_grad_()
+        mine = gathered_info_nce(q, d, *local[rank], scale=4.0, process_group=dist.group.WORLD)
+        mine.backward()
+        total = mine.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, whole.detach())
+        torch.testing.assert_close(q.grad, Q.grad[b0: b0 + b_sizes[rank]])
+        torch.testing.assert_close(d.grad, Dd.grad[n0: n0 + n_sizes[rank]])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_softmax_across_unequal_ranks_equals_one_process(tmp_path):
+    """gathered_info_nce on 2 gloo ranks holding 2 and 3 queries, 3 and 5 documents (the padded gather of
+    prcl.distributed.gather_rows): the ranks' losses sum to InfoNCE over the whole batch, and each rank's
+    query and document gradients are that batch's rows."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_softmax_rank, args=(2, str(tmp_path / "store"), (2, 3), (3, 5)), nprocs=2, join=True)
 
 
 def test_train_config_scale_is_the_library_default():

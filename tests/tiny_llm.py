@@ -2,13 +2,16 @@
 
     model, tokenizer = tiny_model_and_tokenizer("qwen2", causal_lm=True, attn_implementation="eager")
 """
+import collections
+import re
+
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from prcl.encoders.models import word_tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 VOCAB_SIZE = 256
-SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PAD, UNK, BOS, EOS = range(4)
 
 CORPUS = """
@@ -38,17 +41,14 @@ one two three four five six seven eight nine ten
 
 
 def tiny_tokenizer(padding_side="right", bos=True):
-    """A lower-casing word-level tokenizer with [PAD] [UNK] [BOS] [EOS]; it prepends [BOS] like Llama's, or
-    with bos=False adds no special token (like SmolLM2's: "" and "   " become no tokens at all)."""
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CORPUS.split("\n"), trainers.WordLevelTrainer(special_tokens=list(SPECIALS)))
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS)])
-    assert tok.get_vocab_size() <= VOCAB_SIZE
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]", padding_side=padding_side)
+    """A lower-casing word-level tokenizer over CORPUS's words, the most frequent first, after [PAD] [UNK] [BOS]
+    [EOS]; it prepends [BOS] like Llama's, or with bos=False adds no special token (like SmolLM2's: "" and "   "
+    become no tokens at all)."""
+    counts = collections.Counter(re.findall(r"\w+|[^\w\s]+", CORPUS.lower()))
+    tok = word_tokenizer(sorted(counts, key=lambda w: (-counts[w], w)), lowercase=True, bos=bos,
+                         padding_side=padding_side)
+    assert len(tok) <= VOCAB_SIZE
+    return tok
 
 
 def tiny_config(family="llama", **overrides):

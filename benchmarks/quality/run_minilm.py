@@ -17,7 +17,7 @@ other rows' documents as in-batch negatives, NoDuplicatesBatchSampler (a repeate
 shares a batch). --noise replaces that fraction of the rows' positives by random unjudged passages.
 --false-negative-margin M masks an in-batch negative whose cosine exceeds its query's positive's + M:
 PRCL leaves the pair out (PairRelevanceLoss's false_negative_margin), InfoNCE drops it from the softmax
-denominator (prcl.training.step.info_nce, in place of MultipleNegativesRankingLoss's equal formula).
+denominator (prcl.training.softmax.info_nce, in place of MultipleNegativesRankingLoss's equal formula).
 Each run appends one JSON line to --results.
 """
 import argparse
@@ -100,7 +100,7 @@ def masked_info_nce(margin):
     import torch.nn.functional as F
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from prcl.training.step import info_nce
+    from prcl.training.softmax import info_nce
 
     class MaskedInfoNCE(MultipleNegativesRankingLoss):
         def compute_loss_from_embeddings(self, embeddings, labels):

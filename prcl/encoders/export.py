@@ -15,21 +15,21 @@ sentence-transformers counts the prompt's tokens by tokenizing it alone; export 
 tokens differ that way from the ones prcl leaves out of the pooling (e.g. a BPE tokenizer that splits a
 trailing space off on its own), and weighted_mean with an instruction (the two weight schemes differ there).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+from prcl.encoders.llm import LLMEncoder, instruction_prefix
 
 POOLING_MODES = {"mean": "mean", "last": "lasttoken", "weighted_mean": "weightedmean"}
 
 
-def instruction_prefix(instruction):
-    """The text LLMEncoder puts before every text for `instruction` (a space joins them unless it ends in one)."""
-    return instruction if instruction[-1].isspace() else instruction + " "
-
-
-def _check_prompt(enc, instruction):
+def _check_prompt(enc: LLMEncoder, instruction: str) -> None:
     """ValueError unless sentence-transformers' prompt length (the prompt tokenized alone, less a trailing
     special token) equals the number of leading tokens LLMEncoder leaves out of the pooling."""
     tok = enc.tokenizer
@@ -43,12 +43,17 @@ def _check_prompt(enc, instruction):
                              "prcl; end the instruction with a newline (or a word instead of a space)")
 
 
-def export(model, out, *, adapter=None, gguf_file=None, instruction=None, pooling="mean", max_length=512):
-    """Write the sentence-transformers directory `out`; returns its path."""
+def export(model: str | os.PathLike, out: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+           gguf_file: str | None = None, instruction: str | None = None, pooling: str = "mean",
+           max_length: int = 512) -> Path:
+    """Write the sentence-transformers directory `out`; returns its path.
+
+    Example:
+        export("SmolLM2.gguf", "st-model", adapter="run/adapter", instruction="Given a question, retrieve:")
+        SentenceTransformer("st-model").encode(["a query"], prompt_name="query")
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-    from prcl.encoders import LLMEncoder
 
     out = Path(out)
     if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -91,7 +96,7 @@ def export(model, out, *, adapter=None, gguf_file=None, instruction=None, poolin
     return out
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prcl export", description="Merge a LoRA adapter into its model and "
                                  "write a sentence-transformers directory that embeds as `prcl encode` does.")
     ap.add_argument("--model", required=True, help="local model directory, or a .gguf file (or a directory "

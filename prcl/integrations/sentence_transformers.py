@@ -10,6 +10,9 @@ document repeats a text the query already lists (see `excluded_pairs`): those ar
 
 Needs the `st` extra (`pip install prcl[st]`); `import prcl` never imports this module.
 """
+from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -22,6 +25,7 @@ from prcl.core.contract import DEFAULT_SCALE, DTYPES
 from prcl.encoders import compute_dtype
 from prcl.functional import fused_pair_bce
 from prcl.nn import PairBCELoss
+from prcl.training import batching
 
 __all__ = ["PairRelevanceLoss", "CachedPairRelevanceLoss", "text_groups", "excluded_pairs"]
 
@@ -66,7 +70,7 @@ def _token_rows(features):
     return ids.masked_fill(pad, -1).gather(1, order)
 
 
-def text_groups(columns):
+def text_groups(columns: list[dict]) -> Tensor | None:
     """One id per row of the concatenated columns, equal exactly when the token ids are; or None."""
     rows = [_token_rows(features) for features in columns]
     if any(r is None for r in rows):
@@ -76,35 +80,26 @@ def text_groups(columns):
     return torch.unique(rows, dim=0, return_inverse=True)[1]
 
 
-def _same_text_pairs(groups):
-    """All (a, b), a ≠ b, with groups[a] == groups[b]. Only rows whose text repeats are compared,
-    so the cost follows the number of duplicates, not B·N."""
-    idx = (torch.bincount(groups)[groups] > 1).nonzero().squeeze(1)
-    same = groups[idx, None] == groups[None, idx]
-    same.fill_diagonal_(False)
-    a, b = same.nonzero(as_tuple=True)
-    return idx[a], idx[b]
-
-
-def excluded_pairs(anchor_groups, doc_groups):
-    """(query rows, document rows) of the pairs left out of the loss.
+def excluded_pairs(anchor_groups: Tensor, doc_groups: Tensor,
+                   relevant: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(query rows, document rows) of the pairs left out of the loss: prcl.training.batching's rule
+    (excluded_pairs) on this batch's layout.
 
     Documents are the columns concatenated, so document j belongs to query j % B. Query i does not
     score document j (of another query) when j repeats the text of one of i's own documents (a
     copy of i's positive is not a negative; a copy of i's hard negative would be counted twice),
-    nor the positive of another query with i's exact text (that positive answers i too).
+    nor a document relevant to another query with i's exact text (that document answers i too).
+    relevant: (N,) bool, which documents are relevant to their query; default: the positives.
     """
     B, N = anchor_groups.shape[0], doc_groups.shape[0]
-    own, other = _same_text_pairs(doc_groups)
-    twin, twin_of = _same_text_pairs(anchor_groups)
-    q = torch.cat([own % B, twin])
-    d = torch.cat([other, twin_of])
-    keep = d % B != q  # a query's own documents stay as it listed them
-    key = torch.unique(q[keep] * N + d[keep])  # sorted: by query, then document
-    return key // N, key % N
+    cols = torch.arange(N, device=doc_groups.device)
+    if relevant is None:
+        relevant = cols < B
+    return batching.excluded_pairs(anchor_groups, doc_groups, cols % B, cols, relevant)
 
 
-def pair_targets(labels, rows, cols, batch_size):
+def pair_targets(labels: Tensor | None, rows: Tensor, cols: Tensor,
+                 batch_size: int) -> tuple[Tensor | None, Tensor | None]:
     """(labels, label_index) for prcl: the diagonal form when only the positives are labelled and
     nothing is excluded, else (B, K) sparse rows: the labelled columns first (column c of row i is
     document c·B + i), then the excluded documents with label −1."""
@@ -164,6 +159,16 @@ def _check_columns(sizes):
         raise ValueError("sentence_features: empty batch (0 anchors)")
 
 
+def _relevant(labels: Tensor | None, batch_size: int, n_docs_per_anchor: int) -> Tensor | None:
+    """(N,) bool over the concatenated documents: relevant (label > 0) to their anchor; None: the positives."""
+    if labels is None:
+        return None
+    if labels.dim() == 2:
+        return labels.T.reshape(-1) > 0
+    rest = labels.new_zeros(batch_size * (n_docs_per_anchor - 1), dtype=torch.bool)
+    return torch.cat([labels > 0, rest])
+
+
 class PairRelevanceLoss(PairBCELoss):
     """Sigmoid BCE over every (anchor, document) pair of the batch, on prcl's fused op.
 
@@ -188,12 +193,14 @@ class PairRelevanceLoss(PairBCELoss):
     Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
     optional `label` column in [0, 1]: a float, the graded relevance of the positive, or a list of
     k + 1 floats, one per document column (graded hard negatives: a related passage at 0.5); a
-    label < 0 leaves that pair out. Other rows' documents are negatives. A document whose text repeats one the anchor lists, or the positive of a repeated
-    anchor, is left out for that anchor rather than counted as a negative (padded token inputs only).
+    label < 0 leaves that pair out. Other rows' documents are negatives. A document whose text repeats
+    one the anchor lists, or one relevant (label > 0; by default the positive) to a repeated anchor, is
+    left out for that anchor rather than counted as a negative (padded token inputs only).
     """
 
-    def __init__(self, model, scale=DEFAULT_SCALE, bias=None, learnable_scale=False, learnable_bias=False,
-                 gather_across_devices=False, false_negative_margin=None):
+    def __init__(self, model: torch.nn.Module, scale: float = DEFAULT_SCALE, bias: float | None = None,
+                 learnable_scale: bool = False, learnable_bias: bool = False, gather_across_devices: bool = False,
+                 false_negative_margin: float | None = None) -> None:
         super().__init__(scale, bias, learnable_scale=learnable_scale, learnable_bias=learnable_bias,
                          false_negative_margin=false_negative_margin)
         self.model = model
@@ -201,7 +208,8 @@ class PairRelevanceLoss(PairBCELoss):
 
     # -- labels ---------------------------------------------------------------------------------
 
-    def targets(self, sentence_features, labels=None):
+    def targets(self, sentence_features: list[dict],
+                labels: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(labels, label_index) for the batch: the labelled pairs, and the excluded ones."""
         n_columns = len(sentence_features)
         if n_columns < 2:
@@ -229,12 +237,14 @@ class PairRelevanceLoss(PairBCELoss):
         batch_size = groups.shape[0] // n_columns
         if labels is not None and labels.shape[0] != batch_size:
             raise ValueError(f"labels: expected {batch_size} rows, one per anchor, got {tuple(labels.shape)}")
-        rows, cols = excluded_pairs(groups[:batch_size], groups[batch_size:])
+        rows, cols = excluded_pairs(groups[:batch_size], groups[batch_size:], _relevant(labels, batch_size,
+                                                                                       n_columns - 1))
         return pair_targets(labels, rows, cols, batch_size)
 
     # -- the loss -------------------------------------------------------------------------------
 
-    def compute_loss_from_embeddings(self, embeddings, targets):
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor],
+                                     targets: tuple[Tensor | None, Tensor | None]) -> Tensor:
         """The loss from the column embeddings [anchor (B, D), positive (B, D), negative_1, …]."""
         _check_columns([e.shape[0] for e in embeddings])
         labels, label_index = targets
@@ -267,12 +277,12 @@ class PairRelevanceLoss(PairBCELoss):
         # (and the trainer's logged mean over ranks the global loss).
         return loss * ddp_loss_scale(dist.group.WORLD)
 
-    def forward(self, sentence_features, labels=None):
+    def forward(self, sentence_features: Iterable[dict], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         targets = self.targets(sentence_features, labels)
         return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), targets)
 
-    def get_config_dict(self):
+    def get_config_dict(self) -> dict:
         if not self.learnable_bias:
             bias = self.fixed_bias
         elif self.fixed_bias is None:
@@ -285,7 +295,7 @@ class PairRelevanceLoss(PairBCELoss):
                 "false_negative_margin": self.false_negative_margin}
 
     @property
-    def citation(self):
+    def citation(self) -> str:
         return SIGLIP_CITATION
 
 
@@ -309,9 +319,10 @@ class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
     budget per mini-batch instead of a row count) and `show_progress_bar`.
     """
 
-    def __init__(self, model, scale=DEFAULT_SCALE, bias=None, learnable_scale=False, learnable_bias=False,
-                 gather_across_devices=False, mini_batch_size=32, mini_batch_num_tokens=None,
-                 show_progress_bar=False, false_negative_margin=None):
+    def __init__(self, model: torch.nn.Module, scale: float = DEFAULT_SCALE, bias: float | None = None,
+                 learnable_scale: bool = False, learnable_bias: bool = False, gather_across_devices: bool = False,
+                 mini_batch_size: int = 32, mini_batch_num_tokens: int | None = None, show_progress_bar: bool = False,
+                 false_negative_margin: float | None = None) -> None:
         super().__init__(model, scale=scale, bias=bias, learnable_scale=learnable_scale,
                          learnable_bias=learnable_bias, gather_across_devices=gather_across_devices,
                          false_negative_margin=false_negative_margin)
@@ -327,7 +338,8 @@ class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar
 
-    def calculate_loss(self, reps, labels=None, *, with_backward=False):
+    def calculate_loss(self, reps: list[list[Tensor]], labels: _CachedBatch | None = None, *,
+                       with_backward: bool = False) -> Tensor:
         """The mixin's loss step. `labels` is this call's _CachedBatch (see forward)."""
         batch = labels
         loss = self.compute_loss_from_embeddings([torch.cat(column) for column in reps], batch.targets)
@@ -344,7 +356,7 @@ class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
         batch.param_grads = list(zip(params, grads[len(leaves):]))
         return loss.detach()
 
-    def forward(self, sentence_features, labels=None):
+    def forward(self, sentence_features: Iterable[dict], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         batch = _CachedBatch(self.targets(sentence_features, labels))
         loss = self.forward_cached(sentence_features, batch)

@@ -141,7 +141,7 @@ def _read_config(path):
     return out
 
 
-def parse_train_args(argv):
+def parse_train_args(argv: list[str]):
     args = vars(_train_parser().parse_args(argv))
     options = _read_config(args.pop("config")) if "config" in args else {}
     options.update(args)
@@ -150,7 +150,7 @@ def parse_train_args(argv):
     return TrainConfig(**options)
 
 
-def train_main(argv=None):
+def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
         from prcl.training.loop import train
@@ -176,7 +176,7 @@ def train_main(argv=None):
     return 0
 
 
-def read_texts(path, field="text"):
+def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
     """Texts of a .jsonl/.json file (a JSON string per line, or an object's `field`) or of a plain text
     file (one text per non-empty line)."""
     from prcl.retrieval import lines
@@ -200,7 +200,7 @@ def read_texts(path, field="text"):
     return texts
 
 
-def encode_main(argv=None):
+def encode_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prcl encode", description="Embed texts with a (LoRA-adapted) encoder.")
     ap.add_argument("--model", required=True, help=HELP["model"] + " (required)")
     ap.add_argument("--adapter", help="LoRA adapter directory written by `prcl train` (OUT/adapter)")

@@ -73,7 +73,8 @@ class TrainConfig:
     skip_bad_lines: bool = False
     progress: bool = True
 
-    def validate(self):
+    def validate(self) -> None:
+        """ValueError naming the option that is missing, contradicts another or is out of range."""
         from prcl.training.step import LOSSES
 
         for name in ("data", "out"):
@@ -139,7 +140,7 @@ class TrainConfig:
         if self.allow_data_change and not self.resume:
             raise ValueError("allow_data_change: only with --resume")
 
-    def weight_settings(self):
+    def weight_settings(self) -> dict:
         """The WEIGHT_SETTINGS as a dict; the model by its directory's or file's name, so that a run and
         its model copied elsewhere still resume."""
         settings = {name: getattr(self, name) for name in WEIGHT_SETTINGS}

@@ -9,6 +9,8 @@
 A data path ending in .tsv is a BEIR-layout qrels file instead (DIR/qrels/SPLIT.tsv beside
 DIR/corpus.jsonl and DIR/queries.jsonl): see read_beir.
 """
+from __future__ import annotations
+
 import functools
 import json
 import logging
@@ -19,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from prcl.files import regular_file
+from prcl.retrieval.readers import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ logger = logging.getLogger(__name__)
 class DataError(ValueError):
     """A bad line in a training or evaluation file: `path:lineno: reason`."""
 
-    def __init__(self, path, lineno, reason):
+    def __init__(self, path: str | os.PathLike, lineno: int, reason: str) -> None:
         super().__init__(f"{path}:{lineno}: {reason}")
         self.path, self.lineno, self.reason = path, lineno, reason
 
@@ -34,12 +37,12 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Example:
     query: str
-    positives: tuple
-    negatives: tuple = ()
-    instruction: str = None
-    graded: tuple = ()  # ((text, relevance), ...)
+    positives: tuple[str, ...]
+    negatives: tuple[str, ...] = ()
+    instruction: str | None = None
+    graded: tuple[tuple[str, float], ...] = ()  # ((text, relevance), ...)
 
-    def documents(self):
+    def documents(self) -> list[tuple[str, float]]:
         """(text, label) for every document this query lists; a text listed twice keeps its highest label."""
         best = {}  # insertion order: positives, graded, negatives
         for text, y in [(t, 1.0) for t in self.positives] + list(self.graded) + [(t, 0.0) for t in self.negatives]:
@@ -62,14 +65,9 @@ def _texts(obj, key, allow_str):
 KEYS = ("query", "positive", "negatives", "instruction", "graded")
 
 
-def parse_example(line):
+def parse_example(line: str) -> Example:
     """One JSONL line -> Example; ValueError with the reason when the line is not a valid example."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(line)
     unknown = [k for k in obj if k not in KEYS]
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(map(json.dumps, unknown))}; allowed: {', '.join(KEYS)}")
@@ -125,11 +123,13 @@ def _stderr(msg):
     print(msg, file=sys.stderr)
 
 
-def is_beir(path):
+def is_beir(path: str | os.PathLike) -> bool:
+    """True for a BEIR/TREC qrels path (.tsv), False for JSON Lines examples."""
     return str(path).endswith(".tsv")
 
 
-def read_beir(qrels, corpus=None, queries=None):
+def read_beir(qrels: str | os.PathLike, corpus: str | os.PathLike | None = None,
+              queries: str | os.PathLike | None = None) -> list[Example]:
     """Training examples from BEIR-layout qrels (`query-id corpus-id score`, or TREC `qid 0 docid grade`),
     in the order queries first appear in the file.
 
@@ -160,7 +160,7 @@ def read_beir(qrels, corpus=None, queries=None):
             for qid, docs in by_query.items()]
 
 
-def data_files(path):
+def data_files(path: str | os.PathLike) -> list[str | os.PathLike]:
     """The files a training data set is read from: the JSONL file, or BEIR qrels and their corpus and queries."""
     if is_beir(path):
         from prcl.retrieval import split_paths
@@ -174,7 +174,8 @@ def _beir_examples(path, mtime):
     return read_beir(path)
 
 
-def iter_file(path, *, skip_bad_lines=False, skipped=None, start=(0, 0)):
+def iter_file(path: str | os.PathLike, *, skip_bad_lines: bool = False, skipped: SkipReport | None = None,
+              start: tuple[int, int] = (0, 0)):
     """Yields (byte offset after the line, line number, Example) from `start` = (byte offset, lines before it).
 
     Blank lines are allowed (and skipped). A bad line raises DataError, or goes to `skipped`.
@@ -209,13 +210,14 @@ def iter_file(path, *, skip_bad_lines=False, skipped=None, start=(0, 0)):
                 skipped.add(err)
 
 
-def check_file(path):
+def check_file(path: str | os.PathLike) -> None:
     """Reads the whole file once, raising DataError at its first bad line; returns the example count.
     Run before anything heavy is loaded, so a bad line costs seconds, not a model load."""
     return sum(1 for _ in iter_file(path))
 
 
-def read_examples(path, *, skip_bad_lines=False, skipped=None):
+def read_examples(path: str | os.PathLike, *, skip_bad_lines: bool = False,
+                  skipped: SkipReport | None = None) -> list[Example]:
     """All examples of a (small, e.g. evaluation) file, in order."""
     return [ex for _, _, ex in iter_file(path, skip_bad_lines=skip_bad_lines, skipped=skipped)]
 
@@ -229,7 +231,8 @@ class ExampleStream:
     Resuming re-reads that block, reshuffles it identically and skips what was taken.
     """
 
-    def __init__(self, path, *, block_size=4096, seed=0, shuffle=True, skip_bad_lines=False, log=None):
+    def __init__(self, path: str | os.PathLike, *, block_size: int = 4096, seed: int = 0, shuffle: bool = True,
+                 skip_bad_lines: bool = False, log=None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.path, self.block_size, self.seed, self.shuffle = path, block_size, seed, shuffle
@@ -237,10 +240,10 @@ class ExampleStream:
         self.skipped = SkipReport(log=log)
         self.state = {"epoch": 0, "offset": 0, "lineno": 0, "taken": 0}
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return dict(self.state)
 
-    def load_state_dict(self, state, source="state", realign=False):
+    def load_state_dict(self, state: dict, source: str = "state", realign: bool = False) -> None:
         """Continue from a saved position; ValueError naming `source` when it cannot be one in this file
         (past its end, inside a line, more taken than a block holds). realign (the file changed since the
         position was saved): such a position goes on at the next line instead, in a new block."""

@@ -1,4 +1,4 @@
-"""Training under torchrun: process group setup, gradient summing, the softmax loss across ranks.
+"""Training under torchrun: process group setup, gradient summing (the softmax loss across ranks: softmax.py).
 
 Each rank embeds its slice of the global batch; the loss scores its queries against every rank's
 documents and the ranks' losses sum to the global loss (prcl.fused_pair_bce with process_group does
@@ -9,8 +9,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
-from prcl.training.step import info_nce
 
 
 def setup(timeout=None):
@@ -47,24 +45,3 @@ def sum_scalar(x, process_group):
         t = t.cuda()
     dist.all_reduce(t, group=process_group)
     return t.item()
-
-
-def gathered_info_nce(q, d, labels, label_index, *, scale, process_group, **mask):
-    """InfoNCE of the local queries against every rank's documents, divided by the global query count so
-    that the ranks' losses sum to the global loss. label_index points into the local documents; `mask`:
-    info_nce's false_negative_margin and return_masked."""
-    from torch.distributed.nn.functional import all_gather
-
-    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-    sizes = torch.tensor([d.shape[0], q.shape[0]], device=d.device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
-    dist.all_gather(all_sizes, sizes, group=process_group)
-    n_docs = [int(s[0]) for s in all_sizes]
-    n_queries = sum(int(s[1]) for s in all_sizes)
-    # all_gather needs equal shapes: pad every rank's documents to the largest N, strip after
-    padded = torch.nn.functional.pad(d, (0, 0, 0, max(n_docs) - d.shape[0]))
-    parts = all_gather(padded, group=process_group)  # autograd: backward sums each rank's gradient
-    d_all = torch.cat([p[:n] for p, n in zip(parts, n_docs)])
-    offset = sum(n_docs[:rank])
-    index = torch.where(label_index >= 0, label_index + offset, label_index)
-    return info_nce(q, d_all, labels, index, scale=scale, n_queries=n_queries, **mask)

@@ -7,6 +7,8 @@ weights, plus a learnable scale), AdamW moments, the scheduler, the data positio
 (dropout). A step whose loss or gradient is not finite stops the run before the update (or is
 skipped and counted under skip_nonfinite), so no checkpoint ever holds non-finite weights.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import datetime
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from prcl.encoders import LLMEncoder
 from prcl.files import append_text, fingerprint, refuse_links, remove, resolve_device, run_lock, write_text
 from prcl.nn import PairBCELoss
 from prcl.training import checkpoint
 from prcl.training.batching import build_batch
+from prcl.training.config import TrainConfig
 from prcl.training.data import ExampleStream, check_file, data_files
 from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
 from prcl.training.evaluation import evaluate_and_record, read_eval_set
@@ -49,10 +53,8 @@ def _schedule(cfg):
     return {"lr": cfg.lr, "max_steps": cfg.max_steps, "warmup_steps": warmup, "schedule": cfg.schedule}
 
 
-def load_encoder(cfg):
+def load_encoder(cfg: TrainConfig) -> LLMEncoder:
     """An LLMEncoder for cfg.model (a directory or .gguf), with a fresh LoRA adapter unless lora_r = 0."""
-    from prcl.encoders import LLMEncoder
-
     if not cfg.model:
         raise ValueError("model: required (a local model directory or .gguf file)")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
@@ -276,7 +278,7 @@ class _Run:
         state.step += 1
         return grad_norm.item() if finite else None
 
-    def evaluate(self, eval_set, at):
+    def record_eval(self, eval_set, at):
         result = None
         if self.rank == 0:
             result = evaluate_and_record(self.encoder, eval_set, at, self.out / "eval.jsonl",
@@ -294,7 +296,7 @@ class _Run:
                         encoder=self.encoder, keep=self.cfg.keep_checkpoints)
 
 
-def train(cfg, encoder=None):
+def train(cfg: TrainConfig, encoder: LLMEncoder | None = None) -> dict:
     """Fine-tune `encoder` (loaded from cfg.model when None) on cfg.data. Returns a summary dict with
     the losses per step and the evaluations before and after. Progress is logged to this module's
     logger (rank 0 only under torchrun)."""
@@ -352,7 +354,7 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
 
     summary = {"losses": [], "eval_before": None, "eval_after": None}
     if eval_set and state.step == 0:
-        summary["eval_before"] = run.evaluate(eval_set, 0)
+        summary["eval_before"] = run.record_eval(eval_set, 0)
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -377,7 +379,7 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
             record["scale"] = state.head.logit_scale.exp().item()
         summary["losses"].append(loss)
         if eval_set and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            result = run.evaluate(eval_set, step)
+            result = run.record_eval(eval_set, step)
             if result:
                 record.update({f"eval/{k}": v for k, v in result.items()})
                 summary["eval_after"] = result

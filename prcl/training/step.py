@@ -10,51 +10,25 @@ Step 3 gives Σ_k g_k · ∂e_k/∂θ = ∂L/∂θ, the uncached gradient, provi
 embeddings of step 1: dropout draws from the RNG, so each chunk's RNG state is saved before step 1 and
 restored before step 3, then the state after step 1 is put back so later draws match an uncached run.
 """
+from __future__ import annotations
+
 import contextlib
-import math
+from collections.abc import Callable, Iterable
 
 import torch
 
 import prcl
 from prcl.core.contract import DEFAULT_SCALE
+from prcl.encoders import LLMEncoder, text_list
+from prcl.training.batching import Batch
+from prcl.training.softmax import gathered_info_nce, info_nce
 
 LOSSES = ("prcl", "softmax")
 
 
-def info_nce(q, d, labels, label_index, *, scale, reduction="mean", n_queries=None, false_negative_margin=None,
-             return_masked=False):
-    """InfoNCE over each query's row of scaled similarities, the softmax baseline on PRCL's batches.
-
-        loss_i = −Σ_j w_ij · log softmax_j(t·q_i·d_j),   w_ij = y_ij / Σ_j y_ij  over y_ij > 0
-
-    Several positives or graded documents become a soft target weighted by relevance (a graded document
-    at 0.5 gets half a positive's share); excluded pairs (y < 0) are masked with −inf so they are in
-    neither numerator nor denominator; hard negatives and unlisted pairs (y = 0) are in the denominator
-    only. false_negative_margin masks as prcl.fused_pair_bce does: a y = 0 pair whose similarity exceeds
-    the row's best positive's + margin leaves the denominator; return_masked adds how many (int64 tensor).
-    Materialises the (B, N) logits: this is the comparison, not the scalable path.
-    """
-    B, N = q.shape[0], d.shape[0]
-    y = torch.zeros(B, N, device=q.device)
-    listed = label_index >= 0
-    rows = torch.arange(B, device=q.device)[:, None].expand_as(listed)
-    y[rows[listed], label_index[listed]] = labels[listed].float()
-    s = q.float() @ d.float().T
-    masked = torch.zeros_like(y, dtype=torch.bool)
-    if false_negative_margin is not None:
-        best = torch.where(y > 0, s.detach(), -math.inf).amax(1, keepdim=True)
-        masked = (y == 0) & (s.detach() > best + false_negative_margin) & (best > -math.inf)
-    z = torch.as_tensor(scale, dtype=torch.float32, device=q.device) * s
-    logp = torch.log_softmax(z.masked_fill((y < 0) | masked, -math.inf), dim=1)
-    w = y.clamp(min=0)
-    w = w / w.sum(1, keepdim=True).clamp(min=1e-12)  # a row without positives contributes 0
-    per_query = -(w * logp.masked_fill(w == 0, 0.0)).sum(1)
-    out = per_query if reduction == "none" else per_query.sum() / (n_queries or B)
-    return (out, masked.sum()) if return_masked else out
-
-
-def batch_loss(q, d, batch, *, loss="prcl", scale=DEFAULT_SCALE, bias=None, backend=None, process_group=None,
-               false_negative_margin=None, return_masked=False):
+def batch_loss(q: torch.Tensor, d: torch.Tensor, batch: Batch, *, loss: str = "prcl", scale=DEFAULT_SCALE,
+               bias=None, backend: str | None = None, process_group=None, false_negative_margin: float | None = None,
+               return_masked: bool = False):
     """Loss of a Batch's embeddings q (B, D), d (N, D); scale/bias may be tensors that learn.
     false_negative_margin / return_masked: the false-negative mask, as prcl.fused_pair_bce's."""
     labels, label_index = batch.labels.to(q.device), batch.label_index.to(q.device)
@@ -65,13 +39,11 @@ def batch_loss(q, d, batch, *, loss="prcl", scale=DEFAULT_SCALE, bias=None, back
     if loss == "softmax":
         if process_group is None:
             return info_nce(q, d, labels, label_index, scale=scale, **mask)
-        from prcl.training.distributed import gathered_info_nce
-
         return gathered_info_nce(q, d, labels, label_index, scale=scale, process_group=process_group, **mask)
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
 
 
-def embed_texts(encoder, texts, instructions, **embed_kw):
+def embed_texts(encoder: LLMEncoder, texts: list[str], instructions: list[str | None], **embed_kw) -> torch.Tensor:
     """(len(texts), H) with grad (if enabled), in the encoder's output dtype (bf16/fp16 for a 16-bit model:
     the loss takes them as they are); one encoder call per distinct instruction. embed_kw (packed,
     max_tokens) go to encoder.embed."""
@@ -88,7 +60,7 @@ def embed_texts(encoder, texts, instructions, **embed_kw):
     return out[torch.argsort(torch.tensor(order, device=out.device))]
 
 
-def chunks(batch, mini_batch_size):
+def chunks(batch: Batch, mini_batch_size: int | None) -> list[tuple[list[str], list[str | None]]]:
     """[(texts, instructions)]: the queries, then the documents, in pieces of mini_batch_size texts."""
     step = mini_batch_size or max(len(batch.queries), len(batch.docs))
     out = []
@@ -107,8 +79,9 @@ def _set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def forward_backward(encoder, batch, loss_fn, *, mini_batch_size=None, cached=True, device=None,
-                     autocast=contextlib.nullcontext, loss_weight=1.0, packed=False, max_tokens=None):
+def forward_backward(encoder: LLMEncoder, batch: Batch, loss_fn: Callable, *, mini_batch_size: int | None = None,
+                     cached: bool = True, device: torch.device | None = None, autocast=contextlib.nullcontext,
+                     loss_weight: float = 1.0, packed: bool = False, max_tokens: int | None = None) -> torch.Tensor:
     """Embeds `batch`, computes loss_fn(q, d) and backpropagates loss_weight·loss into the encoder's
     parameters (and any tensor loss_fn closes over). Returns the loss, detached.
 
@@ -146,3 +119,27 @@ def forward_backward(encoder, batch, loss_fn, *, mini_batch_size=None, cached=Tr
         emb.backward(g)
     _set_rng_state(after, device)
     return loss.detach()
+
+
+def contrastive_loss_step(encoder: LLMEncoder, queries: Iterable[str], positives: Iterable[str],
+                          negatives: Iterable[str] | None = None, *, instruction: str | None = None,
+                          scale=DEFAULT_SCALE, bias=None, labels: torch.Tensor | None = None, packed: bool = False,
+                          backend: str | None = None) -> torch.Tensor:
+    """PRCL loss of one batch of texts, ready for `.backward()`: the step without a Batch or GradCache.
+
+    Queries (with the instruction) against documents = positives then hard negatives (without it):
+    q (B, H), d (B + len(negatives), H); by default pair (i, i) is the positive and every other pair a
+    negative. `labels`/`scale`/`bias`/`backend` go to prcl.fused_pair_bce (bias None = −log(N−1)).
+
+    Example:
+        loss = contrastive_loss_step(enc, ["what do cats sit on"], ["the cat sat on the mat"], ["rain"])
+        loss.backward()
+    """
+    queries, positives = text_list(queries, "queries"), text_list(positives, "positives")
+    negatives = text_list(negatives or [], "negatives")
+    if len(queries) != len(positives) or not queries:
+        raise ValueError(f"need one positive per query and at least one query: got {len(queries)} queries, "
+                         f"{len(positives)} positives")
+    q = encoder.embed(queries, instruction=instruction, packed=packed)
+    d = encoder.embed(positives + negatives, packed=packed)
+    return prcl.fused_pair_bce(q, d, labels, scale=scale, bias=bias, backend=backend)
