@@ -7,7 +7,7 @@ inputs, baseline = the same eager formula in the dtype under test, and for the l
     err(prcl) <= 2 * err(eager) + floor[dtype]      (errors relative to max |gold|)
 """
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,11 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LATE_FLOOR = {torch.float32: 1e-6, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}
 FORMS = ("diagonal", "graded", "dense", "sparse")  # the public label forms
 OUTPUTS = ("loss", "dq", "dd", "dscale", "dbias")
+Device = Union[str, torch.device]
 
 
 def pair_inputs(B: int, N: int, D: int, dtype: torch.dtype = torch.float32, *, seed: int = 0, spread: float = 1.0,
-                cos: Optional[float] = None, device="cpu") -> tuple[Tensor, Tensor, torch.Generator]:
+                cos: Optional[float] = None, device: Device = "cpu") -> tuple[Tensor, Tensor, torch.Generator]:
     """Queries q (B, D) and documents d (N, D), unit rows times `spread`, in `dtype` on `device`, and the
     generator that drew them (draw the labels from it next).
 
@@ -54,7 +55,7 @@ def pair_inputs(B: int, N: int, D: int, dtype: torch.dtype = torch.float32, *, s
 
 
 def late_training_inputs(B: int, N: int, D: int, cos: float, seed: int = 0,
-                         device="cpu") -> tuple[Tensor, Tensor, torch.Generator]:
+                         device: Device = "cpu") -> tuple[Tensor, Tensor, torch.Generator]:
     """Late in training: float32 unit queries, document i (i < B) at cosine `cos` from query i, the other
     documents random (pair_inputs with cos).
 
@@ -64,7 +65,7 @@ def late_training_inputs(B: int, N: int, D: int, cos: float, seed: int = 0,
     return pair_inputs(B, N, D, seed=seed, cos=cos, device=device)
 
 
-def labels_with_exclusions(form: str, B: int, N: int, gen: torch.Generator, *, device="cpu",
+def labels_with_exclusions(form: str, B: int, N: int, gen: torch.Generator, *, device: Device = "cpu",
                            converged: bool = False) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Labels of one public form for the accuracy checks, with excluded pairs (label −1) and unlisted
     (index −1) entries mixed in. Not prcl.tools.bench's "sparse" case (prcl.tools.bench.cases.listed_labels:
@@ -152,7 +153,7 @@ def judge(fused: list[Tensor], eager: list[Tensor], gold: list[Tensor], floor: f
 
 
 def assert_within_rule(fused: list[Tensor], eager: list[Tensor], gold: list[Tensor], q: Tensor, d: Tensor,
-                       dtype: torch.dtype, floor: dict = FLOOR) -> None:
+                       dtype: torch.dtype, floor: dict[torch.dtype, float] = FLOOR) -> None:
     """Assert the accuracy rule, a float32 loss and gradients of q and d in `dtype`."""
     assert fused[0].dtype == torch.float32
     for name, f in zip(("dq", "dd"), fused[1:3]):
@@ -162,7 +163,8 @@ def assert_within_rule(fused: list[Tensor], eager: list[Tensor], gold: list[Tens
 
 
 def check_against_oracle(fused_fn: Callable, q: Tensor, d: Tensor, labels: Optional[Tensor],
-                         label_index: Optional[Tensor], dtype: torch.dtype, reduction: str, floor: dict = FLOOR,
+                         label_index: Optional[Tensor], dtype: torch.dtype, reduction: str,
+                         floor: dict[torch.dtype, float] = FLOOR,
                          **scalars) -> None:
     """fused_fn against the float64 oracle and the eager formula in `dtype`, under the accuracy rule.
 
