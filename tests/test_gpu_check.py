@@ -9,7 +9,7 @@ import time
 import pytest
 
 from prcl.core.contract import check_inputs
-from prcl.testing import FORMS, labels_with_exclusions, pair_inputs
+from prcl.testing import DTYPES, FORMS, labels_with_exclusions, pair_inputs
 from prcl.tools import gpu_check
 
 
@@ -99,6 +99,21 @@ def test_every_gpu_correctness_case_passes_the_input_checks():
         q, d, gen = pair_inputs(B, N, D, cos=0.95 if regime == "late" else None)
         labels, label_index = labels_with_exclusions(form, B, N, gen, converged=regime == "late")
         check_inputs(q, d, labels, label_index, 7.0, -3.0, reduction, "triton")
+
+
+def test_every_gpu_masked_case_masks_some_pairs():
+    """The GPU run's false-negative cases count as passed only where the mask masked something: with prcl.testing's
+    inputs and MASK_MARGIN, each one does (counted here by the PyTorch backend)."""
+    import prcl
+
+    masked = [c for c in gpu_check.correctness.correctness_cases(dry_run=False) if c[7] == "masked"]
+    assert {c[4] for c in masked} == set(FORMS)
+    for dtype, B, N, D, form, *_ in masked:
+        q, d, gen = pair_inputs(B, N, D, DTYPES[dtype])
+        labels, label_index = labels_with_exclusions(form, B, N, gen)
+        _, count = prcl.fused_pair_bce(q, d, labels, label_index=label_index, backend="torch", return_masked=True,
+                                       false_negative_margin=gpu_check.correctness.MASK_MARGIN)
+        assert count.item() > 0, (dtype, B, N, D, form)
 
 
 def test_failing_and_overrunning_sections_are_isolated(tmp_path, monkeypatch):

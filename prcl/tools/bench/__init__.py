@@ -31,10 +31,10 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
-def first_line(e):
-    """The first line of an exception's message, cut to 160 characters: for one-line reasons."""
+def first_line(e, limit=160):
+    """The first line of an exception's message, cut to `limit` characters: for one-line reasons."""
     text = str(e).strip()
-    return text.splitlines()[0][:160] if text else ""
+    return text.splitlines()[0][:limit] if text else ""
 
 
 def __getattr__(name):

@@ -5,13 +5,13 @@ import logging
 
 import torch
 
-from prcl.testing import DTYPES
+from prcl.tools.bench import first_line
 
 log = logging.getLogger("prcl.tools.gpu_check")
 
 
 class Check:
-    """One run's settings: device, dry run, dtypes by name."""
+    """One run's settings: device, dry run, backend."""
 
     def __init__(self, dry_run, argv):
         self.dry_run, self.argv = dry_run, argv
@@ -19,7 +19,6 @@ class Check:
             raise SystemExit("gpu_check: no CUDA device here; use --dry-run to exercise it on CPU")
         self.device = torch.device("cpu" if dry_run else "cuda")
         self.cuda = self.device.type == "cuda"
-        self.dtypes = DTYPES
         self.backend = "triton"  # the CUDA kernels; on CPU the same kernels in Triton's interpreter
 
     def sync(self):
@@ -28,8 +27,7 @@ class Check:
 
 
 def error_line(e):
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    return f"{type(e).__name__}: {first_line(e, limit=300)}"
 
 
 @contextlib.contextmanager
