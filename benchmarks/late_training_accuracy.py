@@ -12,23 +12,12 @@ import math
 import torch
 
 import prcl
-from prcl.tools.bench.cases import late_training_inputs
 from prcl.backends.reference import pair_bce
-
-OUTPUTS = ("loss", "dq", "dd", "dscale", "dbias")
-
-
-def grads(fn, q, d, labels, dtype, scale, bias):
-    q = q.to(dtype).requires_grad_()
-    d = d.to(dtype).requires_grad_()
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    t = torch.tensor(scale, dtype=acc, requires_grad=True)
-    b = torch.tensor(bias, dtype=acc, requires_grad=True)
-    loss = fn(q, d, None if labels is None else labels.to(acc), scale=t, bias=b)
-    return [loss.detach(), *torch.autograd.grad(loss, (q, d, t, b))]
+from prcl.testing import late_training_inputs, loss_and_grads
 
 
 def errors(out, gold):
+    # max |gold| itself, not prcl.testing.rel_err's floor of 0.1: a mean loss's gradients are far below 0.1
     return [((x.double() - g).abs().max() / g.abs().max()).item() for x, g in zip(out, gold)]
 
 
@@ -47,12 +36,12 @@ def main():
         for cos, scale, bias in ((0.9, 10.0, -math.log(N - 1)), (0.95, 20.0, -10.0), (0.98, 30.0, -12.0)):
             q, d, _ = late_training_inputs(B, N, args.dim, cos)
             for name, labels in (("diagonal", None), ("graded 1.0", torch.ones(B))):
-                q16, d16 = q.to(dtype).double(), d.to(dtype).double()
-                gold = grads(pair_bce, q16, d16, labels, torch.float64, scale, bias)
-                cells = [errors(grads(pair_bce, q, d, labels, dtype, scale, bias), gold)]
+                inputs = (q.to(dtype), d.to(dtype), labels, None)
+                gold = loss_and_grads(pair_bce, *inputs, torch.float64, "mean", scale, bias)
+                cells = [errors(loss_and_grads(pair_bce, *inputs, dtype, "mean", scale, bias), gold)]
                 for backend in backends:
                     fn = lambda *a, **k: prcl.fused_pair_bce(*a, backend=backend, **k)  # noqa: E731
-                    cells.append(errors(grads(fn, q, d, labels, dtype, scale, bias), gold))
+                    cells.append(errors(loss_and_grads(fn, *inputs, dtype, "mean", scale, bias), gold))
                 fmt = [" / ".join(f"{e:.1e}" for e in c[:3]) for c in cells]
                 print(f"| {str(dtype)[6:]} | {name} | {cos} | {scale:g} | {bias:.3g} | " + " | ".join(fmt) + " |")
     print("cells: loss / dq / dd errors")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prcl.core.contract import DEFAULT_SCALE
 from prcl.tools import bench
 from prcl.tools.bench import memory, peers, table
 
@@ -33,9 +34,12 @@ def _rows(out):
 
 
 def test_bench_prints_progress_then_a_table_with_sane_numbers(capsys):
+    threads = torch.get_num_threads()
     assert bench.main(TINY + ["--no-compile", "--no-peers"]) == 0
+    assert torch.get_num_threads() == threads  # the small batches' one thread is not left behind
     out = capsys.readouterr().out
     assert "B=48 N=61 D=24 fp32" in out and "device: CPU" in out
+    assert f"scale={DEFAULT_SCALE:g}," in out  # the library's default, which every implementation uses
     rows = _rows(out)
     # one progress line per implementation, each printed before the table
     table_at = out.index("\nimplementation ")
@@ -55,6 +59,13 @@ def test_bench_prints_progress_then_a_table_with_sane_numbers(capsys):
         assert float(cells[8]) >= 0 and float(cells[9]) >= 0
         assert float(cells[10]) < 1e-5 and float(cells[11]) < 1e-4  # fp32 vs float64
     assert float(eager[7]) == 1.0
+    # then the small batches, on one thread: the host's per-call overhead, prcl beside eager
+    small = out[out.index("\nsmall batches: "):]
+    assert "1 CPU thread" in small and "prcl (" in small
+    for B, D in ((32, 64), (128, 256)):
+        found = re.search(rf"^  B=N={B} D={D}: prcl ([\d.e+-]+) ±[\d.e+-]+ ms, eager ([\d.e+-]+) ±[\d.e+-]+ ms, "
+                          r"x eager ([\d.]+)$", small, re.M)
+        assert found and all(float(x) > 0 for x in found.groups()), small
 
 
 def test_large_spread_and_busy_machine_are_warned():
@@ -75,7 +86,7 @@ def test_compile_failure_is_reported_not_raised(capsys, monkeypatch):
         return fn
 
     monkeypatch.setattr(peers, "compiled_reference", broken)
-    assert bench.main(TINY + ["--no-peers"]) == 0
+    assert bench.main(TINY + ["--no-peers", "--no-small"]) == 0
     out = capsys.readouterr().out
     assert _rows(out)["torch.compile(reference)"] == ["n/a"]
     assert "torch.compile(reference): n/a: RuntimeError: InductorError: no working C++ compiler" in out
@@ -88,10 +99,11 @@ def test_bad_sizes_are_refused_with_the_shapes(capsys):
 
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "prcl", "bench", *TINY, "--label-form", "sparse",
-                           "--no-compile", "--no-peers"], cwd=ROOT, capture_output=True, text=True,
+                           "--no-compile", "--no-peers", "--no-small"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "labels=sparse" in done.stdout and "eager reference" in done.stdout
+    assert "small batches" not in done.stdout
 
 
 def allocation_step(n_floats):

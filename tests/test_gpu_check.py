@@ -6,13 +6,11 @@ import subprocess
 import sys
 import time
 
-import types
-
 import pytest
-import torch
 
-from prcl.tools import gpu_check
 from prcl.core.contract import check_inputs
+from prcl.testing import DTYPES, FORMS, labels_with_exclusions, pair_inputs
+from prcl.tools import gpu_check
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +46,13 @@ def test_correctness_covers_every_form_layout_reduction_and_the_late_regime(dry_
     rec = dry_run[2]["sections"]["correctness"]
     rows = rec["rows"]
     assert rec["passed"] and all(r["passed"] for r in rows)
-    assert {r["form"] for r in rows} == set(gpu_check.FORMS)
+    assert {r["form"] for r in rows} == set(FORMS)
     assert {r["layout"] for r in rows} == {"contiguous", "sliced", "transposed"}
     assert {r["reduction"] for r in rows} == {"mean", "none"}
     masked = [r for r in rows if r["regime"] == "masked"]
-    assert {r["form"] for r in masked} == set(gpu_check.FORMS) and all(r["masked_pairs"] > 0 for r in masked)
+    assert {r["form"] for r in masked} == set(FORMS) and all(r["masked_pairs"] > 0 for r in masked)
     late = [r for r in rows if r["regime"] == "late"]
-    assert {r["form"] for r in late} == set(gpu_check.FORMS) and {r["dtype"] for r in late} == {"bf16", "fp16"}
+    assert {r["form"] for r in late} == set(FORMS) and {r["dtype"] for r in late} == {"bf16", "fp16"}
     for r in rows:
         for q in ("loss", "dq", "dd", "dscale", "dbias"):
             assert r[q]["ok"] and r[q]["err"] >= 0 and r[q]["eager_err"] >= 0
@@ -65,7 +63,7 @@ def test_sync_and_graph_sections_say_what_cpu_cannot_check(dry_run):
     sections = dry_run[2]["sections"]
     assert "CUDA" in sections["no_host_sync"]["not_applicable"]
     assert {(r["form"], r["reduction"], r["margin"]) for r in sections["no_host_sync"]["rows"]} == {
-        (f, r, m) for f in gpu_check.FORMS for r in ("mean", "none") for m in (None, 0.0)}
+        (f, r, m) for f in FORMS for r in ("mean", "none") for m in (None, 0.0)}
     assert "CUDA" in sections["cuda_graph"]["not_applicable"]
 
 
@@ -74,9 +72,9 @@ def test_timings_time_every_case_and_record_missing_peers(dry_run):
     rows = dry_run[2]["sections"]["timings"]["rows"]
     cases = {r["case"] for r in rows}
     assert {"main", "fwd vs GEMM", "fp32"} <= cases and sum(c.startswith("D=") for c in cases) >= 2
-    assert {r["impl"] for r in rows if r["case"].startswith("design")} == {*gpu_check.DESIGNS, "3-GEMM floor"}
+    assert {r["impl"] for r in rows if r["case"].startswith("design")} == {*gpu_check.peers.DESIGNS, "3-GEMM floor"}
     for r in rows:
-        if r["impl"] in ("prcl", "eager", "3-GEMM floor", "gemm", *gpu_check.DESIGNS):
+        if r["impl"] in ("prcl", "eager", "3-GEMM floor", "gemm", *gpu_check.peers.DESIGNS):
             assert "error" not in r and r["ms"] > 0 and r["rounds"] >= 3, r
         else:
             assert ("ms" in r) != ("error" in r), r  # a peer either ran or says why not
@@ -94,14 +92,28 @@ def test_lora_step_padded_and_packed(dry_run):
 def test_every_gpu_correctness_case_passes_the_input_checks():
     """The GPU run's own case list (not the dry run's), through the checks every backend applies first: a case
     its label form cannot take (the diagonal forms with B > N) would fail before any kernel ran."""
-    ck = types.SimpleNamespace(device=torch.device("cpu"), dry_run=False)
-    cases = gpu_check.correctness_cases(dry_run=False)
-    assert any(B > N for _, B, N, *_ in cases) and {c[4] for c in cases} == set(gpu_check.FORMS)
+    cases = gpu_check.correctness.correctness_cases(dry_run=False)
+    assert any(B > N for _, B, N, *_ in cases) and {c[4] for c in cases} == set(FORMS)
     assert {c[-1] for c in cases} == {"default", "two-pass"}
     for dtype, B, N, D, form, layout, reduction, regime, design in cases:
-        q, d, gen = gpu_check.inputs(ck, B, N, D, late=regime == "late")
-        labels, label_index = gpu_check.labels_for(ck, form, B, N, gen, converged=regime == "late")
-        check_inputs(q.float(), d.float(), labels, label_index, 7.0, -3.0, reduction, "triton")
+        q, d, gen = pair_inputs(B, N, D, cos=0.95 if regime == "late" else None)
+        labels, label_index = labels_with_exclusions(form, B, N, gen, converged=regime == "late")
+        check_inputs(q, d, labels, label_index, 7.0, -3.0, reduction, "triton")
+
+
+def test_every_gpu_masked_case_masks_some_pairs():
+    """The GPU run's false-negative cases count as passed only where the mask masked something: with prcl.testing's
+    inputs and MASK_MARGIN, each one does (counted here by the PyTorch backend)."""
+    import prcl
+
+    masked = [c for c in gpu_check.correctness.correctness_cases(dry_run=False) if c[7] == "masked"]
+    assert {c[4] for c in masked} == set(FORMS)
+    for dtype, B, N, D, form, *_ in masked:
+        q, d, gen = pair_inputs(B, N, D, DTYPES[dtype])
+        labels, label_index = labels_with_exclusions(form, B, N, gen)
+        _, count = prcl.fused_pair_bce(q, d, labels, label_index=label_index, backend="torch", return_masked=True,
+                                       false_negative_margin=gpu_check.correctness.MASK_MARGIN)
+        assert count.item() > 0, (dtype, B, N, D, form)
 
 
 def test_failing_and_overrunning_sections_are_isolated(tmp_path, monkeypatch):

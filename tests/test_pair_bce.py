@@ -5,6 +5,7 @@ Error is judged against the eager error (docs/design.md, "Accuracy"): gold = prc
 float64 on the same (rounded) inputs; baseline = prcl.backends.reference in the test dtype;
     err(fused) <= 2 * err(eager) + floor[dtype]      (errors relative to max |gold|)
 """
+import functools
 import itertools
 import math
 
@@ -15,85 +16,18 @@ import prcl
 from prcl.backends import native
 from prcl.tools.bench import cases
 from prcl.backends.reference import dense_labels, pair_bce
+from prcl.testing import (DTYPES, FLOOR, FORMS, LATE_FLOOR, assert_within_rule, check_against_oracle,
+                          labels_with_exclusions, loss_and_grads as run, pair_inputs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# half a unit roundoff of each dtype: small enough that the errors of a 16-bit σ − y cancellation
-# (8x the eager error, ~1e-2 relative in bf16) cannot hide under it
-LATE_FLOOR = {torch.float32: 1e-6, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native CPU kernel not built: {native.status()}")
 BACKENDS = ["torch", "triton", pytest.param("native", marks=needs_native)]
 # (B, N, D): B = 1, N = B + 1, sizes that are no multiple of any tile (interpreter tiles are 16),
 # D not a power of two
 slow = pytest.mark.slow  # the second CI step runs these; the README's test command leaves them out
 SHAPES = [(1, 1, 8), (1, 4, 3), (5, 6, 7), (37, 45, 19), pytest.param((70, 133, 40), marks=slow)]
-FORMS = ["diagonal", "graded", "dense", "sparse"]
-
-
-def make_labels(form, B, N, gen):
-    """Labels of one form with excluded pairs (label < 0) mixed in; returns (labels, label_index)."""
-    if form == "diagonal":
-        return None, None
-    if form == "graded":
-        y = torch.rand(B, generator=gen)
-        y[torch.rand(B, generator=gen) < 0.2] = -1.0
-        return y.to(DEVICE), None
-    if form == "dense":
-        y = torch.where(torch.rand(B, N, generator=gen) < 0.1, torch.rand(B, N, generator=gen), 0.0)
-        y[torch.rand(B, N, generator=gen) < 0.05] = -1.0
-        return y.to(DEVICE), None
-    K = min(3, N)
-    idx = torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(B)])
-    idx[torch.rand(B, K, generator=gen) < 0.25] = -1
-    y = torch.rand(B, K, generator=gen)
-    y[torch.rand(B, K, generator=gen) < 0.2] = -1.0
-    return y.to(DEVICE), idx.to(DEVICE)
-
-
-def make_inputs(B, N, D, dtype, seed=0, spread=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1) * spread
-    d = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=1) * spread
-    d[: min(B, N)] += 0.5 * q[: min(B, N)]  # positives resemble their queries
-    return q.to(DEVICE, dtype), d.to(DEVICE, dtype), gen
-
-
-def run(fn, q, d, labels, label_index, dtype, reduction, scale=7.0, bias=-3.0):
-    """Loss and gradients of fn at q, d (cast to dtype), with tensor scale and bias."""
-    q = q.detach().to(dtype).requires_grad_()
-    d = d.detach().to(dtype).requires_grad_()
-    t = torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE,
-                     requires_grad=True)
-    b = torch.tensor(bias, dtype=t.dtype, device=DEVICE, requires_grad=True)
-    lab = None if labels is None else labels.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    loss = fn(q, d, lab, label_index=label_index, scale=t, bias=b, reduction=reduction)
-    weights = torch.linspace(0.5, 1.5, loss.numel(), device=DEVICE, dtype=loss.dtype).reshape(loss.shape)
-    grads = torch.autograd.grad((loss * weights).sum(), (q, d, t, b))
-    return [loss.detach()] + list(grads)
-
-
-def rel_err(x, gold):
-    # the 0.1 floor on the scale keeps cases whose gold is exactly 0 (every pair excluded) meaningful;
-    # the quantities compared here are O(0.1–10) otherwise
-    return ((x.double() - gold).abs().max() / gold.abs().max().clamp(min=0.1)).item()
-
-
-def check_against_oracle(fused_fn, q, d, labels, label_index, dtype, reduction, floor=FLOOR, **scalars):
-    gold = run(pair_bce, q, d, labels, label_index, torch.float64, reduction, **scalars)
-    eager = run(pair_bce, q, d, labels, label_index, dtype, reduction, **scalars)
-    fused = run(fused_fn, q, d, labels, label_index, dtype, reduction, **scalars)
-    assert_within_rule(fused, eager, gold, q, d, dtype, floor)
-
-
-def assert_within_rule(fused, eager, gold, q, d, dtype, floor):
-    assert fused[0].dtype == torch.float32
-    for name, f, e, g, x in zip(["loss", "dq", "dd", "dscale", "dbias"], fused, eager, gold, [None, q, d, None, None]):
-        if x is not None:
-            assert f.dtype == dtype, f"{name} came back as {f.dtype}"
-        assert torch.isfinite(f).all(), name
-        assert rel_err(f, g) <= 2 * rel_err(e, g) + floor[dtype], (
-            f"{name}: fused err {rel_err(f, g):.3g} vs eager err {rel_err(e, g):.3g}")
+make_inputs = functools.partial(pair_inputs, device=DEVICE)
+make_labels = functools.partial(labels_with_exclusions, device=DEVICE)
 
 
 def by(backend):

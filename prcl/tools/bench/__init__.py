@@ -3,7 +3,7 @@
     cases    inputs per label form, FLOP basis, device name, versions, free memory
     peers    the implementations compared: prcl, the eager reference, torch.compile of it, open_clip,
              siglip-kernel, the three-GEMM floor
-    timing   one measured step, wall-clock repeats, median and spread, load average
+    timing   one measured step, its timer (wall clock or CUDA events), median and spread, load average
     memory   the peak-memory meter (one per device) and the CPU worker process it needs
     table    one table row per implementation, errors vs float64, the rendered table
     cli      the command line (argparse; torch is imported only once the arguments parse)
@@ -16,12 +16,11 @@ import importlib
 LABEL_FORMS = ("diagonal", "graded", "sparse", "hardneg")
 MODES = ("fwd", "fwd+bwd")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
-SCALE = 10.0
 
 _EXPORTS = {
     "cases": ("Case", "make_case", "default_docs", "flops", "device_name", "device_slug", "versions",
               "free_bytes", "fit_problem", "GOLD_BYTES_PER_PAIR"),
-    "peers": ("Impl", "Unsupported", "implementations", "implementation", "resolved_backend", "prcl_loss",
+    "peers": ("SCALE", "Impl", "Unsupported", "implementations", "implementation", "resolved_backend", "prcl_loss",
               "reference_loss", "compiled_reference", "open_clip_loss", "siglip_kernel_loss", "gemm_floor"),
     "timing": ("Step", "synchronize", "time_step", "rounds_for", "summarize", "spread", "load_average"),
     "memory": ("peak_memory", "memory_problem", "MEASURING_ENV", "measuring_env", "MemoryWorker",
@@ -32,10 +31,10 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
-def first_line(e):
-    """The first line of an exception's message, cut to 160 characters: for one-line reasons."""
+def first_line(e, limit=160):
+    """The first line of an exception's message, cut to `limit` characters: for one-line reasons."""
     text = str(e).strip()
-    return text.splitlines()[0][:160] if text else ""
+    return text.splitlines()[0][:limit] if text else ""
 
 
 def __getattr__(name):

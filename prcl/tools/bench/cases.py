@@ -1,6 +1,5 @@
 """Inputs (one case per B, N, D, dtype and label form), the FLOP basis, and what a report says about
 the machine: device name, versions, free memory."""
-import math
 import platform
 import re
 from dataclasses import dataclass
@@ -9,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import prcl
+from prcl.testing import DTYPES, late_training_inputs  # noqa: F401 (late_training_inputs: re-exported, its home before)
 from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS
 
-DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 SPARSE_K = 4
 HARDNEG_FACTOR = 8
 GOLD_BYTES_PER_PAIR = 48  # the float64 reference, fwd+bwd
@@ -91,7 +90,7 @@ def make_case(B, N, D, dtype="fp32", device="cpu", label_form="diagonal", seed=0
     """Unit-norm embeddings (as encoders produce them) and labels in one of the four forms:
 
     diagonal: labels=None, pair (i, i) positive.      graded: (B,) relevance of pair (i, i) in [0, 1).
-    sparse:   (B, K=4) labels with label_index: the diagonal positive plus three graded documents.
+    sparse:   (B, K=4) labels with label_index: the diagonal positive plus three graded documents (listed_labels).
     hardneg:  diagonal positives among N = 8·B documents (the in-batch positives plus hard negatives).
     """
     if label_form not in LABEL_FORMS:
@@ -106,28 +105,24 @@ def make_case(B, N, D, dtype="fp32", device="cpu", label_form="diagonal", seed=0
     if label_form == "graded":
         labels = torch.rand(B, device=device, generator=g)
     elif label_form == "sparse":
-        K = min(SPARSE_K, N)
-        width = N // K
-        # offsets 0 and k·width + [0, width) for k ≥ 1 are distinct mod N: no document twice in a row
-        offsets = [torch.zeros(B, dtype=torch.int64, device=device)] + [
-            k * width + torch.randint(0, width, (B,), device=device, generator=g) for k in range(1, K)]
-        rows = torch.arange(B, device=device)
-        label_index = torch.stack([(rows + o) % N for o in offsets], dim=1)
-        labels = torch.cat([torch.ones(B, 1, device=device),
-                            0.5 * torch.rand(B, K - 1, device=device, generator=g)], dim=1)
+        labels, label_index = listed_labels(B, N, min(SPARSE_K, N), g)
     return Case(B, N, D, dtype, label_form, device, q, d, labels, label_index, seed)
 
 
-def late_training_inputs(B, N, D, cos, seed=0, device="cpu"):
-    """Late in training: unit float32 queries, document i (i < B) at cosine `cos` from query i (σ(z_ii)
-    → 1 at a large scale), the other documents random."""
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, D, generator=gen), dim=1)
-    u = torch.randn(N, D, generator=gen)
-    d = F.normalize(u, dim=1)
-    ortho = F.normalize(u[:B] - (u[:B] * q).sum(1, keepdim=True) * q, dim=1)
-    d[:B] = cos * q + math.sqrt(1 - cos ** 2) * ortho
-    return q.to(device), d.to(device), gen
+def listed_labels(B, N, K, gen):
+    """The "sparse" case: (B, K) labels with label_index, K documents per row: the diagonal positive (label 1)
+    and K − 1 graded ones (labels in [0, 0.5)), no document twice in a row, nothing excluded; the shape of a
+    training batch, for timing (prcl.testing.labels_with_exclusions("sparse") is the accuracy checks' one)."""
+    device = gen.device
+    width = N // K
+    # offsets 0 and k·width + [0, width) for k ≥ 1 are distinct mod N: no document twice in a row
+    offsets = [torch.zeros(B, dtype=torch.int64, device=device)] + [
+        k * width + torch.randint(0, width, (B,), device=device, generator=gen) for k in range(1, K)]
+    rows = torch.arange(B, device=device)
+    label_index = torch.stack([(rows + o) % N for o in offsets], dim=1)
+    labels = torch.cat([torch.ones(B, 1, device=device), 0.5 * torch.rand(B, K - 1, device=device, generator=gen)],
+                       dim=1)
+    return labels, label_index
 
 
 def free_bytes(device):

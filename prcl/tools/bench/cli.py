@@ -3,7 +3,8 @@
 For each implementation: forward-only and forward+backward median time (with spread), TFLOP/s on the
 2·B·N·D / 6·B·N·D basis, peak memory beyond the inputs, and the error of the loss and of the gradients
 against float64 (prcl.backends.reference on float64 inputs, the same oracle the tests use). A line per
-implementation as it completes, then the table.
+implementation as it completes, then the table; then the small batches (fwd+bwd at B = N = 32 and 128
+on one thread, prcl vs eager), where the host's per-call work shows (--no-small leaves them out).
 
 torch is imported after the arguments parse: `--help` and argument errors answer without it.
 """
@@ -11,7 +12,7 @@ import argparse
 import gc
 import time
 
-from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS, SCALE
+from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS
 from prcl.files import resolve_device
 
 
@@ -36,6 +37,9 @@ def parser():
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (torch.set_num_threads); default: torch's choice")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--no-small", action="store_true",
+                   help="leave out the small batches (fwd+bwd at B = N = 32, D = 64 and B = N = 128, D = 256 on "
+                        "1 thread, prcl vs eager: the host's per-call overhead; about 2 s)")
     return p
 
 
@@ -47,8 +51,9 @@ def main(argv=None):
     import torch
 
     from prcl.tools.bench.cases import default_docs, make_case
-    from prcl.tools.bench.peers import PEERS, implementations
-    from prcl.tools.bench.table import load_text, measure, progress_line, render
+    from prcl.tools.bench.peers import PEERS, SCALE, implementations
+    from prcl.tools.bench.table import (load_text, measure, measure_small_batches, progress_line, render,
+                                        render_small_batches)
     from prcl.tools.bench.timing import load_average
     from prcl.core.contract import check_inputs
 
@@ -86,4 +91,7 @@ def main(argv=None):
     loads.append(load_average())
     print()
     print(render(rows, case, args.repeats, loads))
+    if not args.no_small:
+        print()
+        print(render_small_batches(measure_small_batches(device, args.seed), device), flush=True)
     return 0

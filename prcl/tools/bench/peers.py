@@ -1,5 +1,6 @@
 """The implementations compared. Each `fn(q, d, labels, label_index)` returns the scalar loss; every
-one computes the same number for the cases it supports (scale 10, bias −log(N−1), mean over queries).
+one computes the same number for the cases it supports (the library's default scale, bias −log(N−1),
+mean over queries).
 """
 import importlib.util
 import math
@@ -10,9 +11,11 @@ import torch
 
 import prcl
 from prcl.backends import reference
-from prcl.tools.bench import SCALE, first_line
-from prcl.core.contract import default_bias
+from prcl.core.contract import DEFAULT_SCALE, default_bias
 from prcl.core.ops import auto_backend
+from prcl.tools.bench import first_line
+
+SCALE = DEFAULT_SCALE  # every implementation at the library's default: what a user of prcl gets
 
 PEERS = ("open_clip", "siglip-kernel")  # optional packages: left out of the CLI table when absent
 

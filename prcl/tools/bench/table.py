@@ -1,11 +1,17 @@
 """One row per implementation (time, peak memory, error vs float64), a progress line per row, and
-the rendered table."""
+the rendered table; then the small batches, where the host's per-call work shows."""
+import torch
 
-from prcl.tools.bench import MODES, SCALE, first_line
-from prcl.tools.bench.cases import GOLD_BYTES_PER_PAIR, device_name, fit_problem, flops, versions
+from prcl.tools.bench import MODES, first_line
+from prcl.tools.bench.cases import GOLD_BYTES_PER_PAIR, device_name, fit_problem, flops, make_case, versions
 from prcl.tools.bench.memory import measure_peak_memory
-from prcl.tools.bench.peers import reference_loss
-from prcl.tools.bench.timing import SPREAD_WARNING, Step, spread, summarize, time_step
+from prcl.tools.bench.peers import SCALE, prcl_loss, reference_loss, resolved_backend
+from prcl.tools.bench.timing import SPREAD_WARNING, Step, rounds_for, spread, summarize, time_step
+
+# (B = N, D) where the host's per-call work (checks, label layout, dispatch, autograd) is much of a call:
+# gradient-cache chunks and per-rank shards live there
+SMALL_BATCHES = ((32, 64), (128, 256))
+SMALL_BUDGET_S = 0.3  # timed seconds per implementation and size, at least 15 calls
 
 
 def errors_vs_float64(fn, case):
@@ -141,3 +147,34 @@ def render(rows, case, repeats, loads=()):
     ]
     tail = notes + warnings(rows, loads)
     return "\n".join(lines + ([""] + tail if tail else []))
+
+
+def measure_small_batches(device, seed=0):
+    """[(case, {"prcl": seconds, "eager": seconds})]: fwd+bwd of each call at SMALL_BATCHES, fp32, diagonal
+    labels, on one CPU thread (the host's work is what these sizes show)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for B, D in SMALL_BATCHES:
+            case = make_case(B, B, D, "fp32", device, "diagonal", seed)
+            times = {}
+            for name, fn in (("prcl", prcl_loss()), ("eager", reference_loss)):
+                step = Step(fn, case, "fwd+bwd")
+                first = time_step(step, device, 1)[0]
+                times[name] = time_step(step, device, rounds_for(first, SMALL_BUDGET_S, lo=15, hi=2000), warmup=0)
+            out.append((case, times))
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def render_small_batches(measured, device):
+    calls = min(len(t) for _, times in measured for t in times.values())
+    lines = [f"small batches: fwd+bwd, fp32, labels=diagonal, 1 CPU thread, prcl ({resolved_backend(device)}) vs "
+             f"eager; median ± half the interquartile range of at least {calls} calls; x eager: speed-up"]
+    for case, times in measured:
+        speedup = summarize(times["eager"])[0] / summarize(times["prcl"])[0]
+        lines.append(f"  B=N={case.B} D={case.D}: prcl {_ms(times['prcl'])} ms, eager {_ms(times['eager'])} ms, "
+                     f"x eager {speedup:.2f}")
+    return "\n".join(lines)

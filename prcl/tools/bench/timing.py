@@ -1,4 +1,4 @@
-"""One measured step, wall-clock repeats, and how far to trust them: median, spread, load average."""
+"""One measured step, its timer (wall clock or CUDA events), and how far to trust them: median, spread, load average."""
 import os
 import statistics
 import time
@@ -42,11 +42,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_step(step, device, repeats, warmup=1):
-    """Wall-clock seconds of `repeats` calls after `warmup` untimed ones (compilation, caches)."""
+def time_step(step, device, repeats, warmup=1, events=False):
+    """Seconds of each of `repeats` calls after `warmup` untimed ones (compilation, caches): the wall
+    clock around each call and a synchronize; events (CUDA): CUDA events around each call, the calls
+    back to back and one synchronize at the end, so that the host's waits are not timed."""
     for _ in range(warmup):
         step()
     synchronize(device)
+    if events:
+        marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in marks:
+            start.record()
+            step()
+            end.record()
+        synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in marks]
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

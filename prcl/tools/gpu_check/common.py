@@ -1,0 +1,43 @@
+"""What the sections share: the run's settings, the logger, an exception as one line, and the Triton
+gradient forced to one design."""
+import contextlib
+import logging
+
+import torch
+
+from prcl.tools.bench import first_line
+
+log = logging.getLogger("prcl.tools.gpu_check")
+
+
+class Check:
+    """One run's settings: device, dry run, backend."""
+
+    def __init__(self, dry_run, argv):
+        self.dry_run, self.argv = dry_run, argv
+        if not dry_run and not torch.cuda.is_available():
+            raise SystemExit("gpu_check: no CUDA device here; use --dry-run to exercise it on CPU")
+        self.device = torch.device("cpu" if dry_run else "cuda")
+        self.cuda = self.device.type == "cuda"
+        self.backend = "triton"  # the CUDA kernels; on CPU the same kernels in Triton's interpreter
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def error_line(e):
+    return f"{type(e).__name__}: {first_line(e, limit=300)}"
+
+
+@contextlib.contextmanager
+def gradient_design(two_pass):
+    """The Triton gradient forced to the two-pass kernels (True) or the G panels (False); None: the
+    launcher's choice."""
+    from prcl.backends import triton_impl
+
+    triton_impl.TWO_PASS = two_pass
+    try:
+        yield
+    finally:
+        triton_impl.TWO_PASS = None

@@ -1,0 +1,34 @@
+"""What the timings section times: prcl (and its Triton gradient's two designs), the eager reference,
+the peers of prcl.tools.bench, the three-GEMM floor; all at prcl.core.contract.DEFAULT_SCALE and bias
+−log(N−1), the library's defaults."""
+from prcl.tools import bench
+from prcl.tools.gpu_check.common import gradient_design
+
+DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
+
+
+def _from_bench(name, *args):
+    return lambda: getattr(bench, name)(*args)
+
+
+def _design(two_pass):  # docs/design.md, "Two-pass gradient"
+    def make():
+        loss = bench.prcl_loss("triton")
+
+        def fn(*args):
+            with gradient_design(two_pass):
+                return loss(*args)
+
+        return fn
+
+    return make
+
+
+def peers(ck):
+    """[(name, factory)]: factories return fn(q, d, labels, label_index) -> scalar loss."""
+    made = [("prcl", _from_bench("prcl_loss")), ("prcl panels", _design(False)), ("prcl two-pass", _design(True)),
+            ("eager", lambda: bench.reference_loss)]
+    if not ck.dry_run:  # compiling takes minutes on a CPU
+        made.append(("torch.compile", _from_bench("compiled_reference")))
+    return made + [("open_clip", _from_bench("open_clip_loss")), ("siglip-kernel", _from_bench("siglip_kernel_loss")),
+                   ("3-GEMM floor", _from_bench("gemm_floor"))]
