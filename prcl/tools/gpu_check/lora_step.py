@@ -15,19 +15,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True)
 
 
-def _word_tokenizer(vocab_size):
-    """A fast word-level tokenizer over the words w0, w1, …: texts of known token counts, no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-
-
 def _encoder(ck, rec):
     from prcl.encoders import LLMEncoder, smollm2_gguf
+    from prcl.encoders.models import SPECIAL_TOKENS, word_tokenizer
 
     gguf = None if ck.dry_run else smollm2_gguf()
     if gguf is not None:
@@ -45,7 +35,8 @@ def _encoder(ck, rec):
     rec["model"] = ("a tiny random Llama" if ck.dry_run else "a random Llama of SmolLM2-135M's shape") + f" {shape}"
     config = LlamaConfig(**shape, pad_token_id=0, attention_dropout=0.0)
     model = AutoModel.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
-    return LLMEncoder(model, _word_tokenizer(shape["vocab_size"]), gradient_checkpointing=True)
+    return LLMEncoder(model, word_tokenizer(f"w{i}" for i in range(shape["vocab_size"] - len(SPECIAL_TOKENS))),
+                      gradient_checkpointing=True)
 
 
 def section(ck, rec):
