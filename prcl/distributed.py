@@ -67,6 +67,7 @@ import torch.distributed as dist
 
 from prcl.core import loss
 from prcl.core.contract import DEFAULT_SCALE, DTYPES, REDUCTIONS, check_inputs, check_margin, default_bias
+from prcl.core.labels import kernel_labels, no_pairs, offset_labels
 from prcl.core.ops import auto_backend, check_backend
 
 STRATEGIES = ("gather", "ring")
@@ -202,14 +203,14 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
     backend = backend or auto_backend(q.device)
     check_backend(backend, q.device)
     # labels=None/(B_r,) become one listed pair per query, (i, off_r + i), before either strategy
-    labels, label_index = loss.kernel_labels(labels, label_index, q.shape[0], q.device)
+    labels, label_index = kernel_labels(labels, label_index, q.shape[0], q.device)
     plan = _Plan(group, dist.get_rank(group), dist.get_world_size(group), b_sizes, n_sizes, labels,
                  label_index, backend, reduction == "none", want)
     if bias is None:
         bias = default_bias(sum(n_sizes))
     if strategy == "gather":
         d_all = _GatherRows.apply(d, plan) if want[1] else _gather_rows(d, plan)
-        y, index = _global_labels(plan, q, d.shape[0], sum(n_sizes))
+        y, index = offset_labels(plan.labels, plan.label_index, plan.offset, sum(n_sizes))
         # the global mean's 1/B inside the op: the query gradients are rounded once, with it applied
         return loss.pair_bce(q, d_all, y, index, scale, bias, reduction, backend, n_queries=sum(b_sizes),
                              margin=false_negative_margin, return_masked=return_masked)
@@ -223,18 +224,6 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
 
 
 # --- strategy "gather" -----------------------------------------------------------------------------
-
-def _global_labels(plan, q, N, n_total):
-    """Rank-local labels as labels over the gathered documents (global rows off_r … off_r + N_r − 1)."""
-    labels, index, off = plan.labels, plan.label_index, plan.offset
-    B = q.shape[0]
-    if index is not None:
-        return labels, torch.where(index >= 0, index + off, -1)
-    # dense (B_r, N_r): the other ranks' documents are negatives. This zero-pads to (B_r, N) floats.
-    y = labels.new_zeros(B, n_total)
-    y[:, off:off + N] = labels
-    return y, None
-
 
 def _gather_rows(x, plan):
     """All-gathers rows of unequal counts: pad each rank's rows to the largest count, gather, slice."""
@@ -318,10 +307,7 @@ def _chunk_loss(plan, q, d_c, own, t, b, grad_out):
 
 
 def _chunk_labels(plan, q, own):
-    if own:
-        return plan.labels, plan.label_index
-    return (q.new_zeros(q.shape[0], 0, dtype=torch.float32),
-            torch.zeros(q.shape[0], 0, dtype=torch.int64, device=q.device))
+    return (plan.labels, plan.label_index) if own else no_pairs(q.shape[0], q.device)
 
 
 def _add(acc, x):
@@ -362,9 +348,7 @@ def _ring(plan, q, d, t, b, grad_out, want):
         works = dist.batch_isend_irecv(ops) if ops else []
         o, (gq, gd, gt, gb) = _chunk_loss(plan, q, d_cur, k == 0, t, b, grad_out)
         if plan.masked is not None:
-            y, index = _chunk_labels(plan, q, k == 0)
-            plan.masked.append(loss.masked_pairs(q, d_cur, *loss.kernel_labels(y, index, q.shape[0], q.device),
-                                                 plan.threshold))
+            plan.masked.append(loss.masked_pairs(q, d_cur, *_chunk_labels(plan, q, k == 0), plan.threshold))
         out = o if out is None else out + o
         if grads:
             dq, dt, db = (_add(acc, g) for acc, g in ((dq, gq), (dt, gt), (db, gb)))

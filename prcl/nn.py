@@ -15,15 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prcl.core.contract import DEFAULT_SCALE, check_margin, default_bias, describe_number, finite_number
+from prcl.core.contract import DEFAULT_SCALE, check_margin, check_scalar, default_bias
 from prcl.functional import fused_pair_bce
-
-
-def _check(scale, bias):
-    if not finite_number(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a finite float > 0, got {describe_number(scale)}")
-    if bias is not None and not finite_number(bias):
-        raise ValueError(f"bias: expected None or a finite float, got {describe_number(bias)}")
 
 
 class PairBCELoss(nn.Module):
@@ -42,7 +35,9 @@ class PairBCELoss(nn.Module):
                  learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None,
                  false_negative_margin: Optional[float] = None):
         super().__init__()
-        _check(scale, bias)
+        check_scalar("scale", scale, positive=True)
+        if bias is not None:
+            check_scalar("bias", bias)
         check_margin(false_negative_margin)
         self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
         self.fixed_scale = float(scale)

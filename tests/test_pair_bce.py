@@ -171,10 +171,10 @@ def test_extreme_logits_are_finite(backend, dtype):
 def test_many_panels(form, backend, monkeypatch):
     # Panels of ~300 elements make these shapes cross many panels, ragged last ones included:
     # per-panel accumulation, label slicing and workspace reuse are checked.
-    from prcl.backends import torch_impl, triton_impl
+    from prcl.backends import tuning
 
-    monkeypatch.setattr(torch_impl, "PANEL_ELEMS", 300)
-    monkeypatch.setattr(triton_impl, "PANEL_ELEMS", 300)
+    monkeypatch.setattr(tuning, "TORCH_PANEL_ELEMS", 300)
+    monkeypatch.setattr(tuning, "TRITON_PANEL_ELEMS", 300)
     q, d, gen = make_inputs(37, 45, 19, torch.float32)
     labels, label_index = make_labels(form, 37, 45, gen)
     for reduction in ("mean", "none"):
@@ -190,12 +190,13 @@ def test_interpreter_check_runs_both_designs_and_names_the_versions(monkeypatch)
     from prcl import functional
     from prcl.backends import triton_impl
 
-    designs = []
+    designs = []  # whether each call's gradient runs as two passes
     run = functional.fused_pair_bce
     monkeypatch.setattr(functional, "fused_pair_bce",
-                        lambda *a, **k: designs.append(triton_impl.TWO_PASS) or run(*a, **k))
+                        lambda q, *a, **k: designs.append(triton_impl.two_pass(q)) or run(q, *a, **k))
     triton_impl.check_interpreter()
-    assert designs == [False, True] and triton_impl.TWO_PASS is None
+    q = torch.randn(20, 16)
+    assert designs == [False, True] and not triton_impl.two_pass(q)
 
     def broken(*a, **k):
         raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
@@ -204,7 +205,7 @@ def test_interpreter_check_runs_both_designs_and_names_the_versions(monkeypatch)
     with pytest.raises(RuntimeError, match=f"Triton {triton.__version__}'s interpreter .* numpy {numpy.__version__}: "
                                            "TypeError: only 0-dimensional"):
         triton_impl.check_interpreter()
-    assert triton_impl.TWO_PASS is None
+    assert not triton_impl.two_pass(q)  # the design forced inside is undone on the way out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -489,11 +490,11 @@ def two_pass(monkeypatch):
     """The Triton gradient forced to the two-pass kernels; counts their launches."""
     from prcl.backends import triton_impl
 
-    monkeypatch.setattr(triton_impl, "TWO_PASS", True)
     launches = []
     real = triton_impl._pass
     monkeypatch.setattr(triton_impl, "_pass", lambda *a: launches.append(a[-1]) or real(*a))
-    return launches
+    with triton_impl.gradient_design("two-pass"):
+        yield launches
 
 
 # B = 1; ragged everywhere; B = 5 against N = 70 splits the row pass over column tiles
@@ -526,6 +527,14 @@ def test_two_pass_late_training_accuracy(form, dtype, two_pass):
     for reduction in ("mean", "none"):
         check_against_oracle(by("triton"), q.to(dtype), d.to(dtype), labels, label_index, dtype, reduction,
                              floor=LATE_FLOOR, scale=scale, bias=bias)
+
+
+def test_gradient_design_names_a_bad_setting():
+    from prcl.backends import triton_impl
+
+    with pytest.raises(ValueError, match=r"^design: expected None or one of \('panels', 'two-pass'\), got 'fast'"):
+        with triton_impl.gradient_design("fast"):
+            pass
 
 
 def test_two_pass_only_where_d_fits_its_registers(two_pass):

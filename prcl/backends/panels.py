@@ -18,19 +18,12 @@ Panels are visited in a fixed order: results are deterministic.
 import torch
 
 from prcl.backends.tuning import panel_shape
+from prcl.core.labels import panel_labels
 
 
 def acc_dtype(dtype):
     """float32, or float64 for float64 inputs (the gradcheck tests run the ops in float64)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def panel_labels(labels, label_index, i, j, rows, cols):
-    """The panel (rows i:i+rows, columns j:j+cols) of the kernel label layout: a dense tile, or the
-    rows' sparse lists (their indices still global: `block` compares them with col + c)."""
-    if label_index is None:
-        return labels[i:i + rows, j:j + cols], None
-    return labels[i:i + rows], label_index[i:i + rows]
 
 
 def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, out_dtype=None, threshold=None):

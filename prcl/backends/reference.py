@@ -11,20 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from prcl.core.contract import DEFAULT_SCALE, DTYPES, check_inputs, check_margin, default_bias
-
-
-def dense_labels(labels, label_index, B, N, device):
-    """The (B, N) float32 label matrix of any label form; entries < 0 mark excluded pairs."""
-    if labels is not None and labels.dim() == 2 and label_index is None:
-        return labels.float()
-    Y = torch.zeros(B, N, dtype=torch.float32, device=device)
-    if labels is None or labels.dim() == 1:
-        diag = torch.ones(B, device=device) if labels is None else labels.float()
-        Y[torch.arange(B, device=device), torch.arange(B, device=device)] = diag
-        return Y
-    rows, k = torch.nonzero(label_index >= 0, as_tuple=True)
-    Y[rows, label_index[rows, k]] = labels[rows, k].float()
-    return Y
+from prcl.core.labels import dense_labels
 
 
 def pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_SCALE, bias=None, reduction="mean",

@@ -2,33 +2,20 @@
 
 The PyTorch twin of the Triton kernels: same panels, same label layout, same per-pair algebra,
 float32 throughout (float64 for float64 inputs, so that gradcheck can run through the ops). It never
-allocates B×N, only a few panel-sized buffers (PANEL_ELEMS elements each), and reads no tensor value
+allocates B×N, only a few panel-sized buffers (tuning.TORCH_PANEL_ELEMS elements each), and reads no tensor value
 on the host: it runs on any device torch supports, meta included.
 """
 import math
 
 import torch
 
-from prcl.backends.panels import acc_dtype, panel_grads, panel_labels
+from prcl.backends.panels import acc_dtype, panel_grads
+from prcl.backends import tuning
 from prcl.backends.tuning import panel_shape
-
-PANEL_ELEMS = 1 << 20
-
+from prcl.core.labels import label_tile, listed_pairs, panel_labels
 
 def _acc(x):
     return x.to(acc_dtype(x.dtype))
-
-
-def label_tile(y, index, col, cols, dtype):
-    """The dense (rows, cols) labels of a panel starting at document `col`, from either layout."""
-    if index is None:
-        return y.to(dtype)
-    # scatter into one spare column that catches the indices outside the panel: no boolean indexing,
-    # which would read a count on the host
-    local = index - col
-    local = torch.where((local >= 0) & (local < cols), local, cols)
-    tile = y.new_zeros(y.shape[0], cols + 1, dtype=dtype)
-    return tile.scatter_(1, local, y.to(dtype))[:, :cols]
 
 
 def pair_terms(s, t, b, y, threshold=None):
@@ -60,7 +47,7 @@ def rows(q, d, scale, bias, labels, label_index, threshold=None):
     q, d = _acc(q), _acc(d)
     B, N = q.shape[0], d.shape[0]
     out = q.new_zeros(B)
-    pm, pn = panel_shape(B, N, PANEL_ELEMS)
+    pm, pn = panel_shape(B, N, tuning.TORCH_PANEL_ELEMS)
     for i in range(0, B, pm):
         for j in range(0, N, pn):
             q_i, d_j = q[i:i + pm], d[j:j + pn]
@@ -87,7 +74,7 @@ def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, thresh
             g, gs = w_i @ G.sum(1), w_i @ gs_rows
         return loss.sum(1), G, gs, g
 
-    return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, PANEL_ELEMS, grad_scale,
+    return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, tuning.TORCH_PANEL_ELEMS, grad_scale,
                        q.dtype if rounded else None, threshold)
 
 
@@ -95,7 +82,7 @@ def _panels(q, d, labels, label_index):
     """(row slice, float32 S, dense label tile) over bounded panels of the pair matrix, in order."""
     acc = acc_dtype(q.dtype)
     B, N = q.shape[0], d.shape[0]
-    pm, pn = panel_shape(B, N, PANEL_ELEMS)
+    pm, pn = panel_shape(B, N, tuning.TORCH_PANEL_ELEMS)
     for i in range(0, B, pm):
         for j in range(0, N, pn):
             q_i, d_j = q[i:i + pm], d[j:j + pn]
@@ -123,7 +110,7 @@ def labelled_max(q, d, labels, label_index):
     if label_index is not None:
         if label_index.shape[1] == 0:
             return q.new_full((B,), -math.inf, dtype=acc)
-        listed = (label_index >= 0) & (label_index < N) & (labels > 0)
+        listed = listed_pairs(label_index, N) & (labels > 0)
         return torch.where(listed, listed_dots(q, d, label_index), -math.inf).amax(1)
     best = q.new_full((B,), -math.inf, dtype=acc)
     for rows_, s, y in _panels(q, d, labels, label_index):

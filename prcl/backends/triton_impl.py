@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy
 import torch
@@ -42,11 +43,26 @@ def _kernels():
 _pair_bce = _kernels()
 pair_pass_kernel, pair_tile_kernel = _pair_bce.pair_pass_kernel, _pair_bce.pair_tile_kernel
 
-PANEL_ELEMS = 1 << 26  # 128 MiB of bf16 G: panels of 8192 × 8192 keep the gradient GEMMs large
 ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
-# The gradient's design: None chooses by the performance model (docs/design.md, "Two-pass gradient"),
-# True or False forces the two-pass kernels (D ≤ 256 only) or the G panels (tests, prcl.tools.gpu_check)
-TWO_PASS = None
+GRADIENT_DESIGNS = ("panels", "two-pass")
+_forced_design: Optional[str] = None  # set only by gradient_design()
+
+
+@contextlib.contextmanager
+def gradient_design(design: Optional[str]) -> Iterator[None]:
+    """Runs the Triton gradients of the calls inside the block with one design (docs/design.md,
+    "Two-pass gradient"): "panels" (G panels and cuBLAS), "two-pass" (for D ≤ TWO_PASS_MAX_D; a larger
+    D runs panels) or None (the launcher's choice, `two_pass`). For the tests and prcl.tools.gpu_check.
+    Process-wide rather than per thread: a backward on CUDA runs in autograd's device thread, and
+    must see the setting of the forward that recorded it."""
+    global _forced_design
+    if design is not None and design not in GRADIENT_DESIGNS:
+        raise ValueError(f"design: expected None or one of {GRADIENT_DESIGNS}, got {design!r}")
+    saved, _forced_design = _forced_design, design
+    try:
+        yield
+    finally:
+        _forced_design = saved
 
 
 def _interpreter_index_shim():
@@ -81,18 +97,15 @@ def _stride_multiple(x):
 def check_interpreter():
     """Run both gradient designs' kernels once, tiny, in Triton's interpreter; a RuntimeError naming
     triton's and numpy's versions when this pairing cannot run them (prcl.tools.gpu_check --dry-run)."""
-    global TWO_PASS
     from prcl.functional import fused_pair_bce
-    saved = TWO_PASS
     try:
-        for TWO_PASS in (False, True):
-            q, d = torch.randn(20, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
-            fused_pair_bce(q, d, backend="triton").backward()
+        for design in GRADIENT_DESIGNS:
+            with gradient_design(design):
+                q, d = torch.randn(20, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
+                fused_pair_bce(q, d, backend="triton").backward()
     except Exception as e:
         raise RuntimeError(f"Triton {triton.__version__}'s interpreter cannot run prcl's kernels with numpy "
                            f"{numpy.__version__}: {type(e).__name__}: {e}") from e
-    finally:
-        TWO_PASS = saved
 
 
 def kernel_config(dtype, write_g, arch, D=768):
@@ -197,8 +210,8 @@ def rows(q, d, scale, bias, labels, label_index, threshold=None):
 def two_pass(q):
     """Whether the gradient runs as two passes (no G in memory) rather than G panels and cuBLAS."""
     D = q.shape[1]
-    if TWO_PASS is not None or interpreting():
-        return bool(TWO_PASS) and D <= tuning.TWO_PASS_MAX_D
+    if _forced_design is not None or interpreting():
+        return _forced_design == "two-pass" and D <= tuning.TWO_PASS_MAX_D
     major, minor = torch.cuda.get_device_capability(q.device)
     return q.dtype != torch.float32 and tuning.gpu_class(10 * major + minor) == "sm90" and D <= tuning.TWO_PASS_CROSSOVER_D
 
@@ -258,4 +271,5 @@ def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, thresh
         return rows, G, gs, g
 
     with _on(q.device):
-        return panel_grads(q, d, labels, label_index, w, block, PANEL_ELEMS, grad_scale, out_dtype, threshold)
+        return panel_grads(q, d, labels, label_index, w, block, tuning.TRITON_PANEL_ELEMS, grad_scale, out_dtype,
+                           threshold)

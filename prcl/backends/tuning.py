@@ -118,6 +118,13 @@ def pick(arch, dtype, grad, D, measure=None):
     return dict(_picked[key])
 
 
+# Elements of one panel of the pair matrix, per backend. The PyTorch twin's float32 S and G panels:
+# 4 MiB each, a few alive at a time. The Triton gradient's G workspace: 128 MiB of bf16, panels of
+# 8192 × 8192, large enough to keep the two gradient GEMMs on it efficient.
+TORCH_PANEL_ELEMS = 1 << 20
+TRITON_PANEL_ELEMS = 1 << 26
+
+
 def panel_shape(B, N, panel_elems):
     """(rows, cols) of a G panel of at most P = panel_elems: rows = min(B, √P), cols = min(N, P / rows),
     so a short B gets wide panels (B = 512, N = 65536 is one panel, not eight thin ones); then rows

@@ -14,7 +14,9 @@ import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = (None, "triton", "torch", "native", "reference")
+# The values of the public `backend=` argument: None chooses (prcl.core.ops.auto_backend); "reference"
+# is the eager formula (prcl.backends.reference); the others name a kernel backend (prcl.core.ops.REGISTRY)
+BACKEND_CHOICES = (None, "triton", "torch", "native", "reference")
 # The logit scale t of every default in prcl, for cosine similarity: on the man-pages benchmark's dev
 # split (README, "Training quality") t = 5 with b = −log(N−1) had the best mean at lr 1e-4 and 2e-4 (by
 # about one seed std over t = 10); t ≥ 20 with that bias was far worse.
@@ -54,13 +56,21 @@ def describe_number(value):
     return repr(value)
 
 
-def _check_scalar(name, value, q, positive):
+def check_scalar(name, value, like=None, *, positive=False):
+    """The logit scale (positive=True) or bias: a finite int or float (> 0 when positive). With `like`
+    (the loss's q) also a 0-dim floating tensor on like's device, whose value is not read; without it
+    (prcl.nn.PairBCELoss's settings) only a number. None is the caller's to allow."""
+    if like is None:
+        if not finite_number(value) or (positive and value <= 0):
+            want = "a finite float > 0" if positive else "None or a finite float"
+            raise ValueError(f"{name}: expected {want}, got {describe_number(value)}")
+        return
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise ValueError(f"{name}: expected a float or a 0-dim floating tensor, got {value.dtype} "
                              f"tensor of shape {tuple(value.shape)}")
-        if value.device != q.device:
-            raise ValueError(f"{name}: tensor is on {value.device} but q is on {q.device}")
+        if value.device != like.device:
+            raise ValueError(f"{name}: tensor is on {value.device} but q is on {like.device}")
         return
     if not finite_number(value):
         raise ValueError(f"{name}: expected a finite float or a 0-dim tensor, got {describe_number(value)}")
@@ -94,11 +104,11 @@ def check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, dty
         raise ValueError(f"q and d must have the same embedding dim, got {_shapes(q=q, d=d)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    _check_scalar("scale", scale, q, positive=True)
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+    check_scalar("scale", scale, q, positive=True)
     if bias is not None:
-        _check_scalar("bias", bias, q, positive=False)
+        check_scalar("bias", bias, q)
     _check_labels(q, d, labels, label_index)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from prcl.core import ops
 from prcl.backends import torch_impl
 from prcl.core.contract import default_bias
+from prcl.core.labels import kernel_labels
 
 
 def scalar(x, device) -> Tensor:
@@ -24,15 +25,6 @@ def scalar(x, device) -> Tensor:
     if isinstance(x, Tensor):
         return x.float()
     return torch.full((), float(x), dtype=torch.float32, device=device)
-
-
-def kernel_labels(labels, label_index, B, device):
-    """Any public label form in the ops' layout (prcl.core.ops): dense (labels (B, N), None), or sparse
-    (labels (B, K), label_index (B, K)). The diagonal forms are one listed pair per row, (i, i)."""
-    if labels is None or labels.dim() == 1:
-        y = torch.ones(B, 1, device=device) if labels is None else labels[:, None]
-        return y, torch.arange(B, device=device)[:, None]
-    return labels, label_index
 
 
 def false_negative_threshold(q, d, y, index, margin):

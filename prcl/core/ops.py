@@ -3,7 +3,7 @@
     pair_bce_rows(q, d, t, b, Y)  = [Σ_j l_ij]_i     l_ij = softplus(z_ij) − y_ij·z_ij,  z = t·q·dᵀ + b   (B,)
     pair_bce_total(q, d, t, b, Y) = (Σ_ij l_ij, and its gradients)
 
-Y reaches the kernels in one of two label-light layouts (prcl.core.loss builds them from the public forms):
+Y reaches the kernels in one of two label-light layouts (prcl.core.labels builds them from the public forms):
 `labels (B, N), label_index None` is a dense label tile; `labels (B, K), label_index (B, K)` lists
 y for pairs (i, label_index[i, k]), every other pair has y = 0 and an index outside [0, N) lists
 nothing. A pair with y < 0 is excluded: no loss, no gradient. Each kernel forms σ(z) − y in float32
@@ -21,26 +21,110 @@ reduction's 1/B into it, so that backward's rescaling is by the upstream gradien
 inputs' dtypes (`rounded=True`, autograd's path: no float32 (B+N)×D copies outlive the kernel) or in
 float32 (the ring strategy sums them across calls before its one rounding).
 
-Backends ("triton", "torch", "native") implement `rows(q, d, t, b, labels, label_index)` and
-`grads(q, d, t, b, labels, label_index, w, c, rounded)` -> (rows, c·G·d, c·Gᵀ·q, Σ G∘S, Σ G) with
-G_ij = w_i·(σ(z_ij) − y_ij) (prcl.backends.panels); all run on CPU tensors, triton through its interpreter.
+The kernel backends are registered by name in REGISTRY and implement the `Backend` protocol:
+`rows(q, d, t, b, labels, label_index, threshold)` and `grads(q, d, t, b, labels, label_index, w, c,
+rounded, threshold)` -> (rows, c·G·d, c·Gᵀ·q, Σ G∘S, Σ G) with G_ij = w_i·(σ(z_ij) − y_ij)
+(prcl.backends.panels); all run on CPU tensors, triton through its interpreter.
 """
 import functools
 import importlib.util
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
 
-from prcl.core.contract import triton_interpreting
 from prcl.backends import torch_impl
 from prcl.backends.panels import acc_dtype
+from prcl.core.contract import triton_interpreting
+from prcl.core.labels import listed_pairs
 
-BACKENDS = ("triton", "torch", "native")
+Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # rows (B,), c·G·d (B, D), c·Gᵀ·q (N, D), Σ G∘S, Σ G
+
+
+class Backend(Protocol):
+    """A kernel backend: a module with these two functions (prcl.backends.torch_impl, triton_impl, native).
+
+    q (B, D) and d (N, D) share a floating dtype and a device; scale and bias are 0-dim tensors of
+    acc_dtype(q.dtype) (prcl.backends.panels); labels and label_index are in the layout above
+    (prcl.core.labels); threshold is the false-negative mask's per-row thresholds (B,), float32, or
+    None. No backend reads a tensor value on the host."""
+
+    def rows(self, q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
+             label_index: Optional[Tensor], threshold: Optional[Tensor] = None) -> Tensor:
+        """Σ_j l_ij per row, (B,) in acc_dtype."""
+        ...
+
+    def grads(self, q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+              w: Optional[Tensor], grad_scale: Tensor, rounded: bool, threshold: Optional[Tensor] = None) -> Grads:
+        """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij (w (B,), or None for all 1) with
+        c = grad_scale: c·G·d and c·Gᵀ·q in the inputs' dtype when rounded, else in acc_dtype; Σ G∘S
+        and Σ G in acc_dtype."""
+        ...
+
+
+def _torch() -> Backend:
+    return torch_impl
+
+
+def _triton() -> Backend:
+    from prcl.backends import triton_impl  # imports triton: only when a call asks for it
+
+    return triton_impl
+
+
+def _native() -> Backend:
+    from prcl.backends import native  # loads the C++ library when first imported
+
+    return native
+
+
+def _usable_anywhere(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _triton_unusable(device: torch.device) -> Optional[str]:
+    if device.type != "cuda" and not triton_interpreting():
+        return (f"backend='triton' needs CUDA tensors (q is on {device}), or TRITON_INTERPRET=1 set before "
+                "triton is imported to run the kernels in Triton's interpreter")
+    return None
+
+
+def _native_unusable(device: torch.device) -> Optional[str]:
+    from prcl.backends import native
+
+    if device.type != "cpu" or not native.available():
+        return (f"backend='native' needs CPU tensors (q is on {device}) and the built native library "
+                f"({native.status()})")
+    return None
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A kernel backend's entry. `load` returns its implementation, importing it on first use (triton
+    is a heavy, optional import); `unusable(device)` says why it cannot run on tensors of `device`, or
+    None when it can, without importing triton."""
+    load: Callable[[], Backend]
+    unusable: Callable[[torch.device], Optional[str]]
+
+
+# The kernel backends by name: the values of the public `backend=` besides None and "reference"
+# (prcl.core.contract.BACKEND_CHOICES, which tests/test_errors.py checks against this)
+REGISTRY: dict[str, Registered] = {
+    "triton": Registered(_triton, _triton_unusable),
+    "torch": Registered(_torch, _usable_anywhere),
+    "native": Registered(_native, _native_unusable),
+}
 
 
 @functools.cache
-def _cuda_kernel_usable(device):
+def backend_impl(name: str) -> Backend:
+    """The registered backend `name`'s implementation."""
+    return REGISTRY[name].load()
+
+
+@functools.cache
+def _cuda_kernel_usable(device: torch.device) -> bool:
     # the kernel needs bf16 tensor cores and host tensor descriptors (sm_80+, triton>=3.4)
     return torch.cuda.get_device_capability(device)[0] >= 8 and importlib.util.find_spec("triton") is not None
 
@@ -50,37 +134,26 @@ def auto_backend(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton" if _cuda_kernel_usable(device) else "torch"
     if device.type == "cpu":
-        from prcl.backends import native
-
-        return "native" if native.available() else "torch"
+        return "native" if _native_unusable(device) is None else "torch"
     return "torch"  # any other device (meta, mps, …): the PyTorch twin runs wherever torch does
 
 
 def check_backend(name: str, device: torch.device) -> None:
-    """ValueError when backend `name` cannot run on tensors of `device`."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
-    if name == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise ValueError(f"backend='triton' needs CUDA tensors (q is on {device}), or TRITON_INTERPRET=1 "
-                         "set before triton is imported to run the kernels in Triton's interpreter")
-    if name == "native":
-        from prcl.backends import native
-
-        if device.type != "cpu" or not native.available():
-            raise ValueError(f"backend='native' needs CPU tensors (q is on {device}) and the built native "
-                             f"library ({native.status()})")
+    """ValueError when backend `name` is not registered or cannot run on tensors of `device`."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend: expected one of {tuple(REGISTRY)}, got {name!r}")
+    why = REGISTRY[name].unusable(device)
+    if why is not None:
+        raise ValueError(why)
 
 
-def _impl(name):
-    return importlib.import_module({"torch": "prcl.backends.torch_impl", "triton": "prcl.backends.triton_impl",
-                                    "native": "prcl.backends.native"}[name])
-
-
-def _grads(q, d, scale, bias, labels, label_index, w, backend, weight, rounded, threshold=None):
+def _grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+           w: Optional[Tensor], backend: str, weight: float, rounded: bool,
+           threshold: Optional[Tensor] = None) -> Grads:
     """rows and the gradients of weight·Σ_i w_i Σ_j l_ij w.r.t. q, d, t, b."""
     grad_scale = scale.to(acc_dtype(q.dtype)) * weight
-    rows, dq, dd, gs, g = _impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
-                                               threshold)
+    rows, dq, dd, gs, g = backend_impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
+                                                      threshold)
     return rows, dq, dd, gs * weight, g * weight
 
 
@@ -102,7 +175,7 @@ def _define(schema, impl):
 
 def _rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
           backend: str, threshold: Optional[Tensor] = None) -> Tensor:
-    return _impl(backend).rows(q, d, scale, bias, labels, label_index, threshold)
+    return backend_impl(backend).rows(q, d, scale, bias, labels, label_index, threshold)
 
 
 def _rows_bwd(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
@@ -154,7 +227,7 @@ def label_grad(q, d, scale, bias, labels, label_index, w, threshold=None):
     if label_index is None:
         s, keep = q @ d.T, labels >= 0
     else:
-        keep = (label_index >= 0) & (label_index < d.shape[0]) & (labels >= 0)
+        keep = listed_pairs(label_index, d.shape[0]) & (labels >= 0)
         s = torch_impl.listed_dots(q, d, label_index)
     if threshold is not None:
         keep &= (labels != 0) | (s <= threshold[:, None])
@@ -200,7 +273,7 @@ def _rows_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _rows_backward(ctx, grad_rows):
+def _rows_backward(ctx: Any, grad_rows: Tensor) -> tuple[Optional[Tensor], ...]:
     q, d, scale, bias, labels, label_index, threshold = ctx.saved_tensors
     dq = dd = dt = db = dy = None
     with torch.no_grad():
@@ -236,14 +309,15 @@ def _total_setup(ctx, inputs, output):
     ctx.dtypes = q.dtype, d.dtype, scale.dtype, bias.dtype
 
 
-def _total_backward(ctx, grad_total, *_):
+def _total_backward(ctx: Any, grad_total: Optional[Tensor], *_: Any) -> tuple[Optional[Tensor], ...]:
     if grad_total is None:  # the loss itself was not used (grads are not materialised)
         return (None,) * 10
     dq, dd, dt, db, q, d, scale, bias, labels, label_index, threshold = ctx.saved_tensors
     with torch.no_grad():
         # the gradient was computed (and, on autograd's path, rounded) in the forward; backward only
         # scales it by the upstream gradient, exactly when that is 1 or a power of two
-        grads = [(grad_total * g).to(dtype) for g, dtype in zip((dq, dd, dt, db), ctx.dtypes)]
+        grads = [(grad_total * g).to(dtype) if wanted else None
+                 for g, dtype, wanted in zip((dq, dd, dt, db), ctx.dtypes, ctx.needs_input_grad)]
         dy = label_grad(q, d, scale, bias, labels, label_index, grad_total * ctx.weight, threshold) \
             if ctx.needs_input_grad[4] else None
     return (*_first_order((q, d, scale, bias, labels), (*grads, dy)), None, None, None, None, None)

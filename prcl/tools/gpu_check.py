@@ -240,12 +240,9 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", de
     scale, bias = (20.0, -10.0) if late else (7.0, -3.0)
     gold = evaluate(ck, pair_bce, q.double(), d.double(), labels, label_index, reduction, scale, bias, margin=margin)
     eager = evaluate(ck, pair_bce, q, d, labels, label_index, reduction, scale, bias, margin=margin)
-    triton_impl.TWO_PASS = True if design == "two-pass" else None
-    try:
+    with triton_impl.gradient_design("two-pass" if design == "two-pass" else None):
         fused = evaluate(ck, lambda *a, **k: prcl.fused_pair_bce(*a, backend=ck.backend, **k), q, d, labels,
                          label_index, reduction, scale, bias, layout, margin)
-    finally:
-        triton_impl.TWO_PASS = None
     floor = (LATE_FLOOR if late else FLOOR)[dtype_name]
     row = dict(case=f"B{B}-N{N}-D{D}", dtype=dtype_name, form=form, layout=layout, reduction=reduction,
                regime=regime, design=design, passed=True, worst=None)
@@ -275,7 +272,7 @@ def correctness_cases(dry_run):
     masked = [(20, 40, 24)] if dry_run else [(64, 256, 96), (64, 256, 768)]
     cases += [(dtype, *shape, form, "contiguous", "mean", "masked") for shape in masked
               for dtype in (("bf16",) if dry_run else ("bf16", "fp32")) for form in FORMS]
-    if not dry_run:  # more than one G panel (prcl.backends.triton_impl.PANEL_ELEMS = 8192²) in both directions
+    if not dry_run:  # more than one G panel (prcl.backends.tuning.TRITON_PANEL_ELEMS = 8192²) in both directions
         cases.append(("bf16", 8200, 8300, 64, "sparse", "contiguous", "mean", "plain"))
     if dry_run:  # the interpreter takes about a second a case
         shapes, dtypes = [(5, 6, 7), (17, 40, 20), (9, 4, 12)], ("bf16",)
@@ -427,11 +424,8 @@ def _peers(ck):
             from prcl.backends import triton_impl
 
             def fn(q, d, labels, label_index):
-                triton_impl.TWO_PASS = two_pass
-                try:
+                with triton_impl.gradient_design("two-pass" if two_pass else "panels"):
                     return prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=SCALE, backend="triton")
-                finally:
-                    triton_impl.TWO_PASS = None
 
             return fn
 
