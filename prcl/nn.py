@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prcl.core.contract import DEFAULT_SCALE, check_margin, check_scalar, default_bias
-from prcl.functional import fused_pair_bce
+from prcl.core.contract import DEFAULT_SCALE, LossOutput, Scalar, check_margin, check_scalar, default_bias
+from prcl.functional import ProcessGroupArg, fused_pair_bce
 
 
 class PairBCELoss(nn.Module):
@@ -33,7 +33,7 @@ class PairBCELoss(nn.Module):
 
     def __init__(self, scale: float = DEFAULT_SCALE, bias: Optional[float] = None, *, learnable_scale: bool = False,
                  learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None,
-                 false_negative_margin: Optional[float] = None):
+                 false_negative_margin: Optional[float] = None) -> None:
         super().__init__()
         check_scalar("scale", scale, positive=True)
         if bias is not None:
@@ -49,7 +49,7 @@ class PairBCELoss(nn.Module):
         if learnable_bias:
             self.logit_bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)))
 
-    def scale_and_bias(self, n_docs: int):
+    def scale_and_bias(self, n_docs: int) -> tuple[Scalar, Optional[Scalar]]:
         """(t, b) as fused_pair_bce takes them: floats, or 0-dim tensors when learnable; n_docs is
         the N the prior is taken over (every rank's documents when the loss is gathered)."""
         t = self.logit_scale.exp() if self.learnable_scale else self.fixed_scale
@@ -58,7 +58,8 @@ class PairBCELoss(nn.Module):
         return t, self.logit_bias + (default_bias(n_docs) if self.fixed_bias is None else 0.0)
 
     def forward(self, q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
-                label_index: Optional[Tensor] = None, process_group=None, return_masked: bool = False):
+                label_index: Optional[Tensor] = None, process_group: ProcessGroupArg = None,
+                return_masked: bool = False) -> LossOutput:
         n_docs = d.shape[0]
         if process_group is not None and self.learnable_bias and self.fixed_bias is None:
             # the prior needs the global N, and local batches may differ in size

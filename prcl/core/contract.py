@@ -9,8 +9,13 @@ step never breaks the graph.
 import math
 import os
 import sys
+from typing import Optional, TypeGuard, Union
 
 import torch
+from torch import Tensor
+
+Scalar = Union[float, Tensor]  # a logit scale or bias: a float, or a 0-dim tensor that may require grad
+LossOutput = Union[Tensor, tuple[Tensor, Tensor]]  # the loss, or (loss, masked pairs) with return_masked
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -23,21 +28,21 @@ BACKEND_CHOICES = (None, "triton", "torch", "native", "reference")
 DEFAULT_SCALE = 5.0
 
 
-def triton_interpreting():
+def triton_interpreting() -> bool:
     """Whether Triton kernels run in its interpreter (on CPU tensors); read without importing triton."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_bias(n_docs):
+def default_bias(n_docs: int) -> float:
     """Logit adjustment to the label prior of one positive among n_docs candidates: −log(N−1)."""
     return -math.log(n_docs - 1) if n_docs > 1 else 0.0
 
 
-def _shapes(**tensors):
+def _shapes(**tensors: object) -> str:
     return ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items() if isinstance(v, torch.Tensor))
 
 
-def finite_number(value):
+def finite_number(value: object) -> TypeGuard[Union[int, float]]:
     """Whether value is a finite int or float (bools are not numbers here). Comparisons, not
     math.isfinite: torch.compile(dynamic=True) traces them on a symbolic float; ints past the float
     range (10**400) are not finite, rather than an OverflowError later."""
@@ -48,7 +53,7 @@ def finite_number(value):
     return -math.inf < value < math.inf
 
 
-def describe_number(value):
+def describe_number(value: object) -> str:
     """repr(value) for a message; an int past the float range by its magnitude (its repr may have
     thousands of digits, or be refused by Python's int-to-str limit)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
@@ -56,7 +61,7 @@ def describe_number(value):
     return repr(value)
 
 
-def check_scalar(name, value, like=None, *, positive=False):
+def check_scalar(name: str, value: object, like: Optional[Tensor] = None, *, positive: bool = False) -> None:
     """The logit scale (positive=True) or bias: a finite int or float (> 0 when positive). With `like`
     (the loss's q) also a 0-dim floating tensor on like's device, whose value is not read; without it
     (prcl.nn.PairBCELoss's settings) only a number. None is the caller's to allow."""
@@ -79,7 +84,11 @@ def check_scalar(name, value, like=None, *, positive=False):
         raise ValueError(f"{name}: must be > 0, got {float(value)}")
 
 
-def check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, dtypes=DTYPES):
+def check_inputs(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor], scale: Scalar,
+                 bias: Optional[Scalar], reduction: str, backend: Optional[str],
+                 dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
+    """ValueError naming the argument (and the shapes) when the arguments, those of prcl.fused_pair_bce,
+    break the contract; a wrong type is caught here too."""
     for name, x in (("q", q), ("d", d), ("labels", labels), ("label_index", label_index), ("scale", scale),
                     ("bias", bias)):
         if isinstance(x, torch.Tensor) and x.layout != torch.strided:
@@ -112,7 +121,7 @@ def check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, dty
     _check_labels(q, d, labels, label_index)
 
 
-def _check_labels(q, d, labels, label_index):
+def _check_labels(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor]) -> None:
     B, N = q.shape[0], d.shape[0]
     if label_index is not None and labels is None:
         raise ValueError(f"label_index{tuple(label_index.shape)} given without labels")
@@ -149,12 +158,12 @@ def _check_labels(q, d, labels, label_index):
         _assert_label_values(labels, label_index, N)
 
 
-def _duplicate_index(label_index):
+def _duplicate_index(label_index: Tensor) -> Tensor:
     ordered = label_index.sort(dim=1).values
     return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
 
 
-def _check_label_values(labels, label_index, N):
+def _check_label_values(labels: Tensor, label_index: Optional[Tensor], N: int) -> None:
     """CPU tensors: reading values costs no device sync, so check them and say what was found."""
     if torch.isnan(labels).any() or (labels > 1).any():
         raise ValueError(f"labels: values must lie in [0, 1] (or < 0 to exclude a pair); found "
@@ -167,7 +176,7 @@ def _check_label_values(labels, label_index, N):
             raise ValueError("label_index: a document index appears twice in one row; list each pair once")
 
 
-def _assert_label_values(labels, label_index, N):
+def _assert_label_values(labels: Tensor, label_index: Optional[Tensor], N: int) -> None:
     """Device tensors: the same checks as asserts that the device raises on its own, without the host
     waiting for a value (a CUDA error surfaces at the next synchronising call)."""
     torch._assert_async(~(torch.isnan(labels) | (labels > 1)).any(),
@@ -179,7 +188,7 @@ def _assert_label_values(labels, label_index, N):
                             "prcl: label_index: a document index appears twice in one row")
 
 
-def check_margin(margin, return_masked=False):
+def check_margin(margin: object, return_masked: object = False) -> None:
     """false_negative_margin: None or a finite float; return_masked: a bool."""
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin)):

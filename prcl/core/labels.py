@@ -62,7 +62,7 @@ def label_tile(labels: Tensor, label_index: Optional[Tensor], col: int, cols: in
         return labels.to(dtype)
     # scatter into one spare column that catches the indices outside the panel: no boolean indexing,
     # which would read a count on the host
-    local = label_index - col
+    local = label_index - col if col else label_index
     local = torch.where((local >= 0) & (local < cols), local, cols)
     tile = labels.new_zeros(labels.shape[0], cols + 1, dtype=dtype)
     return tile.scatter_(1, local, labels.to(dtype))[:, :cols]
@@ -71,4 +71,12 @@ def label_tile(labels: Tensor, label_index: Optional[Tensor], col: int, cols: in
 def dense_labels(labels: Optional[Tensor], label_index: Optional[Tensor], B: int, N: int,
                  device: Union[torch.device, str]) -> Tensor:
     """The (B, N) float32 label matrix of any public form; entries < 0 mark excluded pairs."""
-    return label_tile(*kernel_labels(labels, label_index, B, device), 0, N, torch.float32)
+    if label_index is not None or (labels is not None and labels.dim() == 2):
+        return label_tile(labels, label_index, 0, N, torch.float32)  # type: ignore[arg-type]
+    y = torch.zeros(B, N, device=device)
+    diagonal = y.diagonal()  # the diagonal forms: N >= B
+    if labels is None:
+        diagonal.fill_(1.0)
+    else:
+        diagonal.copy_(labels)
+    return y

@@ -25,6 +25,10 @@ The kernel backends are registered by name in REGISTRY and implement the `Backen
 `rows(q, d, t, b, labels, label_index, threshold)` and `grads(q, d, t, b, labels, label_index, w, c,
 rounded, threshold)` -> (rows, c·G·d, c·Gᵀ·q, Σ G∘S, Σ G) with G_ij = w_i·(σ(z_ij) − y_ij)
 (prcl.backends.panels); all run on CPU tensors, triton through its interpreter.
+
+`total` and `rows` are the loss's entry points (prcl.core.loss): the ops with their autograd. A plain
+eager call runs the implementation directly; the ops themselves are the door whenever something may
+intercept the call (see `_through_ops`).
 """
 import functools
 import importlib.util
@@ -154,7 +158,7 @@ def _grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, la
     grad_scale = scale.to(acc_dtype(q.dtype)) * weight
     rows, dq, dd, gs, g = backend_impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
                                                       threshold)
-    return rows, dq, dd, gs * weight, g * weight
+    return rows, dq, dd, gs.mul_(weight), g.mul_(weight)  # the backend's own 0-dim sums: in place
 
 
 # Defined through torch.library.Library rather than torch.library.custom_op: custom_op wraps each
@@ -165,7 +169,7 @@ _lib = torch.library.Library("prcl", "FRAGMENT")
 _ARGS = "Tensor q, Tensor d, Tensor scale, Tensor bias, Tensor labels, Tensor? label_index"
 
 
-def _define(schema, impl):
+def _define(schema: str, impl: Callable[..., Any]) -> Any:
     """Defines prcl::<schema> with one implementation for every device (below autograd)."""
     _lib.define(schema)
     name = schema.split("(")[0]
@@ -190,7 +194,7 @@ def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, la
            backend: str, weight: float = 1.0, rounded: bool = False,
            threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend, weight, rounded, threshold)
-    return rows.sum() * weight, dq, dd, dt, db
+    return rows.sum().mul_(weight), dq, dd, dt, db
 
 
 # threshold (B,): false negatives, a pair with y = 0 and q_i·d_j > threshold_i is excluded (prcl.core.loss)
@@ -202,23 +206,27 @@ pair_bce_total = _define(f"pair_bce_total({_ARGS}, str backend, float weight=1.0
                          "Tensor? threshold=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _total)
 
 
-def _grad_dtype(x, rounded):
+def _grad_dtype(x: Tensor, rounded: bool) -> torch.dtype:
     return x.dtype if rounded else acc_dtype(x.dtype)
 
 
 @torch.library.register_fake("prcl::pair_bce_rows", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, backend, threshold=None):
+def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor], backend: str,
+      threshold: Optional[Tensor] = None) -> Tensor:
     return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("prcl::pair_bce_rows_backward", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, grad_rows, backend, rounded=False, threshold=None):
+def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+      grad_rows: Tensor, backend: str, rounded: bool = False,
+      threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype(q.dtype)
     return (q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)), d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)),
             q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
-def label_grad(q, d, scale, bias, labels, label_index, w, threshold=None):
+def label_grad(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+               w: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
     """∂(Σ_i w_i Σ_j l_ij)/∂y_ij = −w_i·z_ij for included pairs (y ≥ 0, not masked as false negatives by
     threshold), 0 for excluded ones and unlisted slots; w is (B, 1) or a scalar. Dense labels get it on
     their (B, N) tile, the gradient's own size; listed labels at their pairs only."""
@@ -243,31 +251,32 @@ class _FirstOrderOnly(torch.autograd.Function):
     generate_vmap_rule = True  # torch.func.jacrev runs a backward under vmap
 
     @staticmethod
-    def forward(n_anchors, *tensors):
+    def forward(n_anchors: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tuple(g.view_as(g) for g in tensors[n_anchors:])
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         pass
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx: Any, *grads: Tensor) -> None:
         raise NotImplementedError("prcl.fused_pair_bce: double backward (a gradient of its gradient, hessians) is "
                                   "not supported; use backend='reference' for higher-order gradients")
 
 
-def _first_order(anchors, grads):
+def _first_order(anchors: tuple[Optional[Tensor], ...],
+                 grads: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
     """grads as they are in a plain backward; when the backward itself is recorded (grad mode on),
     behind a node that refuses to be differentiated."""
     if not torch.is_grad_enabled():
         return grads
-    anchors = [a for a in anchors if a is not None and a.requires_grad]
+    live = [a for a in anchors if a is not None and a.requires_grad]
     present = [g for g in grads if g is not None]
-    passed = iter(_FirstOrderOnly.apply(len(anchors), *anchors, *present))
+    passed = iter(_FirstOrderOnly.apply(len(live), *live, *present))
     return tuple(None if g is None else next(passed) for g in grads)
 
 
-def _rows_setup(ctx, inputs, output):
+def _rows_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     q, d, scale, bias, labels, label_index, backend, threshold = (*inputs, None)[:8]
     ctx.save_for_backward(q, d, scale, bias, labels, label_index, threshold)
     ctx.backend = backend
@@ -278,8 +287,8 @@ def _rows_backward(ctx: Any, grad_rows: Tensor) -> tuple[Optional[Tensor], ...]:
     dq = dd = dt = db = dy = None
     with torch.no_grad():
         if any(ctx.needs_input_grad[:4]):
-            dq, dd, dt, db = pair_bce_rows_backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend,
-                                                    True, threshold)
+            backward = pair_bce_rows_backward if _through_ops() else _rows_bwd
+            dq, dd, dt, db = backward(q, d, scale, bias, labels, label_index, grad_rows, ctx.backend, True, threshold)
             dt, db = dt.to(scale.dtype), db.to(bias.dtype)
         if ctx.needs_input_grad[4]:
             dy = label_grad(q, d, scale, bias, labels, label_index, grad_rows[:, None], threshold)
@@ -290,14 +299,15 @@ torch.library.register_autograd("prcl::pair_bce_rows", _rows_backward, setup_con
 
 
 @torch.library.register_fake("prcl::pair_bce_total", lib=_lib)
-def _(q, d, scale, bias, labels, label_index, backend, weight=1.0, rounded=False, threshold=None):
+def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+      backend: str, weight: float = 1.0, rounded: bool = False, threshold: Optional[Tensor] = None) -> Grads:
     acc = acc_dtype(q.dtype)
     return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)),
             d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)), q.new_empty((), dtype=acc),
             q.new_empty((), dtype=acc))
 
 
-def _total_setup(ctx, inputs, output):
+def _total_setup(ctx: Any, inputs: tuple[Any, ...], output: Grads) -> None:
     q, d, scale, bias, labels, label_index, backend, weight, rounded, threshold = (*inputs, 1.0, False, None)[:10]
     _, dq, dd, dt, db = output
     ctx.mark_non_differentiable(dq, dd, dt, db)
@@ -342,3 +352,58 @@ class PairBCETotal(torch.autograd.Function):
     forward = staticmethod(pair_bce_total)
     setup_context = staticmethod(_total_setup)
     backward = staticmethod(_total_backward)
+
+
+class _EagerRows(torch.autograd.Function):
+    """PairBCERows for plain eager calls: the implementation without the dispatcher, and the classic
+    Function form, whose apply skips the argument binding that setup_context's form costs per call."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        out = _rows(*inputs)
+        _rows_setup(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_rows_backward)
+
+
+class _EagerTotal(torch.autograd.Function):
+    """PairBCETotal for plain eager calls (see _EagerRows)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, ...]:
+        out = _total(*inputs)
+        _total_setup(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_total_backward)
+
+
+def _through_ops() -> bool:
+    """Whether a call goes through the registered ops: while torch.compile traces (it sees one opaque
+    op and its fake), under torch.func transforms (which need the setup_context form of a Function)
+    and under a TorchDispatchMode (FakeTensorMode, FlopCounterMode: they see the op). A plain eager
+    call runs the same implementation directly: the dispatcher's Python round trips (boxing, the
+    generated autograd kernel, redispatch) and Function.apply's argument binding cost about a third
+    of a B = N = 32 step on CPU."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
+def total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+          backend: str, weight: float, threshold: Optional[Tensor] = None) -> Tensor:
+    """weight·Σ_ij l_ij, a 0-dim tensor whose gradient (rounded to the inputs' dtypes) is computed in
+    this forward; for scalar losses with gradients."""
+    args = (q, d, scale, bias, labels, label_index, backend, weight, True, threshold)
+    return (PairBCETotal if _through_ops() else _EagerTotal).apply(*args)[0]
+
+
+def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+         backend: str, threshold: Optional[Tensor] = None) -> Tensor:
+    """Σ_j l_ij per row (B,), differentiable w.r.t. q, d, scale, bias and labels."""
+    args = (q, d, scale, bias, labels, label_index, backend, threshold)
+    if _through_ops():
+        return PairBCERows.apply(*args)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, d, scale, bias, labels)):
+        return _EagerRows.apply(*args)
+    return _rows(*args)
