@@ -285,6 +285,36 @@ def test_opcheck(backend, layout, threshold):
     torch.library.opcheck(torch.ops.prcl.pair_bce_rows_backward.default, plain, kw)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_equal_the_ops_bitwise(backend, reduction):
+    # a plain eager call runs the ops' implementation without the dispatcher (prcl.core.ops._through_ops);
+    # under a dispatch mode the same call goes through the prcl:: ops: the same numbers either way
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    def loss_and_grads():
+        q, d, gen = make_inputs(10, 13, 16, torch.float32)
+        labels, label_index = make_labels("sparse", 10, 13, gen)
+        q.requires_grad_()
+        scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
+        loss = prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=scale, reduction=reduction,
+                                   backend=backend)
+        return (loss, *torch.autograd.grad(loss.sum(), (q, scale)))
+
+    seen = set()
+    eager = loss_and_grads()
+    with Record():
+        through_ops = loss_and_grads()
+    assert "prcl" in seen
+    for a, b in zip(eager, through_ops):
+        assert torch.equal(a, b)
+
+
 @slow
 def test_compiled_training_step_matches_eager():
     torch._dynamo.reset()
