@@ -71,7 +71,7 @@ from prcl.core import loss
 from prcl.core.contract import (DEFAULT_SCALE, DTYPES, REDUCTIONS, LossOutput, Scalar, check_inputs, check_margin,
                                 default_bias)
 from prcl.core.labels import KernelLabels, kernel_labels, no_pairs, offset_labels
-from prcl.core.ops import auto_backend, check_backend
+from prcl.core.ops import resolve_backend
 
 STRATEGIES = ("gather", "ring")
 # float32 gradients w.r.t. q, d, scale, bias (None where not wanted): loosely typed inside the ring, whose
@@ -209,8 +209,7 @@ def distributed_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, 
     want = tuple(torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
                  for x in (q, d, scale, bias))
     b_sizes, n_sizes = _handshake(q, d, error, want, strategy, reduction, scale, bias, group)
-    backend = backend or auto_backend(q.device)
-    check_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device)
     # labels=None/(B_r,) become one listed pair per query, (i, off_r + i), before either strategy
     labels, label_index = kernel_labels(labels, label_index, q.shape[0], q.device)
     plan = _Plan(group, dist.get_rank(group), dist.get_world_size(group), b_sizes, n_sizes, labels,

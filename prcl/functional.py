@@ -14,7 +14,7 @@ from torch import Tensor
 from prcl.core import loss
 from prcl.backends import reference
 from prcl.core.contract import DEFAULT_SCALE, LossOutput, Scalar, check_inputs, check_margin
-from prcl.core.ops import auto_backend, check_backend
+from prcl.core.ops import resolve_backend
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -59,7 +59,6 @@ def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, lab
                                   reduction=reduction, false_negative_margin=false_negative_margin,
                                   return_masked=return_masked)
     check_inputs(q, d, labels, label_index, scale, bias, reduction, backend)
-    backend = backend or auto_backend(q.device)
-    check_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device)
     return loss.pair_bce(q, d, labels, label_index, scale, bias, reduction, backend,
                          margin=false_negative_margin, return_masked=return_masked)

@@ -187,13 +187,11 @@ def test_interpreter_check_runs_both_designs_and_names_the_versions(monkeypatch)
     import numpy
     import triton
 
-    from prcl import functional
     from prcl.backends import triton_impl
 
     designs = []  # whether each call's gradient runs as two passes
-    run = functional.fused_pair_bce
-    monkeypatch.setattr(functional, "fused_pair_bce",
-                        lambda q, *a, **k: designs.append(triton_impl.two_pass(q)) or run(q, *a, **k))
+    run = triton_impl.grads
+    monkeypatch.setattr(triton_impl, "grads", lambda q, *a: designs.append(triton_impl.two_pass(q)) or run(q, *a))
     triton_impl.check_interpreter()
     q = torch.randn(20, 16)
     assert designs == [False, True] and not triton_impl.two_pass(q)
@@ -201,7 +199,7 @@ def test_interpreter_check_runs_both_designs_and_names_the_versions(monkeypatch)
     def broken(*a, **k):
         raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
 
-    monkeypatch.setattr(functional, "fused_pair_bce", broken)
+    monkeypatch.setattr(triton_impl, "grads", broken)
     with pytest.raises(RuntimeError, match=f"Triton {triton.__version__}'s interpreter .* numpy {numpy.__version__}: "
                                            "TypeError: only 0-dimensional"):
         triton_impl.check_interpreter()

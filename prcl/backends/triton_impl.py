@@ -103,12 +103,13 @@ def _stride_multiple(x: Tensor) -> int:
 def check_interpreter() -> None:
     """Run both gradient designs' kernels once, tiny, in Triton's interpreter; a RuntimeError naming
     triton's and numpy's versions when this pairing cannot run them (prcl.tools.gpu_check --dry-run)."""
-    from prcl.functional import fused_pair_bce
+    q, d = torch.randn(20, 16), torch.randn(24, 16)
+    t, b = torch.tensor(5.0), torch.tensor(-3.0)
+    labels, label_index = torch.ones(20, 1), torch.arange(20)[:, None]  # the diagonal, listed
     try:
         for design in GRADIENT_DESIGNS:
             with gradient_design(design):
-                q, d = torch.randn(20, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
-                cast(Tensor, fused_pair_bce(q, d, backend="triton")).backward()
+                grads(q, d, t, b, labels, label_index, None, t, True)
     except Exception as e:
         raise RuntimeError(f"Triton {triton.__version__}'s interpreter cannot run prcl's kernels with numpy "
                            f"{numpy.__version__}: {type(e).__name__}: {e}") from e

@@ -142,6 +142,15 @@ def auto_backend(device: torch.device) -> str:
     return "torch"  # any other device (meta, mps, …): the PyTorch twin runs wherever torch does
 
 
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The kernel backend a call runs on: `auto_backend`'s choice for None (usable by construction),
+    else the named one, checked (`check_backend`)."""
+    if backend is None:
+        return auto_backend(device)
+    check_backend(backend, device)
+    return backend
+
+
 def check_backend(name: str, device: torch.device) -> None:
     """ValueError when backend `name` is not registered or cannot run on tensors of `device`."""
     if name not in REGISTRY:
