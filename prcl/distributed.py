@@ -61,15 +61,22 @@ Pick the strategy with `strategy=` here, or through `prcl.fused_pair_bce` by pas
 `process_group=Ring(group)` (or `Gather(group)`; `group=None` = the default group).
 """
 from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from prcl.core import loss
-from prcl.core.contract import DEFAULT_SCALE, DTYPES, REDUCTIONS, check_inputs, check_margin, default_bias
-from prcl.core.ops import auto_backend, check_backend
+from prcl.core.contract import (DEFAULT_SCALE, DTYPES, REDUCTIONS, LossOutput, Scalar, check_inputs, check_margin,
+                                default_bias)
+from prcl.core.labels import KernelLabels, kernel_labels, no_pairs, offset_labels
+from prcl.core.ops import resolve_backend
 
 STRATEGIES = ("gather", "ring")
+# float32 gradients w.r.t. q, d, scale, bias (None where not wanted): loosely typed inside the ring, whose
+# accumulators start as None
+Grads4 = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class Ring:
     strategy = "ring"
 
 
-def _unwrap(process_group, strategy):
+def _unwrap(process_group: object, strategy: Optional[str]) -> tuple[Any, str]:
     if isinstance(process_group, (Gather, Ring)):
         if strategy is not None and strategy != process_group.strategy:
             raise ValueError(f"strategy={strategy!r} contradicts process_group={process_group!r}")
@@ -105,7 +112,7 @@ def _unwrap(process_group, strategy):
     return process_group, strategy
 
 
-def ddp_loss_scale(process_group=None):
+def ddp_loss_scale(process_group: object = None) -> float:
     """The factor to multiply the loss by so that DDP's/FSDP's gradient average over the ranks is
     the gradient of the global loss Σ_r loss_r: the loss group's world size (see the module doc).
 
@@ -135,19 +142,20 @@ _WHAT = {"D": "embedding dim", "dtype": "dtype", "needs_grad": "grad mode / requ
          "bias_given": "bias (None on some ranks only)", "bias": "bias"}
 
 
-def _code(table, value):
+def _code(table: tuple[object, ...], value: object) -> int:
     return table.index(value) if value in table else -1
 
 
-def _value(x, device):
+def _value(x: object, device: Union[torch.device, str]) -> Tensor:
     """A scale or bias as a float64 0-dim tensor on `device`, read on the host only with the table."""
     if isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point():
         return x.detach().to(device, torch.float64)
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool)
-    return torch.full((), float(x) if ok else 0.0, dtype=torch.float64, device=device)
+    value = float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else 0.0
+    return torch.full((), value, dtype=torch.float64, device=device)
 
 
-def _handshake(q, d, error, want, strategy, reduction, scale, bias, group):
+def _handshake(q: Tensor, d: Tensor, error: Optional[ValueError], want: tuple[bool, ...], strategy: str,
+               reduction: str, scale: Scalar, bias: Optional[Scalar], group: Any) -> tuple[list[int], list[int]]:
     """All-gathers each rank's sizes and call settings (one float64 row per rank; the integers in it
     are exact); raises on every rank if any rank failed or the ranks disagree."""
     shape_ok = isinstance(q, torch.Tensor) and isinstance(d, torch.Tensor) and q.dim() == 2 and d.dim() == 2
@@ -177,31 +185,33 @@ def _handshake(q, d, error, want, strategy, reduction, scale, bias, group):
 
 @dataclass
 class _Plan:
-    group: object
+    group: Any
     rank: int
     world: int
-    b_sizes: list
-    n_sizes: list
-    labels: object
-    label_index: object
-    backend: object
+    b_sizes: list[int]
+    n_sizes: list[int]
+    labels: Tensor
+    label_index: Optional[Tensor]
+    backend: str
     per_row: bool
-    want: tuple = (False,) * 4  # which of q, d, scale, bias get a gradient
-    threshold: object = None  # the false-negative mask's per-query thresholds (prcl.core.loss), or None
-    masked: list = None  # the ring's per-chunk counts of masked pairs, when asked
+    want: tuple[bool, ...] = (False,) * 4  # which of q, d, scale, bias get a gradient
+    threshold: Optional[Tensor] = None  # the false-negative mask's per-query thresholds (prcl.core.loss), or None
+    masked: Optional[list[Tensor]] = None  # the ring's per-chunk counts of masked pairs, when asked
 
     @property
-    def offset(self):
+    def offset(self) -> int:
         return sum(self.n_sizes[: self.rank])
 
-    def peer(self, group_rank):
+    def peer(self, group_rank: int) -> int:
         group_rank %= self.world
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
 
-def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_SCALE, bias=None, reduction="mean",
-                         backend=None, process_group=None, strategy=None, false_negative_margin=None,
-                         return_masked=False):
+def distributed_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
+                         label_index: Optional[Tensor] = None, scale: Scalar = DEFAULT_SCALE,
+                         bias: Optional[Scalar] = None, reduction: str = "mean", backend: Optional[str] = None,
+                         process_group: object = None, strategy: Optional[str] = None,
+                         false_negative_margin: Optional[float] = None, return_masked: bool = False) -> LossOutput:
     """Rank r's share of the global-batch loss; the values on the ranks sum to the one-process loss.
 
     Same arguments as `prcl.fused_pair_bce` with local tensors; `process_group` is a torch.distributed
@@ -259,17 +269,16 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
     want = tuple(torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
                  for x in (q, d, scale, bias))
     b_sizes, n_sizes = _handshake(q, d, error, want, strategy, reduction, scale, bias, group)
-    backend = backend or auto_backend(q.device)
-    check_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device)
     # labels=None/(B_r,) become one listed pair per query, (i, off_r + i), before either strategy
-    labels, label_index = loss.kernel_labels(labels, label_index, q.shape[0], q.device)
+    labels, label_index = kernel_labels(labels, label_index, q.shape[0], q.device)
     plan = _Plan(group, dist.get_rank(group), dist.get_world_size(group), b_sizes, n_sizes, labels,
                  label_index, backend, reduction == "none", want)
     if bias is None:
         bias = default_bias(sum(n_sizes))
     if strategy == "gather":
         d_all = gather_rows(d, plan.n_sizes, group)
-        y, index = _global_labels(plan, q, d.shape[0], sum(n_sizes))
+        y, index = offset_labels(plan.labels, plan.label_index, plan.offset, sum(n_sizes))
         # the global mean's 1/B inside the op: the query gradients are rounded once, with it applied
         return loss.pair_bce(q, d_all, y, index, scale, bias, reduction, backend, n_queries=sum(b_sizes),
                              margin=false_negative_margin, return_masked=return_masked)
@@ -277,26 +286,14 @@ def distributed_pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_S
     plan.threshold = loss.false_negative_threshold(q, d, labels, label_index, false_negative_margin)
     plan.masked = [] if return_masked else None
     out = _RingLoss.apply(q, d, t, b, plan)
-    masked, plan.masked = plan.masked, None  # counted on the forward trip, not again in a backward one
+    masked, plan.masked = plan.masked or [], None  # counted on the forward trip, not again in a backward one
     out = out / sum(b_sizes) if reduction == "mean" else out
-    return (out, sum(masked)) if return_masked else out
+    return (out, torch.stack(masked).sum()) if return_masked else out
 
 
 # --- strategy "gather" -----------------------------------------------------------------------------
 
-def _global_labels(plan, q, N, n_total):
-    """Rank-local labels as labels over the gathered documents (global rows off_r … off_r + N_r − 1)."""
-    labels, index, off = plan.labels, plan.label_index, plan.offset
-    B = q.shape[0]
-    if index is not None:
-        return labels, torch.where(index >= 0, index + off, -1)
-    # dense (B_r, N_r): the other ranks' documents are negatives. This zero-pads to (B_r, N) floats.
-    y = labels.new_zeros(B, n_total)
-    y[:, off:off + N] = labels
-    return y, None
-
-
-def gather_rows(x, sizes, group=None):
+def gather_rows(x: Tensor, sizes: Sequence[int], group: object = None) -> Tensor:
     """cat_r x_r over the ranks of `group`, where rank r holds sizes[r] rows (all ranks pass the same sizes):
     each rank's rows padded to the largest count, all-gathered, the padding dropped. Differentiable in x:
     ∂L/∂x_r = Σ_s (∂L_s/∂x_all)[rows of r], a reduce-scatter of the ranks' gradients (in float32)."""
@@ -305,7 +302,7 @@ def gather_rows(x, sizes, group=None):
     return _gather_rows(x, sizes, group)
 
 
-def _gather_rows(x, sizes, group):
+def _gather_rows(x: Tensor, sizes: Sequence[int], group: object) -> Tensor:
     n_max, D = max(sizes), x.shape[1]
     x = x.detach()
     padded = x if x.shape[0] == n_max else torch.cat([x, x.new_zeros(n_max - x.shape[0], D)])
@@ -321,12 +318,12 @@ class _GatherRows(torch.autograd.Function):
     """x_all = cat_r x_r;  ∂L/∂x_r = Σ_s (∂L_s/∂x_all)[rows of r]: a reduce-scatter of the gradients."""
 
     @staticmethod
-    def forward(ctx, x, sizes, group):
+    def forward(ctx: Any, x: Tensor, sizes: Sequence[int], group: object) -> Tensor:
         ctx.sizes, ctx.group, ctx.dtype = sizes, group, x.dtype
         return _gather_rows(x, sizes, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         sizes = ctx.sizes
         n_max, D = max(sizes), grad.shape[1]
         # float32 on the wire: R bf16 partial gradients summed in bf16 would lose the low bits
@@ -343,7 +340,7 @@ class _RingLoss(torch.autograd.Function):
     """Σ over the ring's chunks of the rank's loss: (B_r,) rows, or their sum for scalar reductions."""
 
     @staticmethod
-    def forward(ctx, q, d, t, b, plan):
+    def forward(ctx: Any, q: Tensor, d: Tensor, t: Tensor, b: Tensor, plan: _Plan) -> Tensor:
         want = plan.want
         ctx.plan = plan
         ctx.dtypes = q.dtype, d.dtype, t.dtype, b.dtype
@@ -358,7 +355,8 @@ class _RingLoss(torch.autograd.Function):
         return _ring(plan, q, d, t, b, None, want)[0]
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+        grads: Sequence[Optional[Tensor]]
         if ctx.precomputed:
             grads = [None if g is None else grad_out * g for g in ctx.saved_tensors]
         else:
@@ -368,7 +366,8 @@ class _RingLoss(torch.autograd.Function):
         return (*(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None)
 
 
-def _chunk_loss(plan, q, d_c, own, t, b, grad_out):
+def _chunk_loss(plan: _Plan, q: Tensor, d_c: Tensor, own: bool, t: Tensor, b: Tensor,
+                grad_out: Optional[Tensor]) -> tuple[Any, Grads4]:
     """The loss of the local queries against one document chunk, and optionally its float32
     gradients (q, d, t, b), unrounded so that the ring sums them before the one rounding at the end.
 
@@ -385,18 +384,16 @@ def _chunk_loss(plan, q, d_c, own, t, b, grad_out):
     return out, tuple(grads)
 
 
-def _chunk_labels(plan, q, own):
-    if own:
-        return plan.labels, plan.label_index
-    return (q.new_zeros(q.shape[0], 0, dtype=torch.float32),
-            torch.zeros(q.shape[0], 0, dtype=torch.int64, device=q.device))
+def _chunk_labels(plan: _Plan, q: Tensor, own: bool) -> KernelLabels:
+    return (plan.labels, plan.label_index) if own else no_pairs(q.shape[0], q.device)
 
 
-def _add(acc, x):
+def _add(acc: Any, x: Any) -> Any:
     return x if acc is None else acc.add_(x)
 
 
-def _ring(plan, q, d, t, b, grad_out, want):
+def _ring(plan: _Plan, q: Tensor, d: Tensor, t: Tensor, b: Tensor, grad_out: Optional[Tensor],
+          want: tuple[bool, ...]) -> tuple[Any, Grads4]:
     """One trip of the document chunks around the ring (rank r sends to r+1, receives from r−1).
 
     At step k rank r holds chunk c = r − k. The next chunk is in flight while the fused kernel runs on
@@ -411,10 +408,13 @@ def _ring(plan, q, d, t, b, grad_out, want):
     nxt, prv = plan.peer(r + 1), plan.peer(r - 1)
     carry_dd = grads and want[1]
     D = d.shape[1]
-    out, dq, dt, db = None, None, None, None
+    out: Any = None
+    dq: Any = None
+    dt: Any = None
+    db: Any = None
     # Every message goes through batch_isend_irecv: NCCL matches batched and plain point-to-point
     # calls on different communicators, so mixing them would hang where gloo (matching by tag) works.
-    d_cur, acc_send = d.detach().contiguous(), None
+    d_cur, acc_send = d.detach().contiguous(), cast(Any, None)
     for k in range(R):
         c = (r - k) % R
         ops, acc_in, d_next = [], None, None
@@ -430,12 +430,10 @@ def _ring(plan, q, d, t, b, grad_out, want):
         works = dist.batch_isend_irecv(ops) if ops else []
         o, (gq, gd, gt, gb) = _chunk_loss(plan, q, d_cur, k == 0, t, b, grad_out)
         if plan.masked is not None:
-            y, index = _chunk_labels(plan, q, k == 0)
-            plan.masked.append(loss.masked_pairs(q, d_cur, *loss.kernel_labels(y, index, q.shape[0], q.device),
-                                                 plan.threshold))
+            plan.masked.append(loss.masked_pairs(q, d_cur, *_chunk_labels(plan, q, k == 0), plan.threshold))
         out = o if out is None else out + o
         if grads:
-            dq, dt, db = (_add(acc, g) for acc, g in ((dq, gq), (dt, gt), (db, gb)))
+            dq, dt, db = (_add(sums, g) for sums, g in ((dq, gq), (dt, gt), (db, gb)))
         for w in works:
             w.wait()
         if carry_dd:

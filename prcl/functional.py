@@ -6,21 +6,29 @@ The public signature and its routing: one process (prcl.core.loss on a backend o
 (prcl.distributed), or the eager reference. Labels and exclusions enter the kernels themselves;
 docs/design.md says why.
 """
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor
 
 from prcl.core import loss
 from prcl.backends import reference
-from prcl.core.contract import DEFAULT_SCALE, check_inputs, check_margin
-from prcl.core.ops import auto_backend, check_backend
+from prcl.core.contract import DEFAULT_SCALE, LossOutput, Scalar, check_inputs, check_margin
+from prcl.core.ops import resolve_backend
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from prcl.distributed import Gather, Ring
+
+# a torch.distributed group, or the strategy wrappers of prcl.distributed; None: one process
+ProcessGroupArg = Union["dist.ProcessGroup", "Gather", "Ring", None]
 
 
 def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, label_index: Optional[Tensor] = None,
-                   scale: Union[float, Tensor] = DEFAULT_SCALE, bias: Union[float, Tensor, None] = None,
-                   reduction: str = "mean", backend: Optional[str] = None, process_group=None,
-                   false_negative_margin: Optional[float] = None, return_masked: bool = False):
+                   scale: Scalar = DEFAULT_SCALE, bias: Optional[Scalar] = None, reduction: str = "mean",
+                   backend: Optional[str] = None, process_group: ProcessGroupArg = None,
+                   false_negative_margin: Optional[float] = None, return_masked: bool = False) -> LossOutput:
     """Pair relevance classification loss over every query × document pair.
 
     loss = Σ_i Σ_j [softplus(z_ij) − y_ij·z_ij] / B with z = scale·q·dᵀ + bias, computed without the
@@ -77,7 +85,6 @@ def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, lab
         torch.Size([4])
     """
     check_margin(false_negative_margin, return_masked)
-    mask = dict(false_negative_margin=false_negative_margin, return_masked=return_masked)
     if process_group is not None:
         from prcl.distributed import distributed_pair_bce
 
@@ -86,12 +93,13 @@ def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, lab
                              "pass labels.detach()")
 
         return distributed_pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,
-                                    reduction=reduction, backend=backend, process_group=process_group, **mask)
+                                    reduction=reduction, backend=backend, process_group=process_group,
+                                    false_negative_margin=false_negative_margin, return_masked=return_masked)
     if backend == "reference":
         return reference.pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,
-                                  reduction=reduction, **mask)
+                                  reduction=reduction, false_negative_margin=false_negative_margin,
+                                  return_masked=return_masked)
     check_inputs(q, d, labels, label_index, scale, bias, reduction, backend)
-    backend = backend or auto_backend(q.device)
-    check_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device)
     return loss.pair_bce(q, d, labels, label_index, scale, bias, reduction, backend,
                          margin=false_negative_margin, return_masked=return_masked)

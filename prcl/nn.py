@@ -15,15 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prcl.core.contract import DEFAULT_SCALE, check_margin, default_bias, describe_number, finite_number
-from prcl.functional import fused_pair_bce
-
-
-def _check(scale, bias):
-    if not finite_number(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a finite float > 0, got {describe_number(scale)}")
-    if bias is not None and not finite_number(bias):
-        raise ValueError(f"bias: expected None or a finite float, got {describe_number(bias)}")
+from prcl.core.contract import DEFAULT_SCALE, LossOutput, Scalar, check_margin, check_scalar, default_bias
+from prcl.functional import ProcessGroupArg, fused_pair_bce
 
 
 class PairBCELoss(nn.Module):
@@ -62,9 +55,11 @@ class PairBCELoss(nn.Module):
 
     def __init__(self, scale: float = DEFAULT_SCALE, bias: Optional[float] = None, *, learnable_scale: bool = False,
                  learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None,
-                 false_negative_margin: Optional[float] = None):
+                 false_negative_margin: Optional[float] = None) -> None:
         super().__init__()
-        _check(scale, bias)
+        check_scalar("scale", scale, positive=True)
+        if bias is not None:
+            check_scalar("bias", bias)
         check_margin(false_negative_margin)
         self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
         self.fixed_scale = float(scale)
@@ -76,7 +71,7 @@ class PairBCELoss(nn.Module):
         if learnable_bias:
             self.logit_bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)))
 
-    def scale_and_bias(self, n_docs: int):
+    def scale_and_bias(self, n_docs: int) -> tuple[Scalar, Optional[Scalar]]:
         """(t, b) as fused_pair_bce takes them: floats, or 0-dim tensors when learnable; n_docs is
         the N the prior is taken over (every rank's documents when the loss is gathered)."""
         t = self.logit_scale.exp() if self.learnable_scale else self.fixed_scale
@@ -85,7 +80,8 @@ class PairBCELoss(nn.Module):
         return t, self.logit_bias + (default_bias(n_docs) if self.fixed_bias is None else 0.0)
 
     def forward(self, q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
-                label_index: Optional[Tensor] = None, process_group=None, return_masked: bool = False):
+                label_index: Optional[Tensor] = None, process_group: ProcessGroupArg = None,
+                return_masked: bool = False) -> LossOutput:
         """The loss of queries q against documents d at this module's scale and bias.
 
         Args:

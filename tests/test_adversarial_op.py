@@ -189,11 +189,11 @@ def test_an_int_past_the_float_range_names_the_argument(arg, value):
 
 def test_scale_gradient_beyond_one_panel():
     # the PyTorch backend's Σ G∘S went through a float32 BLAS dot: 3.5e-5 relative error where eager
-    # and the native kernel have 4e-8; B·N = 1024 × 1100 spans two panels of torch_impl.PANEL_ELEMS
-    from prcl.backends import torch_impl
+    # and the native kernel have 4e-8; B·N = 1024 × 1100 spans two panels of tuning.TORCH_PANEL_ELEMS
+    from prcl.backends import tuning
 
     B, N = 1024, 1100
-    assert B * N > torch_impl.PANEL_ELEMS
+    assert B * N > tuning.TORCH_PANEL_ELEMS
     q, d, _ = make_inputs(B, N, 8, torch.float32, seed=1)
 
     def dscale(fn, dtype):

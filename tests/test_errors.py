@@ -51,6 +51,13 @@ def test_bad_input_raises_value_error(case, fn):
         fn(*args, **kwargs)
 
 
+def test_every_kernel_backend_choice_is_registered():
+    from prcl.core.contract import BACKEND_CHOICES
+    from prcl.core.ops import REGISTRY
+
+    assert set(BACKEND_CHOICES) - {None, "reference"} == set(REGISTRY)
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):

@@ -105,10 +105,10 @@ def test_extreme_logits_are_finite(backend, dtype):
 def test_many_panels(form, backend, monkeypatch):
     # Panels of ~300 elements make these shapes cross many panels, ragged last ones included:
     # per-panel accumulation, label slicing and workspace reuse are checked.
-    from prcl.backends import torch_impl, triton_impl
+    from prcl.backends import tuning
 
-    monkeypatch.setattr(torch_impl, "PANEL_ELEMS", 300)
-    monkeypatch.setattr(triton_impl, "PANEL_ELEMS", 300)
+    monkeypatch.setattr(tuning, "TORCH_PANEL_ELEMS", 300)
+    monkeypatch.setattr(tuning, "TRITON_PANEL_ELEMS", 300)
     q, d, gen = make_inputs(37, 45, 19, torch.float32)
     labels, label_index = make_labels(form, 37, 45, gen)
     for reduction in ("mean", "none"):
@@ -121,24 +121,23 @@ def test_interpreter_check_runs_both_designs_and_names_the_versions(monkeypatch)
     import numpy
     import triton
 
-    from prcl import functional
     from prcl.backends import triton_impl
 
-    designs = []
-    run = functional.fused_pair_bce
-    monkeypatch.setattr(functional, "fused_pair_bce",
-                        lambda *a, **k: designs.append(triton_impl.TWO_PASS) or run(*a, **k))
+    designs = []  # whether each call's gradient runs as two passes
+    run = triton_impl.grads
+    monkeypatch.setattr(triton_impl, "grads", lambda q, *a: designs.append(triton_impl.two_pass(q)) or run(q, *a))
     triton_impl.check_interpreter()
-    assert designs == [False, True] and triton_impl.TWO_PASS is None
+    q = torch.randn(20, 16)
+    assert designs == [False, True] and not triton_impl.two_pass(q)
 
     def broken(*a, **k):
         raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
 
-    monkeypatch.setattr(functional, "fused_pair_bce", broken)
+    monkeypatch.setattr(triton_impl, "grads", broken)
     with pytest.raises(RuntimeError, match=f"Triton {triton.__version__}'s interpreter .* numpy {numpy.__version__}: "
                                            "TypeError: only 0-dimensional"):
         triton_impl.check_interpreter()
-    assert triton_impl.TWO_PASS is None
+    assert not triton_impl.two_pass(q)  # the design forced inside is undone on the way out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -216,6 +215,36 @@ def test_opcheck(backend, layout, threshold):
     # the backward op has no double-backward formula: check it on inputs that do not require grad
     plain = tuple(a.detach() for a in args[:4]) + args[4:6] + (torch.rand(10, device=DEVICE), backend)
     torch.library.opcheck(torch.ops.prcl.pair_bce_rows_backward.default, plain, kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_equal_the_ops_bitwise(backend, reduction):
+    # a plain eager call runs the ops' implementation without the dispatcher (prcl.core.ops._through_ops);
+    # under a dispatch mode the same call goes through the prcl:: ops: the same numbers either way
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    def loss_and_grads():
+        q, d, gen = make_inputs(10, 13, 16, torch.float32)
+        labels, label_index = make_labels("sparse", 10, 13, gen)
+        q.requires_grad_()
+        scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
+        loss = prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=scale, reduction=reduction,
+                                   backend=backend)
+        return (loss, *torch.autograd.grad(loss.sum(), (q, scale)))
+
+    seen = set()
+    eager = loss_and_grads()
+    with Record():
+        through_ops = loss_and_grads()
+    assert "prcl" in seen
+    for a, b in zip(eager, through_ops):
+        assert torch.equal(a, b)
 
 
 @slow
@@ -423,11 +452,11 @@ def two_pass(monkeypatch):
     """The Triton gradient forced to the two-pass kernels; counts their launches."""
     from prcl.backends import triton_impl
 
-    monkeypatch.setattr(triton_impl, "TWO_PASS", True)
     launches = []
     real = triton_impl._pass
     monkeypatch.setattr(triton_impl, "_pass", lambda *a: launches.append(a[-1]) or real(*a))
-    return launches
+    with triton_impl.gradient_design("two-pass"):
+        yield launches
 
 
 # B = 1; ragged everywhere; B = 5 against N = 70 splits the row pass over column tiles
@@ -460,6 +489,14 @@ def test_two_pass_late_training_accuracy(form, dtype, two_pass):
     for reduction in ("mean", "none"):
         check_against_oracle(by("triton"), q.to(dtype), d.to(dtype), labels, label_index, dtype, reduction,
                              floor=LATE_FLOOR, scale=scale, bias=bias)
+
+
+def test_gradient_design_names_a_bad_setting():
+    from prcl.backends import triton_impl
+
+    with pytest.raises(ValueError, match=r"^design: expected None or one of \('panels', 'two-pass'\), got 'fast'"):
+        with triton_impl.gradient_design("fast"):
+            pass
 
 
 def test_two_pass_only_where_d_fits_its_registers(two_pass):

@@ -24,8 +24,10 @@ Environment:
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from prcl.backends import torch_impl
 
@@ -35,7 +37,7 @@ _VERSION_FILE = "prcl_cpu.torch_version"
 _NOT_BUILT_FILE = "prcl_cpu.not_built"  # written by CMakeLists.txt when it skips the kernel
 
 
-def _search_dirs():
+def _search_dirs() -> list[Path]:
     # CMakeLists.txt installs the library into prcl/; an editable install may keep built files apart
     # from the sources: the package path lists both
     import prcl
@@ -44,7 +46,7 @@ def _search_dirs():
     return list(dict.fromkeys(dirs))
 
 
-def _find_library():
+def _find_library() -> Optional[Path]:
     if os.environ.get("PRCL_NATIVE_LIB"):
         return Path(os.environ["PRCL_NATIVE_LIB"])
     for directory in _search_dirs():
@@ -55,12 +57,12 @@ def _find_library():
     return None
 
 
-def _built_against(lib):
+def _built_against(lib: Path) -> Optional[str]:
     stamp = lib.parent / _VERSION_FILE
     return stamp.read_text().strip() if stamp.is_file() else None
 
 
-def _try_load():
+def _try_load() -> tuple[bool, str, int]:
     if os.environ.get("PRCL_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
         return False, "disabled by PRCL_NATIVE=0", logging.INFO
     lib = _find_library()
@@ -82,7 +84,7 @@ def _try_load():
     return True, f"loaded from {lib} ({info})", logging.DEBUG
 
 
-def _load():
+def _load() -> tuple[bool, str]:
     loaded, message, level = _try_load()
     if not loaded and os.environ.get("PRCL_REQUIRE_NATIVE") == "1":
         raise RuntimeError(f"PRCL_REQUIRE_NATIVE=1 but the native CPU kernel is unavailable: {message}")
@@ -91,30 +93,33 @@ def _load():
     return loaded, message
 
 
-def available():
+def available() -> bool:
     """True when the native library is built, matches this torch and loaded."""
     return _state[0]
 
 
-def status():
+def status() -> str:
     """Where the native library was loaded from (and its ISA, tiles, threads), or why it was not."""
     return _state[1]
 
 
-def _require():
+def _require() -> None:
     loaded, message = _state
     if not loaded:
         raise RuntimeError(f"prcl native CPU kernel unavailable: {message}")
 
 
-def rows(q, d, scale, bias, labels, label_index, threshold=None):
+def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+         threshold: Optional[Tensor] = None) -> Tensor:
     if q.dtype == torch.float64:
         return torch_impl.rows(q, d, scale, bias, labels, label_index, threshold)
     _require()
     return torch.ops.prcl.native_loss_rows(q, d, scale, bias, labels, label_index, *_given(threshold))
 
 
-def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
+def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+          w: Optional[Tensor], grad_scale: Tensor, rounded: bool,
+          threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
     if q.dtype == torch.float64:
         return torch_impl.grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold)
@@ -123,21 +128,24 @@ def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, thresh
                                             *_given(threshold))
 
 
-def _given(threshold):
+def _given(threshold: Optional[Tensor]) -> tuple[Tensor, ...]:
     # passed only when set, so that a library built before the false-negative mask serves other calls
     return () if threshold is None else (threshold,)
 
 
-def _register_fakes():
+def _register_fakes() -> None:
     # shapes for torch.compile / FakeTensor (opcheck): the C++ library registers only CPU kernels
     f32 = torch.float32
 
     @torch.library.register_fake("prcl::native_loss_rows")
-    def _(q, d, scale, bias, labels, label_index, threshold=None):
+    def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+          threshold: Optional[Tensor] = None) -> Tensor:
         return q.new_empty(q.shape[0], dtype=f32)
 
     @torch.library.register_fake("prcl::native_loss_grads")
-    def _(q, d, scale, bias, labels, label_index, w, grad_scale=None, rounded=False, threshold=None):
+    def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+          w: Optional[Tensor], grad_scale: Optional[Tensor] = None, rounded: bool = False,
+          threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=q.dtype if rounded else f32),
                 d.new_empty(d.shape, dtype=d.dtype if rounded else f32), q.new_empty((), dtype=f32),
                 q.new_empty((), dtype=f32))

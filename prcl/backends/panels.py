@@ -15,25 +15,28 @@ G·d), never into G: G = σ − y stays in [−1, 1], where fp16 and bf16 panels
 or overflow. Every panel's G·d and Gᵀ·q is accumulated in float32, never rounded to 16 bits first.
 Panels are visited in a fixed order: results are deterministic.
 """
+from typing import Callable, Optional
+
 import torch
+from torch import Tensor
 
 from prcl.backends.tuning import panel_shape
+from prcl.core.labels import panel_labels
+
+# One panel's work: (q rows, d columns, the panel's labels, label_index, first column, row weights,
+# row thresholds) -> (loss row sums, G, Σ W·G∘S, Σ W·G)
+Block = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], int, Optional[Tensor], Optional[Tensor]],
+                 tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
-def acc_dtype(dtype):
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 inputs (the gradcheck tests run the ops in float64)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def panel_labels(labels, label_index, i, j, rows, cols):
-    """The panel (rows i:i+rows, columns j:j+cols) of the kernel label layout: a dense tile, or the
-    rows' sparse lists (their indices still global: `block` compares them with col + c)."""
-    if label_index is None:
-        return labels[i:i + rows, j:j + cols], None
-    return labels[i:i + rows], label_index[i:i + rows]
-
-
-def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, out_dtype=None, threshold=None):
+def panel_grads(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Tensor], w: Optional[Tensor], block: Block,
+                panel_elems: int, grad_scale: Tensor, out_dtype: Optional[torch.dtype] = None,
+                threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns row sums of l (B,), c·G·d (B, D), c·Gᵀ·q (N, D) (in out_dtype, if given), Σ G∘S and
     Σ G (0-dim) in acc_dtype."""
     (B, D), N = q.shape, d.shape[0]
@@ -62,7 +65,8 @@ def panel_grads(q, d, labels, label_index, w, block, panel_elems, grad_scale, ou
     return (rows, *finish_grads(gd, gq, grad_scale, out_dtype), gs, g)
 
 
-def finish_grads(gd, gq, grad_scale, out_dtype):
+def finish_grads(gd: Tensor, gq: Tensor, grad_scale: Tensor,
+                 out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
     """c·G·d and c·Gᵀ·q from their float32 sums, rounded once to out_dtype when given."""
     gd, gq = gd.mul_(grad_scale), gq.mul_(grad_scale)
     if out_dtype is not None:
@@ -70,7 +74,7 @@ def finish_grads(gd, gq, grad_scale, out_dtype):
     return gd, gq
 
 
-def _mm(a, b, acc):
+def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """a @ b with an `acc`-typed result, however a and b are typed."""
     if a.dtype == acc:
         return a @ b
@@ -79,7 +83,7 @@ def _mm(a, b, acc):
     return a.to(acc) @ b.to(acc)  # no 16-bit→float32 GEMM on CPU (the interpreter tests)
 
 
-def _accumulate_mm(out, a, b):
+def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
     if a.dtype == out.dtype:
         out.addmm_(a, b)
     else:

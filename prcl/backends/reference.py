@@ -6,29 +6,21 @@ Oracle for the tests and baseline for the benchmarks; docs/design.md ("Contract"
 takes float64 inputs, so that the tests' gold values come from the same code.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from prcl.core.contract import DEFAULT_SCALE, DTYPES, check_inputs, check_margin, default_bias
-
-
-def dense_labels(labels, label_index, B, N, device):
-    """The (B, N) float32 label matrix of any label form; entries < 0 mark excluded pairs."""
-    if labels is not None and labels.dim() == 2 and label_index is None:
-        return labels.float()
-    Y = torch.zeros(B, N, dtype=torch.float32, device=device)
-    if labels is None or labels.dim() == 1:
-        diag = torch.ones(B, device=device) if labels is None else labels.float()
-        Y[torch.arange(B, device=device), torch.arange(B, device=device)] = diag
-        return Y
-    rows, k = torch.nonzero(label_index >= 0, as_tuple=True)
-    Y[rows, label_index[rows, k]] = labels[rows, k].float()
-    return Y
+from prcl.core.contract import DEFAULT_SCALE, DTYPES, LossOutput, Scalar, check_inputs, check_margin, default_bias
+from prcl.core.labels import dense_labels
 
 
-def pair_bce(q, d, labels=None, *, label_index=None, scale=DEFAULT_SCALE, bias=None, reduction="mean",
-             backend=None, process_group=None, false_negative_margin=None, return_masked=False):
+def pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, label_index: Optional[Tensor] = None,
+             scale: Scalar = DEFAULT_SCALE, bias: Optional[Scalar] = None, reduction: str = "mean",
+             backend: Optional[str] = None, process_group: object = None,
+             false_negative_margin: Optional[float] = None, return_masked: bool = False) -> LossOutput:
+    """prcl.fused_pair_bce's loss (same arguments, float64 inputs too) computed eagerly on the B×N matrix."""
     check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, DTYPES + (torch.float64,))
     check_margin(false_negative_margin, return_masked)
     if process_group is not None:

@@ -2,36 +2,26 @@
 
 The PyTorch twin of the Triton kernels: same panels, same label layout, same per-pair algebra,
 float32 throughout (float64 for float64 inputs, so that gradcheck can run through the ops). It never
-allocates B×N, only a few panel-sized buffers (PANEL_ELEMS elements each), and reads no tensor value
-on the host: it runs on any device torch supports, meta included.
+allocates B×N, only a few panel-sized buffers (tuning.TORCH_PANEL_ELEMS elements each), and reads no tensor
+value on the host: it runs on any device torch supports, meta included.
 """
 import math
+from typing import Iterator, Optional
 
 import torch
+from torch import Tensor
 
-from prcl.backends.panels import acc_dtype, panel_grads, panel_labels
+from prcl.backends.panels import acc_dtype, panel_grads
+from prcl.backends import tuning
 from prcl.backends.tuning import panel_shape
+from prcl.core.labels import label_tile, listed_pairs, panel_labels
 
-PANEL_ELEMS = 1 << 20
-
-
-def _acc(x):
+def _acc(x: Tensor) -> Tensor:
     return x.to(acc_dtype(x.dtype))
 
 
-def label_tile(y, index, col, cols, dtype):
-    """The dense (rows, cols) labels of a panel starting at document `col`, from either layout."""
-    if index is None:
-        return y.to(dtype)
-    # scatter into one spare column that catches the indices outside the panel: no boolean indexing,
-    # which would read a count on the host
-    local = index - col
-    local = torch.where((local >= 0) & (local < cols), local, cols)
-    tile = y.new_zeros(y.shape[0], cols + 1, dtype=dtype)
-    return tile.scatter_(1, local, y.to(dtype))[:, :cols]
-
-
-def pair_terms(s, t, b, y, threshold=None):
+def pair_terms(s: Tensor, t: Tensor, b: Tensor, y: Tensor,
+               threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Per pair, from the similarity s, the label y (< 0: excluded) and z = t·s + b:
     (l = softplus(z) − y·z, G = σ(z) − y), both 0 for excluded pairs; with a per-row threshold
     (rows, 1), a pair with y = 0 and s > threshold is excluded too (prcl.core.loss, false negatives).
@@ -52,15 +42,16 @@ def pair_terms(s, t, b, y, threshold=None):
     return torch.where(keep, loss, 0.0), torch.where(keep, grad, 0.0)
 
 
-def _rows_of(threshold, i, rows):
+def _rows_of(threshold: Optional[Tensor], i: int, rows: int) -> Optional[Tensor]:
     return None if threshold is None else threshold[i:i + rows, None]
 
 
-def rows(q, d, scale, bias, labels, label_index, threshold=None):
+def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+         threshold: Optional[Tensor] = None) -> Tensor:
     q, d = _acc(q), _acc(d)
     B, N = q.shape[0], d.shape[0]
     out = q.new_zeros(B)
-    pm, pn = panel_shape(B, N, PANEL_ELEMS)
+    pm, pn = panel_shape(B, N, tuning.TORCH_PANEL_ELEMS)
     for i in range(0, B, pm):
         for j in range(0, N, pn):
             q_i, d_j = q[i:i + pm], d[j:j + pn]
@@ -71,10 +62,13 @@ def rows(q, d, scale, bias, labels, label_index, threshold=None):
     return out
 
 
-def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold=None):
+def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+          w: Optional[Tensor], grad_scale: Tensor, rounded: bool,
+          threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
 
-    def block(q_i, d_j, y, index, col, w_i, thr_i):
+    def block(q_i: Tensor, d_j: Tensor, y: Tensor, index: Optional[Tensor], col: int, w_i: Optional[Tensor],
+              thr_i: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s = q_i @ d_j.T
         loss, G = pair_terms(s, scale, bias, label_tile(y, index, col, d_j.shape[0], s.dtype),
                              None if thr_i is None else thr_i[:, None])
@@ -87,15 +81,16 @@ def grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, thresh
             g, gs = w_i @ G.sum(1), w_i @ gs_rows
         return loss.sum(1), G, gs, g
 
-    return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, PANEL_ELEMS, grad_scale,
+    return panel_grads(_acc(q), _acc(d), labels, label_index, w, block, tuning.TORCH_PANEL_ELEMS, grad_scale,
                        q.dtype if rounded else None, threshold)
 
 
-def _panels(q, d, labels, label_index):
+def _panels(q: Tensor, d: Tensor, labels: Tensor,
+            label_index: Optional[Tensor]) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """(row slice, float32 S, dense label tile) over bounded panels of the pair matrix, in order."""
     acc = acc_dtype(q.dtype)
     B, N = q.shape[0], d.shape[0]
-    pm, pn = panel_shape(B, N, PANEL_ELEMS)
+    pm, pn = panel_shape(B, N, tuning.TORCH_PANEL_ELEMS)
     for i in range(0, B, pm):
         for j in range(0, N, pn):
             q_i, d_j = q[i:i + pm], d[j:j + pn]
@@ -103,7 +98,7 @@ def _panels(q, d, labels, label_index):
             yield slice(i, i + q_i.shape[0]), q_i.to(acc) @ d_j.to(acc).T, label_tile(y, index, j, d_j.shape[0], acc)
 
 
-def listed_dots(q, d, label_index):
+def listed_dots(q: Tensor, d: Tensor, label_index: Tensor) -> Tensor:
     """q_i·d_j in float32 (B, K) for each listed pair (i, label_index[i, k]), one row-dot per column:
     B×D at a time, never B×N. Pads and out-of-range indices read document 0: callers mask them."""
     q, d = q.to(acc_dtype(q.dtype)), d.to(acc_dtype(d.dtype))
@@ -114,7 +109,7 @@ def listed_dots(q, d, label_index):
     return s
 
 
-def labelled_max(q, d, labels, label_index):
+def labelled_max(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Tensor]) -> Tensor:
     """p_i = max over row i's pairs with y > 0 of q_i·d_j, float32 (B,), −inf for rows without one;
     from the inputs as the kernels read them (products summed in float32). Listed labels take K row
     dots each; a dense label matrix takes one forward pass over bounded panels."""
@@ -123,7 +118,7 @@ def labelled_max(q, d, labels, label_index):
     if label_index is not None:
         if label_index.shape[1] == 0:
             return q.new_full((B,), -math.inf, dtype=acc)
-        listed = (label_index >= 0) & (label_index < N) & (labels > 0)
+        listed = listed_pairs(label_index, N) & (labels > 0)
         return torch.where(listed, listed_dots(q, d, label_index), -math.inf).amax(1)
     best = q.new_full((B,), -math.inf, dtype=acc)
     for rows_, s, y in _panels(q, d, labels, label_index):
@@ -131,7 +126,7 @@ def labelled_max(q, d, labels, label_index):
     return best
 
 
-def masked_count(q, d, labels, label_index, threshold):
+def masked_count(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Tensor], threshold: Tensor) -> Tensor:
     """How many pairs the threshold excludes (y = 0 and s > threshold_i): an int64 0-dim tensor, from
     one more forward pass over bounded panels (2·B·N·D), read by nobody on the host."""
     count = q.new_zeros((), dtype=torch.int64)

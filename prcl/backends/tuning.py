@@ -12,8 +12,11 @@ wgmma/tcgen05 and TMA), and consumer parts with ~100 KB (sm_86, sm_89, sm_120, s
 smaller, shallower tiles. Every candidate's shared-memory estimate (`shared_bytes`) fits its class.
 """
 import math
+from typing import Callable, Optional
 
 import torch
+
+Config = dict[str, int]  # a launch's tile sizes, num_warps and num_stages
 
 CONSUMER = frozenset({86, 89, 120, 121})
 # Largest dynamic shared memory per block, bytes
@@ -21,7 +24,7 @@ MAX_SHARED = {"sm80": 163 * 1024, "sm90": 227 * 1024, "consumer": 99 * 1024}
 D_BUCKETS = (64, 256, 1024)  # D ≤ 64, ≤ 256, ≤ 1024, and larger
 
 
-def _cfg(m, n, k, warps, stages):
+def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> Config:
     return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
 
 
@@ -54,14 +57,14 @@ TWO_PASS_CROSSOVER_D = 0
 _TWO_PASS = dict(BLOCK_O=64, BLOCK_S=64, num_warps=4, num_stages=2)
 
 
-def two_pass_config(D):
+def two_pass_config(D: int) -> Config:
     """Tiles of the two-pass kernels for D ≤ TWO_PASS_MAX_D (a fresh dict)."""
     if D > TWO_PASS_MAX_D:
         raise ValueError(f"D: the two-pass gradient holds D ≤ {TWO_PASS_MAX_D} in registers, got {D}")
     return dict(_TWO_PASS)
 
 
-def gpu_class(arch):
+def gpu_class(arch: int) -> str:
     """"sm80", "sm90" (datacenter Hopper/Blackwell) or "consumer" (~100 KB shared memory)."""
     if not isinstance(arch, int) or arch < 80:
         raise ValueError(f"arch: the kernel needs sm_80 or newer as an int like 90, got {arch!r}")
@@ -70,20 +73,20 @@ def gpu_class(arch):
     return "sm90" if arch >= 90 else "sm80"
 
 
-def d_bucket(D):
+def d_bucket(D: int) -> float:
     if D < 1:
         raise ValueError(f"D: expected a positive embedding width, got {D}")
     return next((b for b in D_BUCKETS if D <= b), math.inf)
 
 
-def shared_bytes(cfg, dtype, grad):
+def shared_bytes(cfg: Config, dtype: torch.dtype, grad: bool) -> int:
     """Upper estimate of the kernel's shared memory: the pipelined q and d tiles, and the staged G tile."""
     size = torch.empty((), dtype=dtype).element_size()
     tiles = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * size
     return tiles + (cfg["BLOCK_M"] * cfg["BLOCK_N"] * size if grad else 0)
 
 
-def candidates(arch, dtype, grad, D):
+def candidates(arch: int, dtype: torch.dtype, grad: bool, D: int) -> list[Config]:
     """Tile configurations to try, best guess first (a list of fresh dicts)."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
@@ -103,10 +106,11 @@ def candidates(arch, dtype, grad, D):
     return out
 
 
-_picked = {}
+_picked: dict[tuple[int, torch.dtype, bool, float], Config] = {}
 
 
-def pick(arch, dtype, grad, D, measure=None):
+def pick(arch: int, dtype: torch.dtype, grad: bool, D: int,
+         measure: Optional[Callable[[Config], float]] = None) -> Config:
     """The tile configuration for this key, chosen once per process.
 
     measure(cfg) -> time of one run with cfg on the real inputs; None: no timing,
@@ -118,7 +122,14 @@ def pick(arch, dtype, grad, D, measure=None):
     return dict(_picked[key])
 
 
-def panel_shape(B, N, panel_elems):
+# Elements of one panel of the pair matrix, per backend. The PyTorch twin's float32 S and G panels:
+# 4 MiB each, a few alive at a time. The Triton gradient's G workspace: 128 MiB of bf16, panels of
+# 8192 × 8192, large enough to keep the two gradient GEMMs on it efficient.
+TORCH_PANEL_ELEMS = 1 << 20
+TRITON_PANEL_ELEMS = 1 << 26
+
+
+def panel_shape(B: int, N: int, panel_elems: int) -> tuple[int, int]:
     """(rows, cols) of a G panel of at most P = panel_elems: rows = min(B, √P), cols = min(N, P / rows),
     so a short B gets wide panels (B = 512, N = 65536 is one panel, not eight thin ones); then rows
     grow to min(B, P / cols), so a short N gets tall ones."""

@@ -1,2 +1,3 @@
-"""The loss core: the input contract and defaults (contract), the checked loss over the label-light
-layouts (loss) and the `prcl::` ops with their backend registry (ops)."""
+"""The loss core: the input contract and defaults (contract), the label forms and their conversions
+(labels), the `prcl::` ops with the Backend protocol and registry (ops) and the checked loss over the
+label-light layouts (loss)."""

@@ -9,33 +9,40 @@ step never breaks the graph.
 import math
 import os
 import sys
+from typing import Optional, TypeGuard, Union
 
 import torch
+from torch import Tensor
+
+Scalar = Union[float, Tensor]  # a logit scale or bias: a float, or a 0-dim tensor that may require grad
+LossOutput = Union[Tensor, tuple[Tensor, Tensor]]  # the loss, or (loss, masked pairs) with return_masked
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = (None, "triton", "torch", "native", "reference")
+# The values of the public `backend=` argument: None chooses (prcl.core.ops.auto_backend); "reference"
+# is the eager formula (prcl.backends.reference); the others name a kernel backend (prcl.core.ops.REGISTRY)
+BACKEND_CHOICES = (None, "triton", "torch", "native", "reference")
 # The logit scale t of every default in prcl, for cosine similarity: on the man-pages benchmark's dev
 # split (README, "Training quality") t = 5 with b = −log(N−1) had the best mean at lr 1e-4 and 2e-4 (by
 # about one seed std over t = 10); t ≥ 20 with that bias was far worse.
 DEFAULT_SCALE = 5.0
 
 
-def triton_interpreting():
+def triton_interpreting() -> bool:
     """Whether Triton kernels run in its interpreter (on CPU tensors); read without importing triton."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_bias(n_docs):
+def default_bias(n_docs: int) -> float:
     """Logit adjustment to the label prior of one positive among n_docs candidates: −log(N−1)."""
     return -math.log(n_docs - 1) if n_docs > 1 else 0.0
 
 
-def _shapes(**tensors):
+def _shapes(**tensors: object) -> str:
     return ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items() if isinstance(v, torch.Tensor))
 
 
-def finite_number(value):
+def finite_number(value: object) -> TypeGuard[Union[int, float]]:
     """Whether value is a finite int or float (bools are not numbers here). Comparisons, not
     math.isfinite: torch.compile(dynamic=True) traces them on a symbolic float; ints past the float
     range (10**400) are not finite, rather than an OverflowError later."""
@@ -46,7 +53,7 @@ def finite_number(value):
     return -math.inf < value < math.inf
 
 
-def describe_number(value):
+def describe_number(value: object) -> str:
     """repr(value) for a message; an int past the float range by its magnitude (its repr may have
     thousands of digits, or be refused by Python's int-to-str limit)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
@@ -54,13 +61,21 @@ def describe_number(value):
     return repr(value)
 
 
-def _check_scalar(name, value, q, positive):
+def check_scalar(name: str, value: object, like: Optional[Tensor] = None, *, positive: bool = False) -> None:
+    """The logit scale (positive=True) or bias: a finite int or float (> 0 when positive). With `like`
+    (the loss's q) also a 0-dim floating tensor on like's device, whose value is not read; without it
+    (prcl.nn.PairBCELoss's settings) only a number. None is the caller's to allow."""
+    if like is None:
+        if not finite_number(value) or (positive and value <= 0):
+            want = "a finite float > 0" if positive else "None or a finite float"
+            raise ValueError(f"{name}: expected {want}, got {describe_number(value)}")
+        return
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise ValueError(f"{name}: expected a float or a 0-dim floating tensor, got {value.dtype} "
                              f"tensor of shape {tuple(value.shape)}")
-        if value.device != q.device:
-            raise ValueError(f"{name}: tensor is on {value.device} but q is on {q.device}")
+        if value.device != like.device:
+            raise ValueError(f"{name}: tensor is on {value.device} but q is on {like.device}")
         return
     if not finite_number(value):
         raise ValueError(f"{name}: expected a finite float or a 0-dim tensor, got {describe_number(value)}")
@@ -69,7 +84,11 @@ def _check_scalar(name, value, q, positive):
         raise ValueError(f"{name}: must be > 0, got {float(value)}")
 
 
-def check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, dtypes=DTYPES):
+def check_inputs(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor], scale: Scalar,
+                 bias: Optional[Scalar], reduction: str, backend: Optional[str],
+                 dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
+    """ValueError naming the argument (and the shapes) when the arguments, those of prcl.fused_pair_bce,
+    break the contract; a wrong type is caught here too."""
     for name, x in (("q", q), ("d", d), ("labels", labels), ("label_index", label_index), ("scale", scale),
                     ("bias", bias)):
         if isinstance(x, torch.Tensor) and x.layout != torch.strided:
@@ -94,15 +113,15 @@ def check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, dty
         raise ValueError(f"q and d must have the same embedding dim, got {_shapes(q=q, d=d)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    _check_scalar("scale", scale, q, positive=True)
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+    check_scalar("scale", scale, q, positive=True)
     if bias is not None:
-        _check_scalar("bias", bias, q, positive=False)
+        check_scalar("bias", bias, q)
     _check_labels(q, d, labels, label_index)
 
 
-def _check_labels(q, d, labels, label_index):
+def _check_labels(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor]) -> None:
     B, N = q.shape[0], d.shape[0]
     if label_index is not None and labels is None:
         raise ValueError(f"label_index{tuple(label_index.shape)} given without labels")
@@ -139,12 +158,12 @@ def _check_labels(q, d, labels, label_index):
         _assert_label_values(labels, label_index, N)
 
 
-def _duplicate_index(label_index):
+def _duplicate_index(label_index: Tensor) -> Tensor:
     ordered = label_index.sort(dim=1).values
     return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
 
 
-def _check_label_values(labels, label_index, N):
+def _check_label_values(labels: Tensor, label_index: Optional[Tensor], N: int) -> None:
     """CPU tensors: reading values costs no device sync, so check them and say what was found."""
     if torch.isnan(labels).any() or (labels > 1).any():
         raise ValueError(f"labels: values must lie in [0, 1] (or < 0 to exclude a pair); found "
@@ -157,7 +176,7 @@ def _check_label_values(labels, label_index, N):
             raise ValueError("label_index: a document index appears twice in one row; list each pair once")
 
 
-def _assert_label_values(labels, label_index, N):
+def _assert_label_values(labels: Tensor, label_index: Optional[Tensor], N: int) -> None:
     """Device tensors: the same checks as asserts that the device raises on its own, without the host
     waiting for a value (a CUDA error surfaces at the next synchronising call)."""
     torch._assert_async(~(torch.isnan(labels) | (labels > 1)).any(),
@@ -169,7 +188,7 @@ def _assert_label_values(labels, label_index, N):
                             "prcl: label_index: a document index appears twice in one row")
 
 
-def check_margin(margin, return_masked=False):
+def check_margin(margin: object, return_masked: object = False) -> None:
     """false_negative_margin: None or a finite float; return_masked: a bool."""
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin)):

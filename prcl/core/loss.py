@@ -8,16 +8,18 @@ the device (scalars are filled in place), so a CUDA call never waits for the GPU
 in a CUDA graph.
 """
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from prcl.core import ops
 from prcl.backends import torch_impl
-from prcl.core.contract import default_bias
+from prcl.core.contract import LossOutput, Scalar, default_bias
+from prcl.core.labels import kernel_labels
 
 
-def scalar(x, device) -> Tensor:
+def scalar(x: Scalar, device: torch.device) -> Tensor:
     """A float or 0-dim tensor as a float32 0-dim tensor on `device` (tensors keep their autograd
     history). Floats are filled on the device, not copied from the host: torch.tensor(x, device=cuda)
     would be a blocking host-to-device copy on every call."""
@@ -26,16 +28,8 @@ def scalar(x, device) -> Tensor:
     return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
-def kernel_labels(labels, label_index, B, device):
-    """Any public label form in the ops' layout (prcl.core.ops): dense (labels (B, N), None), or sparse
-    (labels (B, K), label_index (B, K)). The diagonal forms are one listed pair per row, (i, i)."""
-    if labels is None or labels.dim() == 1:
-        y = torch.ones(B, 1, device=device) if labels is None else labels[:, None]
-        return y, torch.arange(B, device=device)[:, None]
-    return labels, label_index
-
-
-def false_negative_threshold(q, d, y, index, margin):
+def false_negative_threshold(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor],
+                             margin: Optional[float]) -> Optional[Tensor]:
     """The per-row threshold of the false-negative mask, float32 (B,), a constant for autograd:
     p_i + margin, p_i the largest q_i·d_j over row i's pairs with y > 0 (+inf for a row without one).
     A pair with y = 0 above it is excluded in the kernels. None when margin is None."""
@@ -46,8 +40,10 @@ def false_negative_threshold(q, d, y, index, margin):
         return torch.where(best > -math.inf, best + margin, math.inf)
 
 
-def pair_bce(q, d, labels, label_index, scale, bias, reduction, backend, n_queries=None, margin=None,
-             return_masked=False, threshold=None):
+def pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor], scale: Scalar,
+             bias: Optional[Scalar], reduction: str, backend: str, n_queries: Optional[int] = None,
+             margin: Optional[float] = None, return_masked: bool = False,
+             threshold: Optional[Tensor] = None) -> LossOutput:
     """The loss of checked inputs on a named backend; bias=None is −log(N−1) of this call's N; the
     mean divides by n_queries (default B: other ranks' queries count in the distributed mean).
     margin: the false-negative mask (prcl.fused_pair_bce), or its thresholds computed by the caller
@@ -60,7 +56,7 @@ def pair_bce(q, d, labels, label_index, scale, bias, reduction, backend, n_queri
     return (out, masked_pairs(q, d, y, index, threshold)) if return_masked else out
 
 
-def masked_pairs(q, d, y, index, threshold):
+def masked_pairs(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor], threshold: Optional[Tensor]) -> Tensor:
     """How many pairs `threshold` (or None: none) excludes, an int64 0-dim tensor on q's device."""
     if threshold is None:
         return q.new_zeros((), dtype=torch.int64)
@@ -68,7 +64,8 @@ def masked_pairs(q, d, y, index, threshold):
         return torch_impl.masked_count(q.detach(), d.detach(), y, index, threshold)
 
 
-def _loss(q, d, y, index, scale, bias, reduction, backend, n_queries, threshold):
+def _loss(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor], scale: Scalar, bias: Optional[Scalar],
+          reduction: str, backend: str, n_queries: Optional[int], threshold: Optional[Tensor]) -> Tensor:
     n_queries = q.shape[0] if n_queries is None else n_queries
     t = scalar(scale, q.device)
     b = scalar(default_bias(d.shape[0]) if bias is None else bias, q.device)
@@ -76,14 +73,15 @@ def _loss(q, d, y, index, scale, bias, reduction, backend, n_queries, threshold)
     if reduction != "none" and needs_grad:
         # the mean's 1/B goes into the op, so that the gradients are rounded once, with it applied
         weight = 1.0 / n_queries if reduction == "mean" else 1.0
-        return ops.PairBCETotal.apply(q, d, t, b, y, index, backend, weight, True, threshold)[0]
-    rows = ops.PairBCERows.apply(q, d, t, b, y, index, backend, threshold)
+        return ops.total(q, d, t, b, y, index, backend, weight, threshold)
+    rows = ops.rows(q, d, t, b, y, index, backend, threshold)
     if reduction == "none":
         return rows
     return rows.sum() / n_queries if reduction == "mean" else rows.sum()
 
 
-def pair_bce_grads(q, d, labels, label_index, t, b, grad_rows, backend, threshold=None):
+def pair_bce_grads(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor], t: Tensor, b: Tensor,
+                   grad_rows: Optional[Tensor], backend: str, threshold: Optional[Tensor] = None) -> tuple[Tensor, ...]:
     """Without autograd, for callers that sum gradients over several calls (the ring strategy): the
     row losses (B,) when grad_rows (B,) is given, else their sum, and the float32 gradients of
     Σ_i grad_rows_i·loss_i (or of the sum) w.r.t. q, d, t, b, left unrounded for the caller to sum."""

@@ -1,6 +1,5 @@
 """What the sections share: the run's settings, the logger, an exception as one line, and the Triton
 gradient forced to one design."""
-import contextlib
 import logging
 
 import torch
@@ -28,16 +27,3 @@ class Check:
 
 def error_line(e):
     return f"{type(e).__name__}: {first_line(e, limit=300)}"
-
-
-@contextlib.contextmanager
-def gradient_design(two_pass):
-    """The Triton gradient forced to the two-pass kernels (True) or the G panels (False); None: the
-    launcher's choice."""
-    from prcl.backends import triton_impl
-
-    triton_impl.TWO_PASS = two_pass
-    try:
-        yield
-    finally:
-        triton_impl.TWO_PASS = None

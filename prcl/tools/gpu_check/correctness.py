@@ -6,7 +6,7 @@ import torch
 
 from prcl.testing import (DTYPES, FLOOR, FORMS, LATE_FLOOR, judge, labels_with_exclusions, loss_and_grads,
                           pair_inputs)
-from prcl.tools.gpu_check.common import error_line, gradient_design, log
+from prcl.tools.gpu_check.common import error_line, log
 
 MASK_MARGIN = -0.3  # the false-negative margin of the "masked" cases: masks pairs in every case of every form
 RULE = "err(prcl) <= 2 * err(eager, same dtype) + floor; errors relative to max |float64 gold|"
@@ -28,7 +28,9 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", de
     gold = loss_and_grads(pair_bce, *args, torch.float64, reduction, scale, bias, false_negative_margin=margin)
     eager = loss_and_grads(pair_bce, *args, dtype, reduction, scale, bias, false_negative_margin=margin)
     fused_fn = functools.partial(prcl.fused_pair_bce, backend=ck.backend)
-    with gradient_design(True if design == "two-pass" else None):
+    from prcl.backends.triton_impl import gradient_design
+
+    with gradient_design("two-pass" if design == "two-pass" else None):
         fused = loss_and_grads(fused_fn, *args, dtype, reduction, scale, bias, layout=layout,
                                false_negative_margin=margin)
     floor = (LATE_FLOOR if late else FLOOR)[dtype]

@@ -2,7 +2,6 @@
 the peers of prcl.tools.bench, the three-GEMM floor; all at prcl.core.contract.DEFAULT_SCALE and bias
 −log(N−1), the library's defaults."""
 from prcl.tools import bench
-from prcl.tools.gpu_check.common import gradient_design
 
 DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
 
@@ -11,12 +10,14 @@ def _from_bench(name, *args):
     return lambda: getattr(bench, name)(*args)
 
 
-def _design(two_pass):  # docs/design.md, "Two-pass gradient"
+def _design(design):  # docs/design.md, "Two-pass gradient"
     def make():
+        from prcl.backends.triton_impl import gradient_design
+
         loss = bench.prcl_loss("triton")
 
         def fn(*args):
-            with gradient_design(two_pass):
+            with gradient_design(design):
                 return loss(*args)
 
         return fn
@@ -26,7 +27,7 @@ def _design(two_pass):  # docs/design.md, "Two-pass gradient"
 
 def peers(ck):
     """[(name, factory)]: factories return fn(q, d, labels, label_index) -> scalar loss."""
-    made = [("prcl", _from_bench("prcl_loss")), ("prcl panels", _design(False)), ("prcl two-pass", _design(True)),
+    made = [("prcl", _from_bench("prcl_loss")), ("prcl panels", _design("panels")), ("prcl two-pass", _design("two-pass")),
             ("eager", lambda: bench.reference_loss)]
     if not ck.dry_run:  # compiling takes minutes on a CPU
         made.append(("torch.compile", _from_bench("compiled_reference")))
