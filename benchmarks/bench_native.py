@@ -23,8 +23,8 @@ import textwrap
 import pytest
 import torch
 
-from prcl.tools import bench as pb
 from prcl.backends import native
+from prcl.tools import bench as pb
 
 LARGE = os.environ.get("PRCL_BENCH_LARGE") == "1"
 BATCHES = [1024, 2048, 4096, 8192, 16384] if LARGE else [1024, 2048]

@@ -3,7 +3,6 @@
 tests/conftest.py is not loaded here, so nothing sets TRITON_INTERPRET: the interpreter is no speed
 measure, and on CPU prcl's automatic backend is the native kernel or the PyTorch path anyway.
 """
-import pytest
 import torch
 
 

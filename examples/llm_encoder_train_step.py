@@ -21,7 +21,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 # run from a checkout: an installed prcl wins, else the source tree; tests/ holds the tiny model builder
 sys.path += [str(REPO), str(REPO / "tests")]
-from prcl.encoders import LLMEncoder, contrastive_loss_step, smollm2_gguf as find_smollm2_gguf  # noqa: E402
+from prcl.encoders import LLMEncoder, contrastive_loss_step  # noqa: E402
+from prcl.encoders import smollm2_gguf as find_smollm2_gguf  # noqa: E402
 
 INSTRUCTION = "Given a question, retrieve the passage that answers it:"
 QUERIES = ["what do cats like to sit on", "why did the stock market fall", "how long do you bake a cake",

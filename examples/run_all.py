@@ -29,7 +29,7 @@ def device(threads):
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU {cpu}, {os.cpu_count()} CPUs, "
+    return (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, CPU {cpu}, {os.cpu_count()} CPUs, "
             f"{threads} thread(s) per run, nice 10, commit {commit.strip() or 'unknown'}, "
             f"python {sys.version.split()[0]}")
 

@@ -60,16 +60,25 @@ Strategies (both deterministic: fixed communication and summation order):
 Pick the strategy with `strategy=` here, or through `prcl.fused_pair_bce` by passing
 `process_group=Ring(group)` (or `Gather(group)`; `group=None` = the default group).
 """
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from prcl.core import loss
-from prcl.core.contract import (DEFAULT_SCALE, DTYPES, REDUCTIONS, LossOutput, Scalar, check_inputs, check_margin,
-                                default_bias)
+from prcl.core.contract import (
+    DEFAULT_SCALE,
+    DTYPES,
+    REDUCTIONS,
+    LossOutput,
+    Scalar,
+    check_inputs,
+    check_margin,
+    default_bias,
+)
 from prcl.core.labels import KernelLabels, kernel_labels, no_pairs, offset_labels
 from prcl.core.ops import resolve_backend
 
@@ -101,7 +110,7 @@ class Ring:
     strategy = "ring"
 
 
-def _unwrap(process_group: object, strategy: Optional[str]) -> tuple[Any, str]:
+def _unwrap(process_group: object, strategy: str | None) -> tuple[Any, str]:
     if isinstance(process_group, (Gather, Ring)):
         if strategy is not None and strategy != process_group.strategy:
             raise ValueError(f"strategy={strategy!r} contradicts process_group={process_group!r}")
@@ -146,7 +155,7 @@ def _code(table: tuple[object, ...], value: object) -> int:
     return table.index(value) if value in table else -1
 
 
-def _value(x: object, device: Union[torch.device, str]) -> Tensor:
+def _value(x: object, device: torch.device | str) -> Tensor:
     """A scale or bias as a float64 0-dim tensor on `device`, read on the host only with the table."""
     if isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point():
         return x.detach().to(device, torch.float64)
@@ -154,8 +163,8 @@ def _value(x: object, device: Union[torch.device, str]) -> Tensor:
     return torch.full((), value, dtype=torch.float64, device=device)
 
 
-def _handshake(q: Tensor, d: Tensor, error: Optional[ValueError], want: tuple[bool, ...], strategy: str,
-               reduction: str, scale: Scalar, bias: Optional[Scalar], group: Any) -> tuple[list[int], list[int]]:
+def _handshake(q: Tensor, d: Tensor, error: ValueError | None, want: tuple[bool, ...], strategy: str,
+               reduction: str, scale: Scalar, bias: Scalar | None, group: Any) -> tuple[list[int], list[int]]:
     """All-gathers each rank's sizes and call settings (one float64 row per rank; the integers in it
     are exact); raises on every rank if any rank failed or the ranks disagree."""
     shape_ok = isinstance(q, torch.Tensor) and isinstance(d, torch.Tensor) and q.dim() == 2 and d.dim() == 2
@@ -191,12 +200,12 @@ class _Plan:
     b_sizes: list[int]
     n_sizes: list[int]
     labels: Tensor
-    label_index: Optional[Tensor]
+    label_index: Tensor | None
     backend: str
     per_row: bool
     want: tuple[bool, ...] = (False,) * 4  # which of q, d, scale, bias get a gradient
-    threshold: Optional[Tensor] = None  # the false-negative mask's per-query thresholds (prcl.core.loss), or None
-    masked: Optional[list[Tensor]] = None  # the ring's per-chunk counts of masked pairs, when asked
+    threshold: Tensor | None = None  # the false-negative mask's per-query thresholds (prcl.core.loss), or None
+    masked: list[Tensor] | None = None  # the ring's per-chunk counts of masked pairs, when asked
 
     @property
     def offset(self) -> int:
@@ -207,11 +216,20 @@ class _Plan:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
 
-def distributed_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
-                         label_index: Optional[Tensor] = None, scale: Scalar = DEFAULT_SCALE,
-                         bias: Optional[Scalar] = None, reduction: str = "mean", backend: Optional[str] = None,
-                         process_group: object = None, strategy: Optional[str] = None,
-                         false_negative_margin: Optional[float] = None, return_masked: bool = False) -> LossOutput:
+def _local_error(check: Callable[[], None]) -> ValueError | None:
+    """This rank's input error, or None: the handshake tells every rank about it, so all fail together."""
+    try:
+        check()
+    except ValueError as e:
+        return e
+    return None
+
+
+def distributed_pair_bce(q: Tensor, d: Tensor, labels: Tensor | None = None, *,
+                         label_index: Tensor | None = None, scale: Scalar = DEFAULT_SCALE,
+                         bias: Scalar | None = None, reduction: str = "mean", backend: str | None = None,
+                         process_group: object = None, strategy: str | None = None,
+                         false_negative_margin: float | None = None, return_masked: bool = False) -> LossOutput:
     """Rank r's share of the global-batch loss; the values on the ranks sum to the one-process loss.
 
     Same arguments as `prcl.fused_pair_bce` with local tensors; `process_group` is a torch.distributed
@@ -225,9 +243,9 @@ def distributed_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, 
             dense (B_r, N_r) labels cover the local documents, every other rank's are negatives.
         scale, bias: as for prcl.fused_pair_bce; bias=None is −log(N − 1) with the global N. Every
             rank must pass the same values.
-        reduction: "mean" (÷ the global B), "sum", or "none" (this rank's (B_r,) rows).
-        backend: as for prcl.fused_pair_bce.
-        process_group: see above. strategy: "gather" or "ring" (or given by Ring/Gather).
+        reduction, backend: as for prcl.fused_pair_bce; "mean" divides by the global B, "none" gives this
+            rank's (B_r,) rows.
+        process_group, strategy: see above (Ring/Gather carry the strategy).
         false_negative_margin, return_masked: as for prcl.fused_pair_bce, for this rank's queries.
 
     Returns:
@@ -236,9 +254,8 @@ def distributed_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, 
         backward; each then holds the exact global-loss gradient of its own q and d.
 
     Raises:
-        ValueError: on every rank, when any rank's inputs fail the checks (naming that rank) or the
-            ranks disagree on a setting (naming it and each rank's value), or when torch.distributed
-            is not initialised.
+        ValueError: on every rank, when any rank's inputs fail the checks (naming that rank), the ranks
+            disagree on a setting (naming it and each value) or torch.distributed is not initialised.
 
     Example (one rank here; under torchrun every rank runs the same lines on its own slice, see
     examples/distributed_loss.py):
@@ -260,12 +277,11 @@ def distributed_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, 
     group, strategy = _unwrap(process_group, strategy)
     if not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
-    error = None
-    try:
+    def check() -> None:
         check_inputs(q, d, labels, label_index, scale, bias, reduction, backend)
         check_margin(false_negative_margin, return_masked)
-    except ValueError as e:
-        error = e
+
+    error = _local_error(check)
     want = tuple(torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
                  for x in (q, d, scale, bias))
     b_sizes, n_sizes = _handshake(q, d, error, want, strategy, reduction, scale, bias, group)
@@ -355,8 +371,8 @@ class _RingLoss(torch.autograd.Function):
         return _ring(plan, q, d, t, b, None, want)[0]
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
-        grads: Sequence[Optional[Tensor]]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grads: Sequence[Tensor | None]
         if ctx.precomputed:
             grads = [None if g is None else grad_out * g for g in ctx.saved_tensors]
         else:
@@ -367,7 +383,7 @@ class _RingLoss(torch.autograd.Function):
 
 
 def _chunk_loss(plan: _Plan, q: Tensor, d_c: Tensor, own: bool, t: Tensor, b: Tensor,
-                grad_out: Optional[Tensor]) -> tuple[Any, Grads4]:
+                grad_out: Tensor | None) -> tuple[Any, Grads4]:
     """The loss of the local queries against one document chunk, and optionally its float32
     gradients (q, d, t, b), unrounded so that the ring sums them before the one rounding at the end.
 
@@ -392,7 +408,7 @@ def _add(acc: Any, x: Any) -> Any:
     return x if acc is None else acc.add_(x)
 
 
-def _ring(plan: _Plan, q: Tensor, d: Tensor, t: Tensor, b: Tensor, grad_out: Optional[Tensor],
+def _ring(plan: _Plan, q: Tensor, d: Tensor, t: Tensor, b: Tensor, grad_out: Tensor | None,
           want: tuple[bool, ...]) -> tuple[Any, Grads4]:
     """One trip of the document chunks around the ring (rank r sends to r+1, receives from r−1).
 

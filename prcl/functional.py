@@ -6,13 +6,13 @@ The public signature and its routing: one process (prcl.core.loss on a backend o
 (prcl.distributed), or the eager reference. Labels and exclusions enter the kernels themselves;
 docs/design.md says why.
 """
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor
 
-from prcl.core import loss
 from prcl.backends import reference
+from prcl.core import loss
 from prcl.core.contract import DEFAULT_SCALE, LossOutput, Scalar, check_inputs, check_margin
 from prcl.core.ops import resolve_backend
 
@@ -25,10 +25,10 @@ if TYPE_CHECKING:
 ProcessGroupArg = Union["dist.ProcessGroup", "Gather", "Ring", None]
 
 
-def fused_pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, label_index: Optional[Tensor] = None,
-                   scale: Scalar = DEFAULT_SCALE, bias: Optional[Scalar] = None, reduction: str = "mean",
-                   backend: Optional[str] = None, process_group: ProcessGroupArg = None,
-                   false_negative_margin: Optional[float] = None, return_masked: bool = False) -> LossOutput:
+def fused_pair_bce(q: Tensor, d: Tensor, labels: Tensor | None = None, *, label_index: Tensor | None = None,
+                   scale: Scalar = DEFAULT_SCALE, bias: Scalar | None = None, reduction: str = "mean",
+                   backend: str | None = None, process_group: ProcessGroupArg = None,
+                   false_negative_margin: float | None = None, return_masked: bool = False) -> LossOutput:
     """Pair relevance classification loss over every query × document pair.
 
     loss = Σ_i Σ_j [softplus(z_ij) − y_ij·z_ij] / B with z = scale·q·dᵀ + bias, computed without the

@@ -9,7 +9,6 @@ sentence-transformers losses use this module; give its parameters their own lear
 trains them far faster than the encoder).
 """
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -53,9 +52,9 @@ class PairBCELoss(nn.Module):
         ...                          {"params": criterion.parameters(), "lr": 0.1}])
     """
 
-    def __init__(self, scale: float = DEFAULT_SCALE, bias: Optional[float] = None, *, learnable_scale: bool = False,
-                 learnable_bias: bool = False, reduction: str = "mean", backend: Optional[str] = None,
-                 false_negative_margin: Optional[float] = None) -> None:
+    def __init__(self, scale: float = DEFAULT_SCALE, bias: float | None = None, *, learnable_scale: bool = False,
+                 learnable_bias: bool = False, reduction: str = "mean", backend: str | None = None,
+                 false_negative_margin: float | None = None) -> None:
         super().__init__()
         check_scalar("scale", scale, positive=True)
         if bias is not None:
@@ -71,7 +70,7 @@ class PairBCELoss(nn.Module):
         if learnable_bias:
             self.logit_bias = nn.Parameter(torch.tensor(0.0 if bias is None else float(bias)))
 
-    def scale_and_bias(self, n_docs: int) -> tuple[Scalar, Optional[Scalar]]:
+    def scale_and_bias(self, n_docs: int) -> tuple[Scalar, Scalar | None]:
         """(t, b) as fused_pair_bce takes them: floats, or 0-dim tensors when learnable; n_docs is
         the N the prior is taken over (every rank's documents when the loss is gathered)."""
         t = self.logit_scale.exp() if self.learnable_scale else self.fixed_scale
@@ -79,8 +78,8 @@ class PairBCELoss(nn.Module):
             return t, self.fixed_bias
         return t, self.logit_bias + (default_bias(n_docs) if self.fixed_bias is None else 0.0)
 
-    def forward(self, q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *,
-                label_index: Optional[Tensor] = None, process_group: ProcessGroupArg = None,
+    def forward(self, q: Tensor, d: Tensor, labels: Tensor | None = None, *,
+                label_index: Tensor | None = None, process_group: ProcessGroupArg = None,
                 return_masked: bool = False) -> LossOutput:
         """The loss of queries q against documents d at this module's scale and bias.
 

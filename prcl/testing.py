@@ -7,7 +7,7 @@ inputs, baseline = the same eager formula in the dtype under test, and for the l
     err(prcl) <= 2 * err(eager) + floor[dtype]      (errors relative to max |gold|)
 """
 import math
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,11 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LATE_FLOOR = {torch.float32: 1e-6, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}
 FORMS = ("diagonal", "graded", "dense", "sparse")  # the public label forms
 OUTPUTS = ("loss", "dq", "dd", "dscale", "dbias")
-Device = Union[str, torch.device]
+Device = str | torch.device
 
 
 def pair_inputs(B: int, N: int, D: int, dtype: torch.dtype = torch.float32, *, seed: int = 0, spread: float = 1.0,
-                cos: Optional[float] = None, device: Device = "cpu") -> tuple[Tensor, Tensor, torch.Generator]:
+                cos: float | None = None, device: Device = "cpu") -> tuple[Tensor, Tensor, torch.Generator]:
     """Queries q (B, D) and documents d (N, D), unit rows times `spread`, in `dtype` on `device`, and the
     generator that drew them (draw the labels from it next).
 
@@ -66,7 +66,7 @@ def late_training_inputs(B: int, N: int, D: int, cos: float, seed: int = 0,
 
 
 def labels_with_exclusions(form: str, B: int, N: int, gen: torch.Generator, *, device: Device = "cpu",
-                           converged: bool = False) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                           converged: bool = False) -> tuple[Tensor | None, Tensor | None]:
     """Labels of one public form for the accuracy checks, with excluded pairs (label −1) and unlisted
     (index −1) entries mixed in. Not prcl.tools.bench's "sparse" case (prcl.tools.bench.cases.listed_labels:
     a training batch's shape, nothing excluded).
@@ -114,7 +114,7 @@ def laid_out(x: Tensor, layout: str = "contiguous") -> Tensor:
     return x.detach().requires_grad_()
 
 
-def loss_and_grads(fn: Callable, q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor],
+def loss_and_grads(fn: Callable, q: Tensor, d: Tensor, labels: Tensor | None, label_index: Tensor | None,
                    dtype: torch.dtype, reduction: str, scale: float = 7.0, bias: float = -3.0, *,
                    layout: str = "contiguous", **options) -> list[Tensor]:
     """[loss, dq, dd, dscale, dbias] of fn(q, d, labels, label_index=…, scale=…, bias=…, reduction=…,
@@ -162,8 +162,8 @@ def assert_within_rule(fused: list[Tensor], eager: list[Tensor], gold: list[Tens
         assert v["ok"], f"{name}: fused err {v['err']:.3g} vs eager err {v['eager_err']:.3g}"
 
 
-def check_against_oracle(fused_fn: Callable, q: Tensor, d: Tensor, labels: Optional[Tensor],
-                         label_index: Optional[Tensor], dtype: torch.dtype, reduction: str,
+def check_against_oracle(fused_fn: Callable, q: Tensor, d: Tensor, labels: Tensor | None,
+                         label_index: Tensor | None, dtype: torch.dtype, reduction: str,
                          floor: dict[torch.dtype, float] = FLOOR,
                          **scalars) -> None:
     """fused_fn against the float64 oracle and the eager formula in `dtype`, under the accuracy rule.

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prcl.retrieval import cli as eval_cli, compute_metrics, read_corpus, read_split, write_run
 from prcl.files import run_lock
+from prcl.retrieval import cli as eval_cli
+from prcl.retrieval import compute_metrics, read_corpus, read_split, write_run
 from prcl.training import checkpoint
 from prcl.training.cli import encode_main, train_main
 

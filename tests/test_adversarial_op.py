@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
+from test_pair_bce import BACKENDS, DEVICE, FLOOR, LATE_FLOOR, make_inputs, make_labels, slow
 
 import prcl
 from prcl.backends.reference import pair_bce
-from test_pair_bce import BACKENDS, DEVICE, FLOOR, LATE_FLOOR, make_inputs, make_labels, rel_err, slow
+from prcl.testing import rel_err
 
 GRADED_FORMS = ["graded", "dense", "sparse"]
 

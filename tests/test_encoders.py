@@ -9,17 +9,24 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_llm import CORPUS, tiny_model_and_tokenizer, tiny_tokenizer
 from torch.torch_version import TorchVersion
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import prcl
 from prcl.backends import reference
-from prcl.encoders import (BIDIRECTIONAL_MODEL_TYPES, POOLINGS, LLMEncoder, contrastive_loss_step,
-                           flash_attn_available, smollm2_gguf as find_smollm2_gguf, torch_varlen_attn)
+from prcl.encoders import (
+    BIDIRECTIONAL_MODEL_TYPES,
+    POOLINGS,
+    LLMEncoder,
+    contrastive_loss_step,
+    flash_attn_available,
+    torch_varlen_attn,
+)
+from prcl.encoders import smollm2_gguf as find_smollm2_gguf
 from prcl.training.batching import Batch
 from prcl.training.step import batch_loss, forward_backward
-from tiny_llm import CORPUS, tiny_model_and_tokenizer, tiny_tokenizer
 
 CPU_BACKENDS = ("sdpa", "eager")
 TEXTS = ["the cat sat on the mat", "a dog runs in the park with a red ball",

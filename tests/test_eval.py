@@ -7,8 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from prcl.retrieval import (compute_metrics, evaluate, examples_to_beir, main, read_corpus, read_qrels, read_queries,
-                     read_split, search)
+from prcl.retrieval import (
+    compute_metrics,
+    evaluate,
+    examples_to_beir,
+    main,
+    read_corpus,
+    read_qrels,
+    read_queries,
+    read_split,
+    search,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_llm import tiny_model_and_tokenizer  # noqa: E402
@@ -206,9 +215,8 @@ def test_prcl_eval_sentence_transformers_model(tmp_path):
     """A directory with modules.json is loaded by sentence-transformers; its prompt carries --instruction."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import BertConfig, BertModel
-
     from tiny_llm import tiny_tokenizer
+    from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

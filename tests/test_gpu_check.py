@@ -95,7 +95,7 @@ def test_every_gpu_correctness_case_passes_the_input_checks():
     cases = gpu_check.correctness.correctness_cases(dry_run=False)
     assert any(B > N for _, B, N, *_ in cases) and {c[4] for c in cases} == set(FORMS)
     assert {c[-1] for c in cases} == {"default", "two-pass"}
-    for dtype, B, N, D, form, layout, reduction, regime, design in cases:
+    for _dtype, B, N, D, form, _layout, reduction, regime, _design in cases:
         q, d, gen = pair_inputs(B, N, D, cos=0.95 if regime == "late" else None)
         labels, label_index = labels_with_exclusions(form, B, N, gen, converged=regime == "late")
         check_inputs(q, d, labels, label_index, 7.0, -3.0, reduction, "triton")

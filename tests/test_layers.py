@@ -200,3 +200,28 @@ def test_the_moved_training_step_keeps_its_first_name():
     import prcl.training.step
 
     assert prcl.encoders.contrastive_loss_step is prcl.training.step.contrastive_loss_step
+
+
+MAX_FUNCTION_LINES = 80  # issue 24: short functions, docstring included; the kernels are exempt
+
+
+def long_functions(root):
+    """[(file, function, lines)] of every function over MAX_FUNCTION_LINES in root's Python files."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append((str(path.relative_to(root)), node.name, lines))
+    return found
+
+
+def test_no_function_over_80_lines_outside_the_kernels():
+    repo = PACKAGE.parent
+    assert not [f for d in ("prcl", "tests", "benchmarks", "examples") for f in long_functions(repo / d)]
+
+
+def test_a_long_function_is_found(tmp_path):
+    (tmp_path / "m.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES + "\n\ndef g():\n    pass\n")
+    assert long_functions(tmp_path) == [("m.py", "f", MAX_FUNCTION_LINES + 1)]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from prcl.tools import bench as pb
 from prcl.backends import native
+from prcl.tools import bench as pb
 from prcl.tools.bench.cli import parser
 from prcl.tools.bench.memory import MEASURING_ENV, MemoryWorker, impl_step
 

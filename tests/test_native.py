@@ -19,10 +19,10 @@ import textwrap
 
 import pytest
 import torch
+from test_pair_bce import DTYPES, FORMS, _ids, check_against_oracle, kernel_label_layouts, make_inputs, make_labels, run
 
 import prcl
 from prcl.backends import native
-from test_pair_bce import DTYPES, FORMS, _ids, check_against_oracle, kernel_label_layouts, make_inputs, make_labels, run
 
 # with PRCL_REQUIRE_NATIVE=1, native.available() raises instead, naming why
 needs_native = pytest.mark.skipif(not native.available(),

@@ -14,10 +14,19 @@ import torch
 
 import prcl
 from prcl.backends import native
-from prcl.tools.bench import cases
 from prcl.backends.reference import dense_labels, pair_bce
-from prcl.testing import (DTYPES, FLOOR, FORMS, LATE_FLOOR, assert_within_rule, check_against_oracle,
-                          labels_with_exclusions, loss_and_grads as run, pair_inputs)
+from prcl.testing import (
+    DTYPES,
+    FLOOR,
+    FORMS,
+    LATE_FLOOR,
+    assert_within_rule,
+    check_against_oracle,
+    labels_with_exclusions,
+    pair_inputs,
+)
+from prcl.testing import loss_and_grads as run
+from prcl.tools.bench import cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native CPU kernel not built: {native.status()}")

@@ -13,8 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from prcl.backends import reference
-from prcl.training import (DataError, Example, ExampleStream, TrainConfig, build_batch, forward_backward,
-                           info_nce, parse_example, train)
+from prcl.training import (
+    DataError,
+    Example,
+    ExampleStream,
+    TrainConfig,
+    build_batch,
+    forward_backward,
+    info_nce,
+    parse_example,
+    train,
+)
 from prcl.training.cli import _read_config, encode_main, parse_train_args
 from prcl.training.data import iter_file
 from prcl.training.step import batch_loss

@@ -136,8 +136,11 @@ def main():
     ap.add_argument("--results", default=str(HERE / "results" / "minilm.jsonl"))
     args = ap.parse_args()
 
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from prcl.integrations.sentence_transformers import PairRelevanceLoss

@@ -24,7 +24,6 @@ Environment:
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -46,7 +45,7 @@ def _search_dirs() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
-def _find_library() -> Optional[Path]:
+def _find_library() -> Path | None:
     if os.environ.get("PRCL_NATIVE_LIB"):
         return Path(os.environ["PRCL_NATIVE_LIB"])
     for directory in _search_dirs():
@@ -57,7 +56,7 @@ def _find_library() -> Optional[Path]:
     return None
 
 
-def _built_against(lib: Path) -> Optional[str]:
+def _built_against(lib: Path) -> str | None:
     stamp = lib.parent / _VERSION_FILE
     return stamp.read_text().strip() if stamp.is_file() else None
 
@@ -109,17 +108,17 @@ def _require() -> None:
         raise RuntimeError(f"prcl native CPU kernel unavailable: {message}")
 
 
-def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-         threshold: Optional[Tensor] = None) -> Tensor:
+def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+         threshold: Tensor | None = None) -> Tensor:
     if q.dtype == torch.float64:
         return torch_impl.rows(q, d, scale, bias, labels, label_index, threshold)
     _require()
     return torch.ops.prcl.native_loss_rows(q, d, scale, bias, labels, label_index, *_given(threshold))
 
 
-def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          w: Optional[Tensor], grad_scale: Tensor, rounded: bool,
-          threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+          w: Tensor | None, grad_scale: Tensor, rounded: bool,
+          threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
     if q.dtype == torch.float64:
         return torch_impl.grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded, threshold)
@@ -128,7 +127,7 @@ def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, lab
                                             *_given(threshold))
 
 
-def _given(threshold: Optional[Tensor]) -> tuple[Tensor, ...]:
+def _given(threshold: Tensor | None) -> tuple[Tensor, ...]:
     # passed only when set, so that a library built before the false-negative mask serves other calls
     return () if threshold is None else (threshold,)
 
@@ -138,14 +137,14 @@ def _register_fakes() -> None:
     f32 = torch.float32
 
     @torch.library.register_fake("prcl::native_loss_rows")
-    def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          threshold: Optional[Tensor] = None) -> Tensor:
+    def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+          threshold: Tensor | None = None) -> Tensor:
         return q.new_empty(q.shape[0], dtype=f32)
 
     @torch.library.register_fake("prcl::native_loss_grads")
-    def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          w: Optional[Tensor], grad_scale: Optional[Tensor] = None, rounded: bool = False,
-          threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+          w: Tensor | None, grad_scale: Tensor | None = None, rounded: bool = False,
+          threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return (q.new_empty(q.shape[0], dtype=f32), q.new_empty(q.shape, dtype=q.dtype if rounded else f32),
                 d.new_empty(d.shape, dtype=d.dtype if rounded else f32), q.new_empty((), dtype=f32),
                 q.new_empty((), dtype=f32))

@@ -15,7 +15,7 @@ G·d), never into G: G = σ − y stays in [−1, 1], where fp16 and bf16 panels
 or overflow. Every panel's G·d and Gᵀ·q is accumulated in float32, never rounded to 16 bits first.
 Panels are visited in a fixed order: results are deterministic.
 """
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from prcl.core.labels import panel_labels
 
 # One panel's work: (q rows, d columns, the panel's labels, label_index, first column, row weights,
 # row thresholds) -> (loss row sums, G, Σ W·G∘S, Σ W·G)
-Block = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], int, Optional[Tensor], Optional[Tensor]],
+Block = Callable[[Tensor, Tensor, Tensor, Tensor | None, int, Tensor | None, Tensor | None],
                  tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
@@ -34,9 +34,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def panel_grads(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Tensor], w: Optional[Tensor], block: Block,
-                panel_elems: int, grad_scale: Tensor, out_dtype: Optional[torch.dtype] = None,
-                threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def panel_grads(q: Tensor, d: Tensor, labels: Tensor, label_index: Tensor | None, w: Tensor | None, block: Block,
+                panel_elems: int, grad_scale: Tensor, out_dtype: torch.dtype | None = None,
+                threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns row sums of l (B,), c·G·d (B, D), c·Gᵀ·q (N, D) (in out_dtype, if given), Σ G∘S and
     Σ G (0-dim) in acc_dtype."""
     (B, D), N = q.shape, d.shape[0]
@@ -66,7 +66,7 @@ def panel_grads(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Tens
 
 
 def finish_grads(gd: Tensor, gq: Tensor, grad_scale: Tensor,
-                 out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+                 out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
     """c·G·d and c·Gᵀ·q from their float32 sums, rounded once to out_dtype when given."""
     gd, gq = gd.mul_(grad_scale), gq.mul_(grad_scale)
     if out_dtype is not None:

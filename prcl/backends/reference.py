@@ -6,7 +6,6 @@ Oracle for the tests and baseline for the benchmarks; docs/design.md ("Contract"
 takes float64 inputs, so that the tests' gold values come from the same code.
 """
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +15,10 @@ from prcl.core.contract import DEFAULT_SCALE, DTYPES, LossOutput, Scalar, check_
 from prcl.core.labels import dense_labels
 
 
-def pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor] = None, *, label_index: Optional[Tensor] = None,
-             scale: Scalar = DEFAULT_SCALE, bias: Optional[Scalar] = None, reduction: str = "mean",
-             backend: Optional[str] = None, process_group: object = None,
-             false_negative_margin: Optional[float] = None, return_masked: bool = False) -> LossOutput:
+def pair_bce(q: Tensor, d: Tensor, labels: Tensor | None = None, *, label_index: Tensor | None = None,
+             scale: Scalar = DEFAULT_SCALE, bias: Scalar | None = None, reduction: str = "mean",
+             backend: str | None = None, process_group: object = None,
+             false_negative_margin: float | None = None, return_masked: bool = False) -> LossOutput:
     """prcl.fused_pair_bce's loss (same arguments, float64 inputs too) computed eagerly on the B×N matrix."""
     check_inputs(q, d, labels, label_index, scale, bias, reduction, backend, DTYPES + (torch.float64,))
     check_margin(false_negative_margin, return_masked)

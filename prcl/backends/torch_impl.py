@@ -6,22 +6,23 @@ allocates B×N, only a few panel-sized buffers (tuning.TORCH_PANEL_ELEMS element
 value on the host: it runs on any device torch supports, meta included.
 """
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from prcl.backends.panels import acc_dtype, panel_grads
 from prcl.backends import tuning
+from prcl.backends.panels import acc_dtype, panel_grads
 from prcl.backends.tuning import panel_shape
 from prcl.core.labels import label_tile, listed_pairs, panel_labels
+
 
 def _acc(x: Tensor) -> Tensor:
     return x.to(acc_dtype(x.dtype))
 
 
 def pair_terms(s: Tensor, t: Tensor, b: Tensor, y: Tensor,
-               threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+               threshold: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per pair, from the similarity s, the label y (< 0: excluded) and z = t·s + b:
     (l = softplus(z) − y·z, G = σ(z) − y), both 0 for excluded pairs; with a per-row threshold
     (rows, 1), a pair with y = 0 and s > threshold is excluded too (prcl.core.loss, false negatives).
@@ -42,12 +43,12 @@ def pair_terms(s: Tensor, t: Tensor, b: Tensor, y: Tensor,
     return torch.where(keep, loss, 0.0), torch.where(keep, grad, 0.0)
 
 
-def _rows_of(threshold: Optional[Tensor], i: int, rows: int) -> Optional[Tensor]:
+def _rows_of(threshold: Tensor | None, i: int, rows: int) -> Tensor | None:
     return None if threshold is None else threshold[i:i + rows, None]
 
 
-def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-         threshold: Optional[Tensor] = None) -> Tensor:
+def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+         threshold: Tensor | None = None) -> Tensor:
     q, d = _acc(q), _acc(d)
     B, N = q.shape[0], d.shape[0]
     out = q.new_zeros(B)
@@ -62,13 +63,13 @@ def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, labe
     return out
 
 
-def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          w: Optional[Tensor], grad_scale: Tensor, rounded: bool,
-          threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+          w: Tensor | None, grad_scale: Tensor, rounded: bool,
+          threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
 
-    def block(q_i: Tensor, d_j: Tensor, y: Tensor, index: Optional[Tensor], col: int, w_i: Optional[Tensor],
-              thr_i: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def block(q_i: Tensor, d_j: Tensor, y: Tensor, index: Tensor | None, col: int, w_i: Tensor | None,
+              thr_i: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s = q_i @ d_j.T
         loss, G = pair_terms(s, scale, bias, label_tile(y, index, col, d_j.shape[0], s.dtype),
                              None if thr_i is None else thr_i[:, None])
@@ -86,7 +87,7 @@ def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, lab
 
 
 def _panels(q: Tensor, d: Tensor, labels: Tensor,
-            label_index: Optional[Tensor]) -> Iterator[tuple[slice, Tensor, Tensor]]:
+            label_index: Tensor | None) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """(row slice, float32 S, dense label tile) over bounded panels of the pair matrix, in order."""
     acc = acc_dtype(q.dtype)
     B, N = q.shape[0], d.shape[0]
@@ -109,7 +110,7 @@ def listed_dots(q: Tensor, d: Tensor, label_index: Tensor) -> Tensor:
     return s
 
 
-def labelled_max(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Tensor]) -> Tensor:
+def labelled_max(q: Tensor, d: Tensor, labels: Tensor, label_index: Tensor | None) -> Tensor:
     """p_i = max over row i's pairs with y > 0 of q_i·d_j, float32 (B,), −inf for rows without one;
     from the inputs as the kernels read them (products summed in float32). Listed labels take K row
     dots each; a dense label matrix takes one forward pass over bounded panels."""
@@ -126,7 +127,7 @@ def labelled_max(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Ten
     return best
 
 
-def masked_count(q: Tensor, d: Tensor, labels: Tensor, label_index: Optional[Tensor], threshold: Tensor) -> Tensor:
+def masked_count(q: Tensor, d: Tensor, labels: Tensor, label_index: Tensor | None, threshold: Tensor) -> Tensor:
     """How many pairs the threshold excludes (y = 0 and s > threshold_i): an int64 0-dim tensor, from
     one more forward pass over bounded panels (2·B·N·D), read by nobody on the host."""
     count = q.new_zeros((), dtype=torch.int64)

@@ -11,9 +11,11 @@ import contextlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ContextManager, Iterator, Optional, cast
+from typing import Any, cast
 
 import numpy
 import torch
@@ -22,8 +24,8 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prcl.backends import tuning
-from prcl.core.contract import triton_interpreting as interpreting
 from prcl.backends.panels import finish_grads, panel_grads
+from prcl.core.contract import triton_interpreting as interpreting
 
 
 def _kernels() -> ModuleType:
@@ -50,11 +52,11 @@ pair_pass_kernel, pair_tile_kernel = _pair_bce.pair_pass_kernel, _pair_bce.pair_
 
 ALIGN = 16  # bytes: TMA needs 16-byte aligned bases and row strides
 GRADIENT_DESIGNS = ("panels", "two-pass")
-_forced_design: Optional[str] = None  # set only by gradient_design()
+_forced_design: str | None = None  # set only by gradient_design()
 
 
 @contextlib.contextmanager
-def gradient_design(design: Optional[str]) -> Iterator[None]:
+def gradient_design(design: str | None) -> Iterator[None]:
     """Runs the Triton gradients of the calls inside the block with one design (docs/design.md,
     "Two-pass gradient"): "panels" (G panels and cuBLAS), "two-pass" (for D ≤ TWO_PASS_MAX_D; a larger
     D runs panels) or None (the launcher's choice, `two_pass`). For the tests and prcl.tools.gpu_check.
@@ -149,7 +151,7 @@ def _aligned(x: Tensor) -> Tensor:
     return padded
 
 
-def _on(device: torch.device) -> ContextManager[Any]:
+def _on(device: torch.device) -> AbstractContextManager[Any]:
     """Triton launches on the current CUDA device, which need not be q's (DDP without set_device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -177,7 +179,7 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype != torch.float32 or fp32_matmul_allows_tf32() else "ieee"
 
 
-def _label_args(y: Tensor, index: Optional[Tensor]) -> tuple[Tensor, int, tuple[int, ...]]:
+def _label_args(y: Tensor, index: Tensor | None) -> tuple[Tensor, int, tuple[int, ...]]:
     """A kernel's listed-label arguments: the index tensor, K and its strides; for dense labels y
     stands in for the index (never read) with K = 0."""
     if index is None:
@@ -185,9 +187,9 @@ def _label_args(y: Tensor, index: Optional[Tensor]) -> tuple[Tensor, int, tuple[
     return index, index.shape[1], index.stride()
 
 
-def _launch(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, y: Tensor, index: Optional[Tensor], col0: int,
-            w: Optional[Tensor], G: Optional[Tensor],
-            threshold: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def _launch(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, y: Tensor, index: Tensor | None, col0: int,
+            w: Tensor | None, G: Tensor | None,
+            threshold: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Runs the tile kernel over q (M, D) × d (N, D) with labels in the ops' layout (dense tile, or
     (M, K) lists matched against documents col0 + j) and the rows' false-negative thresholds (M,) or
     None. Returns (loss row sums (M,), Σ G∘S, Σ G)."""
@@ -217,8 +219,8 @@ def _launch(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, y: Tensor, index:
     return rows.sum(0), total[0], total[1]
 
 
-def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-         threshold: Optional[Tensor] = None) -> Tensor:
+def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+         threshold: Tensor | None = None) -> Tensor:
     with _on(q.device):
         return _launch(_aligned(q), _aligned(d), scale, bias, labels, label_index, 0, None, None, threshold)[0]
 
@@ -232,8 +234,8 @@ def two_pass(q: Tensor) -> bool:
     return q.dtype != torch.float32 and tuning.gpu_class(10 * major + minor) == "sm90" and D <= tuning.TWO_PASS_CROSSOVER_D
 
 
-def _pass(own: Tensor, streamed: Tensor, scale: Tensor, bias: Tensor, y: Tensor, index: Optional[Tensor],
-          w: Optional[Tensor],          threshold: Optional[Tensor], row_pass: bool) -> tuple[Tensor, ...]:
+def _pass(own: Tensor, streamed: Tensor, scale: Tensor, bias: Tensor, y: Tensor, index: Tensor | None,
+          w: Tensor | None,          threshold: Tensor | None, row_pass: bool) -> tuple[Tensor, ...]:
     """One launch of pair_pass_kernel: own (O, D) against streamed (S, D), the queries being own in the
     row pass. Returns (Σ over streamed rows of G·streamed, (O, D) float32; and in the row pass the loss
     row sums (O,), Σ G∘S, Σ G)."""
@@ -268,9 +270,9 @@ def _pass(own: Tensor, streamed: Tensor, scale: Tensor, bias: Tensor, y: Tensor,
     return acc.sum(0), rows.sum(0), total[0], total[1]
 
 
-def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          w: Optional[Tensor], grad_scale: Tensor, rounded: bool,
-          threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+          w: Tensor | None, grad_scale: Tensor, rounded: bool,
+          threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij; see prcl.backends.panels."""
     q, d = _aligned(q), _aligned(d)
     out_dtype = q.dtype if rounded else None
@@ -281,8 +283,8 @@ def grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, lab
         return (rows, *finish_grads(gd, gq, grad_scale, out_dtype), gs, g)
     workspace: list[Tensor] = []
 
-    def block(q_i: Tensor, d_j: Tensor, y: Tensor, index: Optional[Tensor], col: int, w_i: Optional[Tensor],
-              thr_i: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def block(q_i: Tensor, d_j: Tensor, y: Tensor, index: Tensor | None, col: int, w_i: Tensor | None,
+              thr_i: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if not workspace:  # one panel of G, its row stride padded for TMA, reused by every panel
             workspace.append(_padded_zeros(q, q_i.shape[0], d_j.shape[0]))
         G = workspace[0][: q_i.shape[0], : d_j.shape[0]]

@@ -12,7 +12,7 @@ wgmma/tcgen05 and TMA), and consumer parts with ~100 KB (sm_86, sm_89, sm_120, s
 smaller, shallower tiles. Every candidate's shared-memory estimate (`shared_bytes`) fits its class.
 """
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -110,7 +110,7 @@ _picked: dict[tuple[int, torch.dtype, bool, float], Config] = {}
 
 
 def pick(arch: int, dtype: torch.dtype, grad: bool, D: int,
-         measure: Optional[Callable[[Config], float]] = None) -> Config:
+         measure: Callable[[Config], float] | None = None) -> Config:
     """The tile configuration for this key, chosen once per process.
 
     measure(cfg) -> time of one run with cfg on the real inputs; None: no timing,

@@ -9,13 +9,13 @@ step never breaks the graph.
 import math
 import os
 import sys
-from typing import Optional, TypeGuard, Union
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
 
-Scalar = Union[float, Tensor]  # a logit scale or bias: a float, or a 0-dim tensor that may require grad
-LossOutput = Union[Tensor, tuple[Tensor, Tensor]]  # the loss, or (loss, masked pairs) with return_masked
+Scalar = float | Tensor  # a logit scale or bias: a float, or a 0-dim tensor that may require grad
+LossOutput = Tensor | tuple[Tensor, Tensor]  # the loss, or (loss, masked pairs) with return_masked
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -42,7 +42,7 @@ def _shapes(**tensors: object) -> str:
     return ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items() if isinstance(v, torch.Tensor))
 
 
-def finite_number(value: object) -> TypeGuard[Union[int, float]]:
+def finite_number(value: object) -> TypeGuard[int | float]:
     """Whether value is a finite int or float (bools are not numbers here). Comparisons, not
     math.isfinite: torch.compile(dynamic=True) traces them on a symbolic float; ints past the float
     range (10**400) are not finite, rather than an OverflowError later."""
@@ -61,7 +61,7 @@ def describe_number(value: object) -> str:
     return repr(value)
 
 
-def check_scalar(name: str, value: object, like: Optional[Tensor] = None, *, positive: bool = False) -> None:
+def check_scalar(name: str, value: object, like: Tensor | None = None, *, positive: bool = False) -> None:
     """The logit scale (positive=True) or bias: a finite int or float (> 0 when positive). With `like`
     (the loss's q) also a 0-dim floating tensor on like's device, whose value is not read; without it
     (prcl.nn.PairBCELoss's settings) only a number. None is the caller's to allow."""
@@ -84,8 +84,8 @@ def check_scalar(name: str, value: object, like: Optional[Tensor] = None, *, pos
         raise ValueError(f"{name}: must be > 0, got {float(value)}")
 
 
-def check_inputs(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor], scale: Scalar,
-                 bias: Optional[Scalar], reduction: str, backend: Optional[str],
+def check_inputs(q: Tensor, d: Tensor, labels: Tensor | None, label_index: Tensor | None, scale: Scalar,
+                 bias: Scalar | None, reduction: str, backend: str | None,
                  dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
     """ValueError naming the argument (and the shapes) when the arguments, those of prcl.fused_pair_bce,
     break the contract; a wrong type is caught here too."""
@@ -121,7 +121,7 @@ def check_inputs(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Op
     _check_labels(q, d, labels, label_index)
 
 
-def _check_labels(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor]) -> None:
+def _check_labels(q: Tensor, d: Tensor, labels: Tensor | None, label_index: Tensor | None) -> None:
     B, N = q.shape[0], d.shape[0]
     if label_index is not None and labels is None:
         raise ValueError(f"label_index{tuple(label_index.shape)} given without labels")
@@ -163,7 +163,7 @@ def _duplicate_index(label_index: Tensor) -> Tensor:
     return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
 
 
-def _check_label_values(labels: Tensor, label_index: Optional[Tensor], N: int) -> None:
+def _check_label_values(labels: Tensor, label_index: Tensor | None, N: int) -> None:
     """CPU tensors: reading values costs no device sync, so check them and say what was found."""
     if torch.isnan(labels).any() or (labels > 1).any():
         raise ValueError(f"labels: values must lie in [0, 1] (or < 0 to exclude a pair); found "
@@ -176,7 +176,7 @@ def _check_label_values(labels: Tensor, label_index: Optional[Tensor], N: int) -
             raise ValueError("label_index: a document index appears twice in one row; list each pair once")
 
 
-def _assert_label_values(labels: Tensor, label_index: Optional[Tensor], N: int) -> None:
+def _assert_label_values(labels: Tensor, label_index: Tensor | None, N: int) -> None:
     """Device tensors: the same checks as asserts that the device raises on its own, without the host
     waiting for a value (a CUDA error surfaces at the next synchronising call)."""
     torch._assert_async(~(torch.isnan(labels) | (labels > 1)).any(),

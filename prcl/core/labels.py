@@ -8,16 +8,15 @@ label_index (B, K)`, where every unlisted pair has y = 0 and an index outside [0
 diagonal forms become one listed pair per row, (i, i). No conversion builds B×N except `dense_labels`
 (the eager reference's) and a dense panel's tile (`label_tile`, one bounded panel at a time).
 """
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-KernelLabels = tuple[Tensor, Optional[Tensor]]  # (labels, label_index) in the kernels' layout
+KernelLabels = tuple[Tensor, Tensor | None]  # (labels, label_index) in the kernels' layout
 
 
-def kernel_labels(labels: Optional[Tensor], label_index: Optional[Tensor], B: int,
-                  device: Union[torch.device, str]) -> KernelLabels:
+def kernel_labels(labels: Tensor | None, label_index: Tensor | None, B: int,
+                  device: torch.device | str) -> KernelLabels:
     """Any public label form in the kernels' layout. The diagonal forms: (B, 1) labels at index i."""
     if labels is None or labels.dim() == 1:
         y = torch.ones(B, 1, device=device) if labels is None else labels[:, None]
@@ -25,12 +24,12 @@ def kernel_labels(labels: Optional[Tensor], label_index: Optional[Tensor], B: in
     return labels, label_index
 
 
-def no_pairs(B: int, device: Union[torch.device, str]) -> KernelLabels:
+def no_pairs(B: int, device: torch.device | str) -> KernelLabels:
     """The kernels' layout listing no pair: every pair a negative (y = 0)."""
     return torch.zeros(B, 0, device=device), torch.zeros(B, 0, dtype=torch.int64, device=device)
 
 
-def offset_labels(labels: Tensor, label_index: Optional[Tensor], offset: int, n_total: int) -> KernelLabels:
+def offset_labels(labels: Tensor, label_index: Tensor | None, offset: int, n_total: int) -> KernelLabels:
     """Labels (kernels' layout) of N documents as labels over n_total documents in which those sit at
     rows offset … offset + N − 1; every other document is a negative. Dense labels are zero-padded to
     (B, n_total); listed ones keep their size."""
@@ -46,7 +45,7 @@ def listed_pairs(label_index: Tensor, N: int) -> Tensor:
     return (label_index >= 0) & (label_index < N)
 
 
-def panel_labels(labels: Tensor, label_index: Optional[Tensor], i: int, j: int, rows: int,
+def panel_labels(labels: Tensor, label_index: Tensor | None, i: int, j: int, rows: int,
                  cols: int) -> KernelLabels:
     """The panel (rows i:i+rows, columns j:j+cols) of the kernels' layout: a dense tile, or the rows'
     lists, their indices still global (`label_tile` compares them with the panel's first column)."""
@@ -55,7 +54,7 @@ def panel_labels(labels: Tensor, label_index: Optional[Tensor], i: int, j: int, 
     return labels[i:i + rows], label_index[i:i + rows]
 
 
-def label_tile(labels: Tensor, label_index: Optional[Tensor], col: int, cols: int, dtype: torch.dtype) -> Tensor:
+def label_tile(labels: Tensor, label_index: Tensor | None, col: int, cols: int, dtype: torch.dtype) -> Tensor:
     """The dense (rows, cols) labels, in dtype, of a panel of the kernels' layout whose first document
     is `col`; unlisted pairs are 0."""
     if label_index is None:
@@ -68,8 +67,8 @@ def label_tile(labels: Tensor, label_index: Optional[Tensor], col: int, cols: in
     return tile.scatter_(1, local, labels.to(dtype))[:, :cols]
 
 
-def dense_labels(labels: Optional[Tensor], label_index: Optional[Tensor], B: int, N: int,
-                 device: Union[torch.device, str]) -> Tensor:
+def dense_labels(labels: Tensor | None, label_index: Tensor | None, B: int, N: int,
+                 device: torch.device | str) -> Tensor:
     """The (B, N) float32 label matrix of any public form; entries < 0 mark excluded pairs."""
     if label_index is not None or (labels is not None and labels.dim() == 2):
         return label_tile(labels, label_index, 0, N, torch.float32)  # type: ignore[arg-type]

@@ -8,13 +8,12 @@ the device (scalars are filled in place), so a CUDA call never waits for the GPU
 in a CUDA graph.
 """
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from prcl.core import ops
 from prcl.backends import torch_impl
+from prcl.core import ops
 from prcl.core.contract import LossOutput, Scalar, default_bias
 from prcl.core.labels import kernel_labels
 
@@ -28,8 +27,8 @@ def scalar(x: Scalar, device: torch.device) -> Tensor:
     return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
-def false_negative_threshold(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor],
-                             margin: Optional[float]) -> Optional[Tensor]:
+def false_negative_threshold(q: Tensor, d: Tensor, y: Tensor, index: Tensor | None,
+                             margin: float | None) -> Tensor | None:
     """The per-row threshold of the false-negative mask, float32 (B,), a constant for autograd:
     p_i + margin, p_i the largest q_i·d_j over row i's pairs with y > 0 (+inf for a row without one).
     A pair with y = 0 above it is excluded in the kernels. None when margin is None."""
@@ -40,10 +39,10 @@ def false_negative_threshold(q: Tensor, d: Tensor, y: Tensor, index: Optional[Te
         return torch.where(best > -math.inf, best + margin, math.inf)
 
 
-def pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor], scale: Scalar,
-             bias: Optional[Scalar], reduction: str, backend: str, n_queries: Optional[int] = None,
-             margin: Optional[float] = None, return_masked: bool = False,
-             threshold: Optional[Tensor] = None) -> LossOutput:
+def pair_bce(q: Tensor, d: Tensor, labels: Tensor | None, label_index: Tensor | None, scale: Scalar,
+             bias: Scalar | None, reduction: str, backend: str, n_queries: int | None = None,
+             margin: float | None = None, return_masked: bool = False,
+             threshold: Tensor | None = None) -> LossOutput:
     """The loss of checked inputs on a named backend; bias=None is −log(N−1) of this call's N; the
     mean divides by n_queries (default B: other ranks' queries count in the distributed mean).
     margin: the false-negative mask (prcl.fused_pair_bce), or its thresholds computed by the caller
@@ -56,7 +55,7 @@ def pair_bce(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Option
     return (out, masked_pairs(q, d, y, index, threshold)) if return_masked else out
 
 
-def masked_pairs(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor], threshold: Optional[Tensor]) -> Tensor:
+def masked_pairs(q: Tensor, d: Tensor, y: Tensor, index: Tensor | None, threshold: Tensor | None) -> Tensor:
     """How many pairs `threshold` (or None: none) excludes, an int64 0-dim tensor on q's device."""
     if threshold is None:
         return q.new_zeros((), dtype=torch.int64)
@@ -64,8 +63,8 @@ def masked_pairs(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor], thres
         return torch_impl.masked_count(q.detach(), d.detach(), y, index, threshold)
 
 
-def _loss(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor], scale: Scalar, bias: Optional[Scalar],
-          reduction: str, backend: str, n_queries: Optional[int], threshold: Optional[Tensor]) -> Tensor:
+def _loss(q: Tensor, d: Tensor, y: Tensor, index: Tensor | None, scale: Scalar, bias: Scalar | None,
+          reduction: str, backend: str, n_queries: int | None, threshold: Tensor | None) -> Tensor:
     n_queries = q.shape[0] if n_queries is None else n_queries
     t = scalar(scale, q.device)
     b = scalar(default_bias(d.shape[0]) if bias is None else bias, q.device)
@@ -80,8 +79,8 @@ def _loss(q: Tensor, d: Tensor, y: Tensor, index: Optional[Tensor], scale: Scala
     return rows.sum() / n_queries if reduction == "mean" else rows.sum()
 
 
-def pair_bce_grads(q: Tensor, d: Tensor, labels: Optional[Tensor], label_index: Optional[Tensor], t: Tensor, b: Tensor,
-                   grad_rows: Optional[Tensor], backend: str, threshold: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+def pair_bce_grads(q: Tensor, d: Tensor, labels: Tensor | None, label_index: Tensor | None, t: Tensor, b: Tensor,
+                   grad_rows: Tensor | None, backend: str, threshold: Tensor | None = None) -> tuple[Tensor, ...]:
     """Without autograd, for callers that sum gradients over several calls (the ring strategy): the
     row losses (B,) when grad_rows (B,) is given, else their sum, and the float32 gradients of
     Σ_i grad_rows_i·loss_i (or of the sum) w.r.t. q, d, t, b, left unrounded for the caller to sum."""

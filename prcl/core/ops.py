@@ -32,8 +32,9 @@ intercept the call (see `_through_ops`).
 """
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -55,12 +56,12 @@ class Backend(Protocol):
     None. No backend reads a tensor value on the host."""
 
     def rows(self, q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor,
-             label_index: Optional[Tensor], threshold: Optional[Tensor] = None) -> Tensor:
+             label_index: Tensor | None, threshold: Tensor | None = None) -> Tensor:
         """Σ_j l_ij per row, (B,) in acc_dtype."""
         ...
 
-    def grads(self, q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-              w: Optional[Tensor], grad_scale: Tensor, rounded: bool, threshold: Optional[Tensor] = None) -> Grads:
+    def grads(self, q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+              w: Tensor | None, grad_scale: Tensor, rounded: bool, threshold: Tensor | None = None) -> Grads:
         """Row sums and the gradient pieces of Σ_i w_i Σ_j l_ij (w (B,), or None for all 1) with
         c = grad_scale: c·G·d and c·Gᵀ·q in the inputs' dtype when rounded, else in acc_dtype; Σ G∘S
         and Σ G in acc_dtype."""
@@ -83,18 +84,18 @@ def _native() -> Backend:
     return native
 
 
-def _usable_anywhere(device: torch.device) -> Optional[str]:
+def _usable_anywhere(device: torch.device) -> str | None:
     return None
 
 
-def _triton_unusable(device: torch.device) -> Optional[str]:
+def _triton_unusable(device: torch.device) -> str | None:
     if device.type != "cuda" and not triton_interpreting():
         return (f"backend='triton' needs CUDA tensors (q is on {device}), or TRITON_INTERPRET=1 set before "
                 "triton is imported to run the kernels in Triton's interpreter")
     return None
 
 
-def _native_unusable(device: torch.device) -> Optional[str]:
+def _native_unusable(device: torch.device) -> str | None:
     from prcl.backends import native
 
     if device.type != "cpu" or not native.available():
@@ -109,7 +110,7 @@ class Registered:
     is a heavy, optional import); `unusable(device)` says why it cannot run on tensors of `device`, or
     None when it can, without importing triton."""
     load: Callable[[], Backend]
-    unusable: Callable[[torch.device], Optional[str]]
+    unusable: Callable[[torch.device], str | None]
 
 
 # The kernel backends by name: the values of the public `backend=` besides None and "reference"
@@ -142,7 +143,7 @@ def auto_backend(device: torch.device) -> str:
     return "torch"  # any other device (meta, mps, …): the PyTorch twin runs wherever torch does
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The kernel backend a call runs on: `auto_backend`'s choice for None (usable by construction),
     else the named one, checked (`check_backend`)."""
     if backend is None:
@@ -160,9 +161,9 @@ def check_backend(name: str, device: torch.device) -> None:
         raise ValueError(why)
 
 
-def _grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-           w: Optional[Tensor], backend: str, weight: float, rounded: bool,
-           threshold: Optional[Tensor] = None) -> Grads:
+def _grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+           w: Tensor | None, backend: str, weight: float, rounded: bool,
+           threshold: Tensor | None = None) -> Grads:
     """rows and the gradients of weight·Σ_i w_i Σ_j l_ij w.r.t. q, d, t, b."""
     grad_scale = scale.to(acc_dtype(q.dtype)) * weight
     rows, dq, dd, gs, g = backend_impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
@@ -186,22 +187,22 @@ def _define(schema: str, impl: Callable[..., Any]) -> Any:
     return getattr(torch.ops.prcl, name).default
 
 
-def _rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          backend: str, threshold: Optional[Tensor] = None) -> Tensor:
+def _rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+          backend: str, threshold: Tensor | None = None) -> Tensor:
     return backend_impl(backend).rows(q, d, scale, bias, labels, label_index, threshold)
 
 
-def _rows_bwd(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+def _rows_bwd(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
               grad_rows: Tensor, backend: str, rounded: bool = False,
-              threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = grad_rows.to(acc_dtype(q.dtype)).contiguous()
     _, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, w, backend, 1.0, rounded, threshold)
     return dq, dd, dt, db
 
 
-def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+def _total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
            backend: str, weight: float = 1.0, rounded: bool = False,
-           threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+           threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows, dq, dd, dt, db = _grads(q, d, scale, bias, labels, label_index, None, backend, weight, rounded, threshold)
     return rows.sum().mul_(weight), dq, dd, dt, db
 
@@ -220,22 +221,22 @@ def _grad_dtype(x: Tensor, rounded: bool) -> torch.dtype:
 
 
 @torch.library.register_fake("prcl::pair_bce_rows", lib=_lib)
-def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor], backend: str,
-      threshold: Optional[Tensor] = None) -> Tensor:
+def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None, backend: str,
+      threshold: Tensor | None = None) -> Tensor:
     return q.new_empty(q.shape[0], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("prcl::pair_bce_rows_backward", lib=_lib)
-def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
+def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
       grad_rows: Tensor, backend: str, rounded: bool = False,
-      threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+      threshold: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype(q.dtype)
     return (q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)), d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)),
             q.new_empty((), dtype=acc), q.new_empty((), dtype=acc))
 
 
-def label_grad(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-               w: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
+def label_grad(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+               w: Tensor, threshold: Tensor | None = None) -> Tensor:
     """∂(Σ_i w_i Σ_j l_ij)/∂y_ij = −w_i·z_ij for included pairs (y ≥ 0, not masked as false negatives by
     threshold), 0 for excluded ones and unlisted slots; w is (B, 1) or a scalar. Dense labels get it on
     their (B, N) tile, the gradient's own size; listed labels at their pairs only."""
@@ -273,8 +274,8 @@ class _FirstOrderOnly(torch.autograd.Function):
                                   "not supported; use backend='reference' for higher-order gradients")
 
 
-def _first_order(anchors: tuple[Optional[Tensor], ...],
-                 grads: tuple[Optional[Tensor], ...]) -> tuple[Optional[Tensor], ...]:
+def _first_order(anchors: tuple[Tensor | None, ...],
+                 grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     """grads as they are in a plain backward; when the backward itself is recorded (grad mode on),
     behind a node that refuses to be differentiated."""
     if not torch.is_grad_enabled():
@@ -291,7 +292,7 @@ def _rows_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     ctx.backend = backend
 
 
-def _rows_backward(ctx: Any, grad_rows: Tensor) -> tuple[Optional[Tensor], ...]:
+def _rows_backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
     q, d, scale, bias, labels, label_index, threshold = ctx.saved_tensors
     dq = dd = dt = db = dy = None
     with torch.no_grad():
@@ -308,8 +309,8 @@ torch.library.register_autograd("prcl::pair_bce_rows", _rows_backward, setup_con
 
 
 @torch.library.register_fake("prcl::pair_bce_total", lib=_lib)
-def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-      backend: str, weight: float = 1.0, rounded: bool = False, threshold: Optional[Tensor] = None) -> Grads:
+def _(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+      backend: str, weight: float = 1.0, rounded: bool = False, threshold: Tensor | None = None) -> Grads:
     acc = acc_dtype(q.dtype)
     return (q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=_grad_dtype(q, rounded)),
             d.new_empty(d.shape, dtype=_grad_dtype(d, rounded)), q.new_empty((), dtype=acc),
@@ -328,7 +329,7 @@ def _total_setup(ctx: Any, inputs: tuple[Any, ...], output: Grads) -> None:
     ctx.dtypes = q.dtype, d.dtype, scale.dtype, bias.dtype
 
 
-def _total_backward(ctx: Any, grad_total: Optional[Tensor], *_: Any) -> tuple[Optional[Tensor], ...]:
+def _total_backward(ctx: Any, grad_total: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
     if grad_total is None:  # the loss itself was not used (grads are not materialised)
         return (None,) * 10
     dq, dd, dt, db, q, d, scale, bias, labels, label_index, threshold = ctx.saved_tensors
@@ -399,16 +400,16 @@ def _through_ops() -> bool:
             or torch._C._len_torch_dispatch_stack() > 0)
 
 
-def total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-          backend: str, weight: float, threshold: Optional[Tensor] = None) -> Tensor:
+def total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+          backend: str, weight: float, threshold: Tensor | None = None) -> Tensor:
     """weight·Σ_ij l_ij, a 0-dim tensor whose gradient (rounded to the inputs' dtypes) is computed in
     this forward; for scalar losses with gradients."""
     args = (q, d, scale, bias, labels, label_index, backend, weight, True, threshold)
     return (PairBCETotal if _through_ops() else _EagerTotal).apply(*args)[0]
 
 
-def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Optional[Tensor],
-         backend: str, threshold: Optional[Tensor] = None) -> Tensor:
+def rows(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,
+         backend: str, threshold: Tensor | None = None) -> Tensor:
     """Σ_j l_ij per row (B,), differentiable w.r.t. q, d, scale, bias and labels."""
     args = (q, d, scale, bias, labels, label_index, backend, threshold)
     if _through_ops():

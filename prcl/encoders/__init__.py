@@ -8,8 +8,14 @@
 The training step that feeds an encoder to the loss, contrastive_loss_step, lives in prcl.training.step
 (also importable from here, where it was first published).
 """
-from prcl.encoders.attention import (ATTENTION_BACKENDS, HALF_DTYPES, SDPA_VARLEN, compute_dtype,
-                                     flash_attn_available, torch_varlen_attn)
+from prcl.encoders.attention import (
+    ATTENTION_BACKENDS,
+    HALF_DTYPES,
+    SDPA_VARLEN,
+    compute_dtype,
+    flash_attn_available,
+    torch_varlen_attn,
+)
 from prcl.encoders.llm import POOLINGS, LLMEncoder, instruction_prefix, pack_by_tokens, text_list
 from prcl.encoders.models import BIDIRECTIONAL_MODEL_TYPES, smollm2_gguf
 

@@ -24,8 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from prcl.encoders.attention import (HALF_DTYPES, SDPA_VARLEN, check_backend, compute_dtype, torch_varlen_attn,
-                                     use_sdpa_varlen)
+from prcl.encoders.attention import (
+    HALF_DTYPES,
+    SDPA_VARLEN,
+    check_backend,
+    compute_dtype,
+    torch_varlen_attn,
+    use_sdpa_varlen,
+)
 from prcl.encoders.models import BIDIRECTIONAL_MODEL_TYPES, load_pretrained
 from prcl.files import regular_file
 

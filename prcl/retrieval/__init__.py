@@ -9,8 +9,21 @@ Imports nothing heavy: torch and ir-measures load on first use, so `prcl eval --
 """
 from prcl.retrieval.cli import is_sentence_transformer, load_encode, main, parser
 from prcl.retrieval.metrics import compute_metrics, measures_for, ranked
-from prcl.retrieval.readers import (BEIR_HEADER, beir_paths, check_id, examples_to_beir, iter_qrels, json_object,
-                                    lines, read_corpus, read_qrels, read_queries, read_split, split_paths, write_run)
+from prcl.retrieval.readers import (
+                                    BEIR_HEADER,
+                                    beir_paths,
+                                    check_id,
+                                    examples_to_beir,
+                                    iter_qrels,
+                                    json_object,
+                                    lines,
+                                    read_corpus,
+                                    read_qrels,
+                                    read_queries,
+                                    read_split,
+                                    split_paths,
+                                    write_run,
+)
 from prcl.retrieval.search import evaluate, search
 
 __all__ = ["BEIR_HEADER", "beir_paths", "check_id", "compute_metrics", "evaluate", "examples_to_beir",

@@ -12,8 +12,8 @@ import argparse
 import gc
 import time
 
-from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS
 from prcl.files import resolve_device
+from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS
 
 
 def parser():
@@ -50,12 +50,18 @@ def main(argv=None):
         p.error(f"argument --threads: must be >= 1, got {args.threads}")
     import torch
 
+    from prcl.core.contract import check_inputs
     from prcl.tools.bench.cases import default_docs, make_case
     from prcl.tools.bench.peers import PEERS, SCALE, implementations
-    from prcl.tools.bench.table import (load_text, measure, measure_small_batches, progress_line, render,
-                                        render_small_batches)
+    from prcl.tools.bench.table import (
+        load_text,
+        measure,
+        measure_small_batches,
+        progress_line,
+        render,
+        render_small_batches,
+    )
     from prcl.tools.bench.timing import load_average
-    from prcl.core.contract import check_inputs
 
     try:
         device = resolve_device(args.device)

@@ -4,8 +4,7 @@ import traceback
 
 import torch
 
-from prcl.testing import (DTYPES, FLOOR, FORMS, LATE_FLOOR, judge, labels_with_exclusions, loss_and_grads,
-                          pair_inputs)
+from prcl.testing import DTYPES, FLOOR, FORMS, LATE_FLOOR, judge, labels_with_exclusions, loss_and_grads, pair_inputs
 from prcl.tools.gpu_check.common import error_line, log
 
 MASK_MARGIN = -0.3  # the false-negative margin of the "masked" cases: masks pairs in every case of every form

@@ -29,7 +29,7 @@ def section(ck, rec):
     import prcl
 
     rec["command"] = _command(ck)
-    rec["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rec["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rec["host"] = dict(python=platform.python_version(), executable=sys.executable, platform=platform.platform(),
                        cpus=os.cpu_count())
     if ck.cuda:
