@@ -88,6 +88,19 @@ def main():
         plot_curves(curves, path.with_name(path.stem + "-curves.png"), args.title)
 
 
+def curve_label(r):
+    """loss, seed and what tells runs of one plot apart: LoRA layers, lr, a teacher, extra data."""
+    label = f"{r['loss']} seed {r['seed']}"
+    if "lora_layers" in r:
+        layers = "all layers" if r["lora_layers"] == 0 else f"last {r['lora_layers']}"
+        label += f", LoRA {layers}, lr {r['lr']:g}"
+    if r.get("teacher"):
+        label += ", teacher " + Path(r["teacher"]).parent.name
+    if r.get("extra_train"):
+        label += ", + " + Path(r["extra_train"]).parent.name
+    return label
+
+
 def plot_curves(records, out, title):
     """nDCG@10 against training steps, one line per run (the "curve" of run_smollm2.py --eval-every),
     one panel per split."""
@@ -98,7 +111,7 @@ def plot_curves(records, out, title):
     for ax, split in zip(axes[0], splits):
         for r in (r for r in records if r["split"] == split):
             steps, ys = zip(*r["curve"])
-            ax.plot(steps, ys, marker="o", label=f"{r['loss']} seed {r['seed']}")
+            ax.plot(steps, ys, marker="o", label=curve_label(r))
         ax.set_xlabel("training step")
         ax.set_ylabel(f"nDCG@10 ({split} split)")
         ax.grid(alpha=0.3)
