@@ -3,8 +3,8 @@
 //     rows_i = Σ_j l_ij,   l = softplus(z) − y·z,   z = t·q·dᵀ + b,   pairs with y < 0 excluded
 //     G_ij = w_i·(σ(z_ij) − y_ij):   c·G·d (B, D),   c·Gᵀ·q (N, D),   Σ G∘S,   Σ G      (w = None means 1)
 //
-// the pieces of prcl/panels.py, with the gradients times c = grad_scale (t times the reduction's
-// weight, from prcl/ops.py; 1 when absent). Labels come in the ops' layout (prcl/ops.py): a dense
+// the pieces of prcl/backends/panels.py, with the gradients times c = grad_scale (t times the reduction's
+// weight, from prcl/core/ops.py; 1 when absent). Labels come in the ops' layout (prcl/core/ops.py): a dense
 // (B, N) matrix, or K (index, label) columns per row. Float32 arithmetic: bf16/fp16 rows are converted
 // tile by tile into float32 buffers, never a float32 copy of q or d, and with `rounded` the gradients
 // leave in the inputs' dtype, rounded once; without it, in float32 (the ring strategy sums them).
@@ -17,7 +17,7 @@
 //    e = exp(−|z|) serves everything; with r = e/(1 + e) = σ(−|z|):
 //        l = (1 − y)·max(z, 0) + y·max(−z, 0) + log1p(e)       (no cancellation of y·z)
 //        G = (1 − y) − r  if z ≥ 0  else  r − y                 (σ − y without forming σ ≈ 1)
-//    A pair with y = 0 and S above the row's false-negative threshold (prcl/loss.py; +inf without
+//    A pair with y = 0 and S above the row's false-negative threshold (prcl/core/loss.py; +inf without
 //    one) is excluded like y < 0: one more compare per pair.
 //    It is plain C++ the compiler vectorises, compiled three times (AVX-512, AVX2+FMA, baseline
 //    x86-64) and picked at load time from cpuid, so the library stays safe to move between machines.
@@ -405,7 +405,7 @@ at::Tensor loss_rows(const at::Tensor& q_in, const at::Tensor& d_in, const at::T
   return out;
 }
 
-// Row sums, grad_scale·G·d, grad_scale·Gᵀ·q, Σ G∘S and Σ G of Σ_i w_i Σ_j l_ij (prcl/panels.py's
+// Row sums, grad_scale·G·d, grad_scale·Gᵀ·q, Σ G∘S and Σ G of Σ_i w_i Σ_j l_ij (prcl/backends/panels.py's
 // pieces, scaled): the two gradients in the inputs' dtypes when `rounded`, else float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_grads(
     const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& scale, const at::Tensor& bias,

@@ -50,15 +50,16 @@ def regular_file(path, what):
     return path
 
 
-def check_model_path(model, gguf_file=None, prog="prcl"):
-    """A local model directory or .gguf file; transformers would take a missing path for a hub name."""
+def check_model_path(model, gguf_file=None, prog="prcl", name="model"):
+    """A local model directory or .gguf file; transformers would take a missing path for a hub name.
+    name: the argument's name in the messages (model, teacher)."""
     if not os.path.exists(model):
-        raise ValueError(f"model: no such file or directory {model!r} ({prog} loads local models only: a model "
+        raise ValueError(f"{name}: no such file or directory {model!r} ({prog} loads local models only: a model "
                          "directory or a .gguf file)")
     if gguf_file:
         regular_file(os.path.join(model, gguf_file), "gguf_file")
     elif not os.path.isdir(model):
-        regular_file(model, "model")
+        regular_file(model, name)
 
 
 def sha256(path):

@@ -647,3 +647,34 @@ def test_false_negative_margin_rejects_bad_values():
     with pytest.raises(ValueError, match="return_masked"):
         prcl.fused_pair_bce(q, d, false_negative_margin=0.1, return_masked=1)
 
+
+
+def test_two_pass_gradient_outputs_do_not_alias(two_pass):
+    # the two-pass kernels' d/dscale and d/dbias sums are views of one tensor: the op returns copies
+    q, d, gen = make_inputs(6, 9, 16, torch.bfloat16)
+    y, index = kernel_label_layouts(6, 9, gen)["sparse"]
+    args = (q.requires_grad_(), d.requires_grad_(), torch.tensor(4.0, device=DEVICE, requires_grad=True),
+            torch.tensor(-1.0, device=DEVICE, requires_grad=True), y.to(DEVICE), index.to(DEVICE), "triton")
+    from prcl.core import ops
+
+    torch.library.opcheck(ops.pair_bce_total, args, test_utils=("test_schema",))
+    assert two_pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_raises_rather_than_dropping_tangents(backend):
+    import torch.autograd.forward_ad as fwAD
+
+    q, d, _ = make_inputs(4, 6, 8, torch.float32)
+    with fwAD.dual_level(), pytest.raises((NotImplementedError, RuntimeError)):
+        prcl.fused_pair_bce(fwAD.make_dual(q, torch.ones_like(q)), d, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jit_trace_generalises_to_new_inputs(backend):
+    # traced through the ops (Triton's interpreter cannot launch on the tracer's values)
+    q, d, _ = make_inputs(4, 6, 8, torch.float32)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda q, d: prcl.fused_pair_bce(q, d, backend=backend), (q, d), check_trace=False)
+        q2, d2, _ = make_inputs(4, 6, 8, torch.float32, seed=1)
+        torch.testing.assert_close(traced(q2, d2), prcl.fused_pair_bce(q2, d2, backend=backend))

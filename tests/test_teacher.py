@@ -27,7 +27,8 @@ def formula(s, batch):
     for i in range(s.shape[0]):
         row = sorted(s[i].double().tolist())
         median = row[(len(row) - 1) // 2]  # torch.median: the lower of the two middle values
-        pos = [s[i, j].item() for j in range(s.shape[1]) if dense[i, j] > 0]
+        top = dense[i].max().item()  # the row's positives: its listed pairs of the top label
+        pos = [s[i, j].item() for j in range(s.shape[1]) if top > 0 and dense[i, j] == top]
         p = max(pos) if pos else -math.inf
         for j in range(s.shape[1]):
             if (i, j) in listed:
@@ -52,24 +53,26 @@ def test_calibration_keeps_listed_labels_and_zeroes_rows_the_teacher_contradicts
     col = {t: j for j, t in enumerate(batch.docs)}
     s = torch.full((B, N), 0.1)
     s[0, col["p0"]], s[0, col["p3"]], s[0, col["p1"]] = 0.9, 0.9, 0.5  # p3 as close as q0's positive
+    s[0, col["n0"]] = 0.7  # q0's hard negative: unlisted (y = 0 is implicit), so the teacher grades it
     s[1, col["p1"]] = -0.5  # the teacher scores q1's positive below the batch's median
-    s[1, col["p2"]] = 0.8
+    s[1, col["p2"]], s[1, col["g1"]] = 0.8, 0.9  # q1's graded document: listed, and not the row's positive
     y = calibrated_labels(s, batch)
-    assert y[0, col["p3"]] == 1.0 and y[0, col["p1"]] == pytest.approx(0.5) and y[0, col["n3"]] == 0.0
-    assert y[0, col["p0"]] == 1.0 and y[0, col["n0"]] == 0.0  # listed: the data's labels, hard negative included
+    # row 0's median is 0.5 (p1): p1 gets 0, n0 halfway to the positive's 0.9
+    assert y[0, col["p3"]] == 1.0 and y[0, col["p1"]] == 0.0 and y[0, col["n3"]] == 0.0
+    assert y[0, col["p0"]] == 1.0 and y[0, col["n0"]] == pytest.approx(0.5)
     assert y[1, col["g1"]] == 0.5 and y[1, col["p2"]] == 0.0  # no usable scale in row 1: unlisted stay 0
     assert y[2, col["p0"]] == 1.0  # q2 lists p0 too
     assert ((y >= -1) & (y <= 1)).all()
 
 
-def test_teacher_batch_lists_every_pair():
+def test_teacher_batch_has_dense_labels():
     batch = small_batch()
     teacher = tiny_encoder(r=4)
-    out = teacher_batch(batch, teacher)
-    B, N = batch.shape
-    assert out.label_index.tolist() == [list(range(N))] * B
-    q, d = teacher.embed(batch.queries).float(), teacher.embed(batch.docs).float()
+    out = teacher_batch(batch, teacher, batch_size=3)
+    assert out.label_index is None and out.labels.shape == batch.shape
+    q, d = teacher.encode(batch.queries).float(), teacher.encode(batch.docs).float()
     torch.testing.assert_close(out.labels, calibrated_labels(q @ d.T, batch))
+    torch.testing.assert_close(out.dense_labels(), out.labels)
     assert (out.docs, out.queries, out.instructions) == (batch.docs, batch.queries, batch.instructions)
 
 
@@ -79,14 +82,17 @@ def test_train_with_a_teacher(tmp_path, monkeypatch):
     model.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
     assert parse_train_args(["--data", "x", "--out", "o", "--teacher", str(teacher_dir)]).teacher == str(teacher_dir)
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(ValueError, match="^teacher: no such file"):
         config(tmp_path, teacher=str(tmp_path / "missing")).validate()
+    for bad in (dict(loss="softmax"), dict(false_negative_margin=0.1)):
+        with pytest.raises(ValueError, match="^teacher: graded labels for PRCL only"):
+            config(tmp_path, teacher=str(teacher_dir), **bad).validate()
 
     graded = []
-    monkeypatch.setattr(train_loop, "teacher_batch", lambda b, t: graded.append(b.shape) or teacher_batch(b, t))
+    monkeypatch.setattr(train_loop, "teacher_batch", lambda b, t, n: graded.append(n) or teacher_batch(b, t, n))
     plain = train(config(tmp_path / "a", max_steps=2), encoder=tiny_encoder())
     taught = train(config(tmp_path / "b", max_steps=2, teacher=str(teacher_dir)), encoder=tiny_encoder())
-    assert len(graded) == 2 and all(math.isfinite(x) for x in taught["losses"])
+    assert graded == [4, 4] and all(math.isfinite(x) for x in taught["losses"])  # the config's mini-batch size
     assert taught["losses"][0] != plain["losses"][0]  # the same first batch, now with graded negatives
 
     monkeypatch.setattr(train_loop, "setup", lambda timeout: (None, 0, 2))
@@ -108,5 +114,5 @@ def test_a_sentence_transformers_teacher_embeds_as_sentence_transformers_does(tm
     texts = ["open a file", "read bytes from a descriptor", "x"]
     expected = torch.nn.functional.normalize(SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(
         texts, convert_to_tensor=True), dim=-1)
-    torch.testing.assert_close(teacher.embed(texts), expected)
+    torch.testing.assert_close(teacher.encode(texts, batch_size=2), expected)
     assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())

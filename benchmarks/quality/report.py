@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
 # flags that do not change what is trained or measured
-NOT_SETTINGS = {"--seed", "--results", "--split", "--splits", "--threads", "--train-dir"}
+NOT_SETTINGS = {"--seed", "--results", "--split", "--splits", "--threads", "--train-dir", "--eval-every"}
 
 
 def settings(command):
@@ -24,7 +24,7 @@ def settings(command):
             flags.append((word, []))
         else:
             flags[-1][1].append(word)
-    pairs = [(a, " ".join(b)) for a, b in flags if a not in NOT_SETTINGS]
+    pairs = [(a, " ".join(b).replace("\n", "\\n")) for a, b in flags if a not in NOT_SETTINGS]  # one table row
     loss = dict(pairs).get("--loss")
     return loss, " ".join(f"{a} {b}" for a, b in pairs if a != "--loss")
 
@@ -60,7 +60,7 @@ def main():
                      + f" | {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
     cpus = sorted({f"{r['cpu']}, {r['threads']} thread(s), torch {r['torch']}" for r in records})
     lines += ["", "Commands, one per run (in benchmarks/quality/, under OMP_NUM_THREADS=1 nice -n 10):", ""]
-    lines += [f"    {r['command']}" for rs in rows.values() for r in rs]
+    lines += [f"    {r['command']}".replace("\n", "\\n") for rs in rows.values() for r in rs]  # \n: a newline
     lines += ["", "CPU: " + "; ".join(cpus) + f"; max_seq_length {records[0]['max_seq_length']}."]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

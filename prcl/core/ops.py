@@ -168,7 +168,7 @@ def _grads(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, la
     grad_scale = scale.to(acc_dtype(q.dtype)) * weight
     rows, dq, dd, gs, g = backend_impl(backend).grads(q, d, scale, bias, labels, label_index, w, grad_scale, rounded,
                                                       threshold)
-    return rows, dq, dd, gs.mul_(weight), g.mul_(weight)  # the backend's own 0-dim sums: in place
+    return rows, dq, dd, gs * weight, g * weight  # not in place: the two-pass sums are views of one tensor
 
 
 # Defined through torch.library.Library rather than torch.library.custom_op: custom_op wraps each
@@ -395,9 +395,11 @@ def _through_ops() -> bool:
     and under a TorchDispatchMode (FakeTensorMode, FlopCounterMode: they see the op). A plain eager
     call runs the same implementation directly: the dispatcher's Python round trips (boxing, the
     generated autograd kernel, redispatch) and Function.apply's argument binding were about a quarter
-    of a B = N = 32, D = 64 fwd+bwd on CPU."""
+    of a B = N = 32, D = 64 fwd+bwd on CPU. Forward-mode AD (a dual level open) and torch.jit.trace take
+    the ops too: the first raises there rather than dropping tangents, the second records the op."""
     return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() > 0)
+            or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing()
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def total(q: Tensor, d: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, label_index: Tensor | None,

@@ -25,8 +25,8 @@ class Batch:
     queries: list  # B query texts
     instructions: list  # B instructions (None = no instruction)
     docs: list  # N document texts, one per column
-    labels: torch.Tensor  # (B, K) float32: y per listed pair; padding 0
-    label_index: torch.Tensor  # (B, K) int64 column of each listed pair; −1 pads
+    labels: torch.Tensor  # (B, K) float32: y per listed pair; padding 0. Or (B, N) dense (label_index None)
+    label_index: torch.Tensor | None  # (B, K) int64 column of each listed pair; −1 pads
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -35,6 +35,9 @@ class Batch:
     def dense_labels(self, n_docs: int | None = None, offset: int = 0) -> torch.Tensor:
         """(B, n_docs) labels with unlisted pairs 0 (the softmax loss and tests); columns shifted by offset."""
         y = torch.zeros(len(self.queries), n_docs or len(self.docs))
+        if self.label_index is None:  # dense
+            y[:, offset:offset + len(self.docs)] = self.labels
+            return y
         listed = self.label_index >= 0
         rows = torch.arange(len(self.queries))[:, None].expand_as(listed)
         y[rows[listed], self.label_index[listed] + offset] = self.labels[listed]

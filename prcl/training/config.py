@@ -86,7 +86,12 @@ class TrainConfig:
         if self.model:
             check_model_path(self.model, self.gguf_file, prog="prcl train")
         if self.teacher:
-            check_model_path(self.teacher, None, prog="prcl train")
+            check_model_path(self.teacher, None, prog="prcl train", name="teacher")
+            if self.loss != "prcl" or self.false_negative_margin is not None:
+                raise ValueError(f"teacher: graded labels for PRCL only, without a false-negative margin (with "
+                                 f"--loss {self.loss}, --false-negative-margin {self.false_negative_margin}): InfoNCE "
+                                 "would take every graded pair as a share of the target, and the mask's threshold "
+                                 "the most similar graded pair")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"out: {self.out!r} is a file; --out takes a directory")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batch_size", "keep_checkpoints",

@@ -212,7 +212,7 @@ class _Run:
     process_group: object
     rank: int
     world: int
-    teacher: object = None  # an LLMEncoder grading every pair (cfg.teacher), or None
+    teacher: object = None  # load_teacher(cfg.teacher): grades every pair of a batch, or None
 
     @property
     def trainable(self):
@@ -227,7 +227,7 @@ class _Run:
             # every rank reads the same global batch and keeps its slice: equal batch counts per rank
             batch = build_batch([next(examples) for _ in range(cfg.batch_size)][local], dedup=cfg.dedup)
             if self.teacher is not None:
-                batch = teacher_batch(batch, self.teacher)
+                batch = teacher_batch(batch, self.teacher, cfg.mini_batch_size or cfg.batch_size)
             # N only matters to a learned bias offset; the trainer's bias is fixed (None: −log(N−1) per call)
             scale, bias = self.state.head.scale_and_bias(len(batch.docs))
 

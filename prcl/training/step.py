@@ -31,7 +31,8 @@ def batch_loss(q: torch.Tensor, d: torch.Tensor, batch: Batch, *, loss: str = "p
                return_masked: bool = False):
     """Loss of a Batch's embeddings q (B, D), d (N, D); scale/bias may be tensors that learn.
     false_negative_margin / return_masked: the false-negative mask, as prcl.fused_pair_bce's."""
-    labels, label_index = batch.labels.to(q.device), batch.label_index.to(q.device)
+    labels = batch.labels.to(q.device)
+    label_index = None if batch.label_index is None else batch.label_index.to(q.device)  # None: dense
     mask = dict(false_negative_margin=false_negative_margin, return_masked=return_masked)
     if loss == "prcl":
         return prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=scale, bias=bias,

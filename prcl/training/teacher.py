@@ -1,11 +1,11 @@
 """Teacher-graded labels: a second encoder grades every (query, document) pair of a batch.
 
 PRCL's labels may be dense, one per pair, so a teacher can say how related each in-batch "negative"
-is (BiXSE trains BCE on such graded relevance). The teacher embeds the batch's queries (without the
+is, where binary labels call every one of them irrelevant. The teacher embeds the batch's queries (without the
 student's instruction: it has its own conventions) and documents, L2-normalised, under no_grad; its
 cosines s_ij become labels by a per-row calibration anchored on the row's own positives:
 
-    p_i = max over the row's listed positives of s_ij      (what the teacher gives a true positive)
+    p_i = max over the row's positives of s_ij              (its listed pairs of the row's top label)
     m_i = median over the row's N documents of s_ij         (what it gives a typical in-batch document)
     y_ij = clamp((s_ij − m_i) / (p_i − m_i), 0, 1)          for every pair the data did not list
 
@@ -22,16 +22,16 @@ from prcl.training.batching import Batch
 
 
 class _SentenceTransformerTeacher:
-    """A sentence-transformers model behind the `embed(texts)` of prcl's encoders."""
+    """A sentence-transformers model behind LLMEncoder.encode's signature, with normalised rows."""
 
     def __init__(self, path: str, device: torch.device):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(path, device=str(device))
 
-    def embed(self, texts: list) -> torch.Tensor:
-        return self.model.encode(texts, batch_size=max(1, len(texts)), convert_to_tensor=True,
-                                 normalize_embeddings=True, show_progress_bar=False)
+    def encode(self, texts: list, batch_size: int) -> torch.Tensor:
+        return self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                                 show_progress_bar=False)
 
 
 def load_teacher(path: str, *, max_length: int, device: torch.device):
@@ -56,8 +56,9 @@ def calibrated_labels(s: torch.Tensor, batch: Batch) -> torch.Tensor:
     rows = torch.arange(len(batch.queries))[:, None].expand_as(batch.label_index)
     keep = batch.label_index >= 0
     is_listed[rows[keep], batch.label_index[keep]] = True
-    s = s.float()
-    p = torch.where(listed > 0, s, -torch.inf).amax(1, keepdim=True)
+    s = s.float().cpu()  # the Batch's labels live on the CPU
+    top = listed.amax(1, keepdim=True)
+    p = torch.where((listed == top) & (top > 0), s, -torch.inf).amax(1, keepdim=True)
     m = s.median(1, keepdim=True).values
     usable = p > m  # a positive the teacher ranks above the median: the row has a scale
     y = ((s - m) / torch.where(usable, p - m, 1.0)).clamp(0, 1) * usable
@@ -65,10 +66,10 @@ def calibrated_labels(s: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_batch(batch: Batch, teacher) -> Batch:
-    """The batch with every pair listed: the data's labels where it lists one, the teacher's elsewhere.
-    teacher: anything with `embed(texts)` returning L2-normalised rows (load_teacher's)."""
-    q, d = teacher.embed(batch.queries).float(), teacher.embed(batch.docs).float()
+def teacher_batch(batch: Batch, teacher, batch_size: int) -> Batch:
+    """The batch with dense (B, N) labels (label_index None): the data's labels where it lists a pair,
+    the teacher's elsewhere. teacher: load_teacher's; it embeds batch_size texts per call."""
+    q = teacher.encode(batch.queries, batch_size=batch_size).float()
+    d = teacher.encode(batch.docs, batch_size=batch_size).float()
     y = calibrated_labels(q @ d.T, batch)
-    index = torch.arange(len(batch.docs)).expand(len(batch.queries), -1).contiguous()
-    return Batch(batch.queries, batch.instructions, batch.docs, y, index)
+    return Batch(batch.queries, batch.instructions, batch.docs, y, None)
