@@ -141,7 +141,7 @@ def _read_config(path):
     return out
 
 
-def parse_train_args(argv: list[str]):
+def parse_train_args(argv: list[str]) -> TrainConfig:
     args = vars(_train_parser().parse_args(argv))
     options = _read_config(args.pop("config")) if "config" in args else {}
     options.update(args)
