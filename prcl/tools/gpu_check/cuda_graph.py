@@ -1,14 +1,15 @@
 """Section 4: forward+backward captured in a CUDA graph, replayed on new input values, against eager."""
 import traceback
+from typing import Any
 
 import torch
 
 from prcl.testing import OUTPUTS, pair_inputs
-from prcl.tools.gpu_check.common import error_line, log
+from prcl.tools.gpu_check.common import Check, error_line, log
 from prcl.tools.gpu_check.no_host_sync import loss_call
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     if not ck.cuda:
         rec["not_applicable"] = "CUDA graphs need CUDA"
         return

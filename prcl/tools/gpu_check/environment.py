@@ -6,8 +6,11 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from prcl.tools.gpu_check.common import Check
 
 
 def _version(dist):
@@ -25,7 +28,7 @@ def _command(ck):
                      "-m prcl.tools.gpu_check" if module else "-m prcl gpu-check", *ck.argv])
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     import prcl
 
     rec["command"] = _command(ck)

@@ -1,8 +1,9 @@
 """summary.md: the sections' status, then the correctness failures, the late-training errors, the sync and
 graph checks, the timings and the LoRA step as tables."""
+from typing import Any
 
 
-def status(rec):
+def status(rec: dict[str, Any]) -> str:
     if "error" in rec:
         return "ERROR"
     if "not_applicable" in rec:
@@ -22,7 +23,7 @@ def _table(rows, columns):
     return out
 
 
-def summary(results):
+def summary(results: dict[str, Any]) -> str:
     env = results["sections"].get("environment", {})
     lines = ["# prcl GPU check", "", f"Command: `{env.get('command')}`  ", f"Date: {env.get('date')}  ",
              f"Device: {env.get('device')}  ", f"Versions: {env.get('versions')}  ", f"Commit: {env.get('commit')}", "",
