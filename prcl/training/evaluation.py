@@ -24,7 +24,7 @@ def read_eval_set(path: str | os.PathLike, max_queries: int | None = None) -> tu
     the first max_queries queries only. ValueError if it holds none."""
     if is_beir(path):
         queries, corpus, qrels = read_split(path)
-        instructions = {}
+        instructions: dict = {}
         # a BEIR queries.jsonl often holds every split's queries: keep those this split judges relevant
         judged = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())][:max_queries]
         queries = {q: queries[q] for q in judged}
@@ -36,7 +36,7 @@ def read_eval_set(path: str | os.PathLike, max_queries: int | None = None) -> tu
 
 
 @torch.no_grad()
-def _encode(encoder, texts, instruction, batch_size):
+def _encode(encoder: LLMEncoder, texts: list[str], instruction: str | None, batch_size: int) -> torch.Tensor:
     if hasattr(encoder, "encode"):
         return encoder.encode(texts, instruction=instruction, batch_size=batch_size).float()
     return torch.cat([encoder.embed(texts[k: k + batch_size], instruction=instruction).float()

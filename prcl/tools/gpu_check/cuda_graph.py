@@ -23,7 +23,7 @@ def section(ck: Check, rec: dict[str, Any]) -> None:
     rec["passed"] = all(r["passed"] for r in rows)
 
 
-def _graph_replay(ck, form):
+def _graph_replay(ck: Check, form: str) -> dict[str, Any]:
     """Capture forward+backward, replay it on new input values, compare with an eager step on them."""
     step, (q, d, t, b) = loss_call(ck, form, 512, 2048, 128, torch.bfloat16)
     side = torch.cuda.Stream()

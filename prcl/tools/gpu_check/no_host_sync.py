@@ -24,7 +24,7 @@ def loss_call(ck: Check, form: str, B: int, N: int, D: int, dtype: torch.dtype, 
     t = torch.full((), 10.0, device=ck.device, requires_grad=True)
     b = torch.full((), -5.0, device=ck.device, requires_grad=True)
 
-    def step(reduction="mean"):
+    def step(reduction: str = "mean") -> "LossOutput":
         loss = prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b, reduction=reduction,
                                    backend=ck.backend, false_negative_margin=margin, return_masked=margin is not None)
         value = loss[0] if margin is not None else loss

@@ -2,7 +2,7 @@
 the peers of prcl.tools.bench, the three-GEMM floor; all at prcl.core.contract.DEFAULT_SCALE and bias
 −log(N−1), the library's defaults."""
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prcl.tools import bench
 
@@ -13,17 +13,17 @@ if TYPE_CHECKING:
 DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
 
 
-def _from_bench(name, *args):
+def _from_bench(name: str, *args: object) -> Callable[[], "LossFn"]:
     return lambda: getattr(bench, name)(*args)
 
 
-def _design(design):  # docs/design.md, "Two-pass gradient"
-    def make():
+def _design(design: str) -> Callable[[], "LossFn"]:  # docs/design.md, "Two-pass gradient"
+    def make() -> "LossFn":
         from prcl.backends.triton_impl import gradient_design
 
         loss = bench.prcl_loss("triton")
 
-        def fn(*args):
+        def fn(*args: Any) -> Any:
             with gradient_design(design):
                 return loss(*args)
 

@@ -13,11 +13,11 @@ def status(rec: dict[str, Any]) -> str:
     return "pass" if rec.get("passed") else "done"
 
 
-def _fmt(v):
+def _fmt(v: object) -> str:
     return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _table(rows, columns):
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return out
