@@ -3,6 +3,7 @@
 Imports nothing heavy: each command's module is imported only when that command runs."""
 import importlib
 import sys
+from collections.abc import Sequence
 
 COMMANDS = {
     "bench": ("prcl.tools.bench.cli", "main", "fused vs eager reference: time, peak memory, error vs float64"),
@@ -15,7 +16,7 @@ COMMANDS = {
 }
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         print("usage: prcl {" + ",".join(COMMANDS) + "} [options]\n")

@@ -12,6 +12,11 @@ import shutil
 import socket
 import stat
 import sys
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +25,7 @@ logger = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, FloatingPointError, OSError)
 
 
-def fail(prog, err):
+def fail(prog: str, err: Exception) -> int:
     """Print `prog: error: err` as one line and return exit status 1 (re-raise under PRCL_DEBUG=1)."""
     if os.environ.get("PRCL_DEBUG"):
         raise err
@@ -32,7 +37,7 @@ def fail(prog, err):
 
 # ---- reads -----------------------------------------------------------------------------------------------
 
-def regular_file(path, what):
+def regular_file(path: str | os.PathLike[str], what: str) -> str | os.PathLike[str]:
     """path, once os.stat (which opens nothing) says it names a regular file (or a link to one); ValueError
     naming `what` when it is missing, a directory, or a FIFO, socket or device, which could block the
     read forever or never end."""
@@ -50,7 +55,7 @@ def regular_file(path, what):
     return path
 
 
-def check_model_path(model, gguf_file=None, prog="prcl", name="model"):
+def check_model_path(model: str, gguf_file: str | None = None, prog: str = "prcl", name: str = "model") -> None:
     """A local model directory or .gguf file; transformers would take a missing path for a hub name.
     name: the argument's name in the messages (model, teacher)."""
     if not os.path.exists(model):
@@ -62,12 +67,12 @@ def check_model_path(model, gguf_file=None, prog="prcl", name="model"):
         regular_file(model, name)
 
 
-def sha256(path):
+def sha256(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def fingerprint(paths):
+def fingerprint(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, str | int]]:
     """[{"path", "bytes", "sha256"}] of data files, to tell on resume whether they changed; ValueError for
     one that is not a regular file (hashing a FIFO would block)."""
     return [{"path": os.fspath(p), "bytes": os.path.getsize(regular_file(p, "data")), "sha256": sha256(p)}
@@ -76,7 +81,7 @@ def fingerprint(paths):
 
 # ---- writes ----------------------------------------------------------------------------------------------
 
-def unsafe_under(out):
+def unsafe_under(out: str | os.PathLike[str]) -> list[tuple[str, bool]]:
     """(path, is_link) of every entry in the folder out that is a symbolic link (not followed) or a FIFO,
     socket or device (a read or an append would block on it), sorted."""
     found = []
@@ -91,7 +96,7 @@ def unsafe_under(out):
     return sorted(found)
 
 
-def refuse_links(out, flag="--out"):
+def refuse_links(out: str | os.PathLike[str], flag: str = "--out") -> None:
     """ValueError naming the first link, FIFO, socket or device in the folder out."""
     found = unsafe_under(out)
     if found:
@@ -101,12 +106,12 @@ def refuse_links(out, flag="--out"):
         raise ValueError(f"out: {path} {why}: remove it, or choose another {flag}")
 
 
-def _open_nofollow(path, flags):
+def _open_nofollow(path: str | os.PathLike[str], flags: int) -> int:
     # O_NOFOLLOW: a link at path fails with ELOOP instead of sending the write to its target
     return os.open(path, flags | os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
 
 
-def write_text(path, text):
+def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Replace path's content atomically (a new temporary file renamed over it); a link is never followed."""
     tmp = f"{os.fspath(path)}.tmp"
     with contextlib.suppress(FileNotFoundError):
@@ -116,7 +121,7 @@ def write_text(path, text):
     os.replace(tmp, path)  # replaces a link itself, never its target
 
 
-def append_text(path, text):
+def append_text(path: str | os.PathLike[str], text: str) -> None:
     """Append to path; a symbolic link is never followed, and a file that is also another name's (a hard
     link) is replaced by a copy (write_text), so that the other name keeps its content."""
     fd = _open_nofollow(path, os.O_APPEND)
@@ -129,7 +134,7 @@ def append_text(path, text):
     write_text(path, old + text)
 
 
-def remove(path):
+def remove(path: str | os.PathLike[str]) -> None:
     """Delete a file, a link (not its target) or a directory tree; nothing when absent."""
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
@@ -140,7 +145,7 @@ def remove(path):
 # ---- the run folder's lock -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def run_lock(out, name=".prcl-train.lock"):
+def run_lock(out: str | os.PathLike[str], name: str = ".prcl-train.lock") -> Iterator[None]:
     """Hold OUT/name for the duration: an flock (released by the kernel when the holder dies) on a file
     that names the holder's PID and host. A second run on the same folder gets a ValueError naming the
     holder; a lock file left by a process that died is taken over with a warning."""
@@ -179,7 +184,7 @@ def run_lock(out, name=".prcl-train.lock"):
                     os.unlink(path)
 
 
-def resolve_device(name, flag="--device"):
+def resolve_device(name: str | None, flag: str = "--device") -> "torch.device":
     """torch.device for a --device value (None: cuda when available); ValueError naming the flag for a
     name torch does not know or a device this machine does not have."""
     import torch

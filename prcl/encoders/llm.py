@@ -19,6 +19,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ from prcl.encoders.attention import (
 )
 from prcl.encoders.models import BIDIRECTIONAL_MODEL_TYPES, load_pretrained
 from prcl.files import regular_file
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ class LLMEncoder:
     packed batch on any device (tests pass a per-sequence sdpa to run the varlen wiring on CPU).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, pooling: str = "mean", max_length: int = 512,
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, pooling: str = "mean", max_length: int = 512,
                  normalize: bool = True, attn_implementation: str | None = None, gradient_checkpointing: bool = False,
                  varlen_attn: Callable | None = None) -> None:
         if hasattr(model, "peft_config"):
@@ -127,10 +131,10 @@ class LLMEncoder:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, attn_implementation: str = "sdpa", dtype=None,
+    def from_pretrained(cls, path: str | os.PathLike, *, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None,
                         gguf_file: str | None = None, pooling: str = "mean", max_length: int = 512,
                         normalize: bool = True, gradient_checkpointing: bool = False,
-                        varlen_attn: Callable | None = None, **model_kwargs) -> LLMEncoder:
+                        varlen_attn: Callable | None = None, **model_kwargs: Any) -> LLMEncoder:
         """Load a local checkpoint (a directory, or a .gguf file / `gguf_file=` inside `path`).
 
         Example:
@@ -333,7 +337,7 @@ class LLMEncoder:
     # ---- LoRA --------------------------------------------------------------------------------------------
 
     def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-                 target_modules: str | list[str] = "all-linear", **lora_kwargs) -> LLMEncoder:
+                 target_modules: str | list[str] = "all-linear", **lora_kwargs: Any) -> LLMEncoder:
         """Wrap the model in a peft LoRA adapter (llm2vec's defaults); base weights are frozen."""
         from peft import LoraConfig, get_peft_model
 

@@ -8,6 +8,11 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +33,9 @@ def smollm2_gguf() -> Path | None:
     return next((Path(f.locate()) for f in files if str(f).endswith(".gguf")), None)
 
 
-def load_pretrained(path: str | os.PathLike, *, attn_implementation: str, dtype=None, gguf_file: str | None = None,
-                    **model_kwargs):
+def load_pretrained(path: str | os.PathLike, *, attn_implementation: str, dtype: torch.dtype | None = None,
+                    gguf_file: str | None = None,
+                    **model_kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(base model, tokenizer) of a local checkpoint: a directory, or a .gguf file / `gguf_file=` inside `path`."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -55,7 +61,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 
 
 def word_tokenizer(words: Iterable[str], *, lowercase: bool = False, bos: bool = False,
-                   padding_side: str = "right"):
+                   padding_side: str = "right") -> PreTrainedTokenizerFast:
     """A fast word-level tokenizer built on the spot, for a randomly initialised model without a download (the
     tests' tiny models, the GPU check's model of SmolLM2's shape).
 

@@ -13,6 +13,7 @@ Needs the `st` extra (`pip install prcl[st]`); `import prcl` never imports this 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -368,10 +369,10 @@ class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
             loss = loss + (pg - pg.detach())
         return loss
 
-    def get_config_dict(self):
+    def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size,
                 "mini_batch_num_tokens": self.mini_batch_num_tokens}
 
     @property
-    def citation(self):
+    def citation(self) -> str:
         return SIGLIP_CITATION + GRADCACHE_CITATION

@@ -6,11 +6,16 @@ embeddings nor a queries × corpus score matrix exist beyond one chunk.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prcl.retrieval.metrics import compute_metrics
 
+if TYPE_CHECKING:
+    import torch
 
-def search(query_emb, doc_texts: list[str], encode_documents: Callable, *, k: int = 100, chunk_size: int = 4096):
+
+def search(query_emb: torch.Tensor, doc_texts: list[str], encode_documents: Callable, *, k: int = 100,
+           chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by dot product: query_emb (Q, D) against the documents, embedded chunk by chunk.
 
     encode_documents(list of texts) -> (n, D) tensor. Returns (scores (Q, k'), doc indices (Q, k')),

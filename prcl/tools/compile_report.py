@@ -55,6 +55,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton
@@ -76,12 +78,13 @@ SM_LIMITS = {80: (65536, 167936, 64, 32), 90: (65536, 233472, 64, 32),
 RESERVED_SHARED = 1024  # per block, held back by the CUDA runtime on sm_80 and later
 
 
-def compile_kernel(arch, dtype, write_g, mask=False):
+def compile_kernel(arch: int, dtype: torch.dtype, write_g: bool, mask: bool = False) -> tuple[Any, dict[str, Any]]:
     cfg = kernel_config(dtype, write_g, arch)
     return _compile(pair_tile_kernel, arch, dtype, cfg, dict(WRITE_G=write_g, HAS_THR=mask)), cfg
 
 
-def compile_pass(arch, dtype, D, row_pass, mask=False):
+def compile_pass(arch: int, dtype: torch.dtype, D: int, row_pass: bool,
+                 mask: bool = False) -> tuple[Any, dict[str, Any]]:
     """A pass of the two-pass gradient at width D (a power of two), in the launcher's configuration."""
     cfg = dict(two_pass_config(D), BLOCK_D=D)
     return _compile(pair_pass_kernel, arch, dtype, cfg, dict(ROW_PASS=row_pass, HAS_THR=mask)), cfg
@@ -125,7 +128,7 @@ def _run(args):
     return out.stdout
 
 
-def spill_bytes(ptx, arch):
+def spill_bytes(ptx: str, arch: int) -> int:
     """Bytes of spill stores that `ptxas -v` reports, with the ptxas and arch name triton compiles with."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
@@ -139,7 +142,7 @@ def spill_bytes(ptx, arch):
     return int(re.search(r"(\d+) bytes spill stores", out.stderr)[1])
 
 
-def cubin_tools(cubin):
+def cubin_tools(cubin: bytes) -> tuple[str, str]:
     """(SASS listing with line info, resource usage text) of a cubin, from triton's own tools."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -151,9 +154,10 @@ INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;?\s*$")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
 BRANCH_TARGET = re.compile(r"\bBRA\S*\s.*?(\.L_x_\d+)")
+Instruction = tuple[int, str, str | None, int | None]  # (address, text, source file, source line)
 
 
-def parse_sass(text):
+def parse_sass(text: str) -> tuple[list[Instruction], dict[str, int]]:
     """[(address, instruction text, source file, source line)] and {label: address} of an nvdisasm -g
     listing; an instruction carries the last line-info comment above it."""
     instructions, labels, pending, where = [], {}, [], (None, None)
@@ -170,7 +174,7 @@ def parse_sass(text):
     return instructions, labels
 
 
-def loops(instructions, labels):
+def loops(instructions: list[Instruction], labels: dict[str, int]) -> list[tuple[int, int]]:
     """Address ranges [start, end] closed by a backward branch. A range across an unconditional EXIT
     is not a loop: it is out-of-line code (an mbarrier wait) branching back to where it was called."""
     exits = [a for a, text, _, _ in instructions if text.split()[0] == "EXIT"]
@@ -183,7 +187,7 @@ def loops(instructions, labels):
     return found
 
 
-def mma_source_lines(fn):
+def mma_source_lines(fn: Callable[..., object]) -> tuple[str, set[int], set[int]]:
     """(file, lines of the tl.dot calls, lines of the `for` statement around them) of a JIT kernel."""
     lines, start = inspect.getsourcelines(fn)
     tree = ast.parse(textwrap.dedent("".join(lines)))
@@ -202,7 +206,8 @@ def mma_source_lines(fn):
     return os.path.realpath(inspect.getsourcefile(fn)), dots, loop_lines
 
 
-def epilogue_instructions(instructions, labels, source_file, dot_lines, mma_loop_lines):
+def epilogue_instructions(instructions: list[Instruction], labels: dict[str, int], source_file: str,
+                          dot_lines: set[int], mma_loop_lines: set[int]) -> int:
     """Number of SASS instructions in the per-tile epilogue (module docstring: the definition)."""
     ranges = loops(instructions, labels)
 
@@ -227,7 +232,8 @@ def epilogue_instructions(instructions, labels, source_file, dot_lines, mma_loop
                and not (_name(f) == source_file and line in mma_loop_lines))
 
 
-def tile_loop_instructions(instructions, labels, source_file, dot_lines):
+def tile_loop_instructions(instructions: list[Instruction], labels: dict[str, int], source_file: str,
+                           dot_lines: set[int]) -> int:
     """Every SASS instruction of the tile loop, MMAs and any MMA loop (one iteration) included: the
     loop that holds the most instructions attributed to the `tl.dot` lines, the largest such."""
     source_file = os.path.basename(source_file)
@@ -242,14 +248,14 @@ def _name(path):
     return path and os.path.basename(path)
 
 
-def blocks_per_sm(arch, registers, shared, warps):
+def blocks_per_sm(arch: int, registers: int, shared: int, warps: int) -> int:
     regs, smem, max_warps, max_blocks = SM_LIMITS[arch]
     by_regs = regs // (-(-registers // 8) * 8 * 32 * warps)
     by_smem = smem // (shared + RESERVED_SHARED)
     return min(by_regs, by_smem, max_warps // warps, max_blocks)
 
 
-def report(arch, dtype, write_g, kernel, cfg):
+def report(arch: int, dtype: torch.dtype, write_g: bool, kernel: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     ptx = kernel.asm["ptx"]
     sass, usage = cubin_tools(kernel.asm["cubin"])
     registers = int(re.search(r"REG:(\d+)", usage)[1])
@@ -272,7 +278,8 @@ def report(arch, dtype, write_g, kernel, cfg):
 TWO_PASS_DS = (64, 128, 256)
 
 
-def gradient_loops(arch=90, dtypes=(torch.float16, torch.bfloat16), mask=False):
+def gradient_loops(arch: int = 90, dtypes: Sequence[torch.dtype] = (torch.float16, torch.bfloat16),
+                   mask: bool = False) -> list[dict[str, Any]]:
     """Whole tile loops of the gradient kernels per pair a thread owns, the inputs of the model in
     docs/design.md ("Two-pass gradient"): the panel kernel at D = 64 (one K step; each further 64 of D
     adds one MMA loop iteration), and each pass of the two-pass gradient at TWO_PASS_DS."""
@@ -302,7 +309,7 @@ def gradient_loops(arch=90, dtypes=(torch.float16, torch.bfloat16), mask=False):
     return out
 
 
-def rows_for(arch, mask=False):
+def rows_for(arch: int, mask: bool = False) -> tuple[list[dict[str, Any]] | None, str | None]:
     """The rows of one arch; an optional arch the toolchain cannot compile for gives (None, reason)."""
     configs = [(dtype, write_g) for dtype in TRITON_TYPES for write_g in (False, True)]
     try:
@@ -325,7 +332,7 @@ def _parser():
     return p
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rows, skipped = [], []
     for arch in args.arch:

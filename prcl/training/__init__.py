@@ -15,6 +15,7 @@ The public names load their modules (and torch) on first use, so that `prcl trai
 `prcl encode --help` answer without importing torch.
 """
 import importlib
+from typing import Any
 
 _HOMES = {
     "Batch": "batching", "build_batch": "batching", "excluded_pairs": "batching",
@@ -29,7 +30,7 @@ _RENAMED = {"evaluate": "eval_set_metrics"}
 __all__ = list(_HOMES) + list(_RENAMED)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     home = _RENAMED.get(name, name)
     if home not in _HOMES:
         raise AttributeError(f"module 'prcl.training' has no attribute {name!r}")
@@ -38,5 +39,5 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)

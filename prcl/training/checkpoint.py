@@ -23,6 +23,7 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -31,6 +32,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from prcl.files import remove, sha256, write_text
 from prcl.training.config import WEIGHT_SETTINGS
 from prcl.training.distributed import barrier
+
+if TYPE_CHECKING:
+    from prcl.encoders import LLMEncoder
+
+RngState = tuple[dict[str, torch.Tensor], dict[str, str]]  # (uint8 tensors, metadata strings): rng_state()
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +48,7 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, damaged or refused; the message names the file."""
 
 
-def checkpoint_dirs(out):
+def checkpoint_dirs(out: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """[(step, path)] of the OUT/checkpoint-STEP directories, oldest first (temporary ones excluded)."""
     found = []
     for p in Path(out).glob("checkpoint-*"):
@@ -53,7 +59,7 @@ def checkpoint_dirs(out):
 
 # ---- files -----------------------------------------------------------------------------------------------
 
-def write_manifest(path):
+def write_manifest(path: Path) -> None:
     """Record the size and SHA-256 of every file under path; the manifest's presence marks it complete."""
     files = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -61,7 +67,7 @@ def write_manifest(path):
     write_text(path / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
 
 
-def verify(path):
+def verify(path: Path) -> dict[str, Any]:
     """Raise CheckpointError naming the first file of path that is missing, truncated or altered."""
     manifest = path / MANIFEST
     try:
@@ -98,7 +104,7 @@ def _finite(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def check_state(path, state, tensors, rng):
+def check_state(path: Path, state: Any, tensors: dict[str, torch.Tensor], rng: RngState) -> None:
     """CheckpointError naming the first value of a checkpoint of the wrong type or out of range: its files
     matched the manifest, yet a hand-edited or forged state must not reach the optimizer or the data stream.
     What depends on this run (weight shapes, the data file's size) is checked by TrainingState.restore."""
@@ -172,7 +178,7 @@ def check_state(path, state, tensors, rng):
 
 # ---- RNG -------------------------------------------------------------------------------------------------
 
-def rng_state():
+def rng_state() -> RngState:
     """Every RNG a step draws from: (uint8 tensors, metadata strings) for a safetensors file."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -180,7 +186,7 @@ def rng_state():
     return tensors, {"python": json.dumps(random.getstate())}
 
 
-def set_rng_state(rng):
+def set_rng_state(rng: RngState) -> None:
     tensors, meta = rng
     torch.set_rng_state(tensors["torch"])
     version, internal, gauss = json.loads(meta["python"])
@@ -190,7 +196,7 @@ def set_rng_state(rng):
         torch.cuda.set_rng_state_all(cuda)
 
 
-def load_rng(path):
+def load_rng(path: str | os.PathLike[str]) -> RngState:
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
@@ -230,7 +236,7 @@ class TrainingState:
     nonfinite: int = 0  # steps skipped under --skip-nonfinite
     data_fingerprint: list = None  # prcl.files.fingerprint of the data files, compared on resume
 
-    def pack(self, settings, schedule):
+    def pack(self, settings: dict[str, Any], schedule: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON state) of this state; `settings` and `schedule` are stored to be compared on resume."""
         tensors = {f"weight.{n}": p.detach().cpu().contiguous() for n, p in self.named}
         if self.head.learnable_scale:
@@ -242,7 +248,8 @@ class TrainingState:
                  "settings": settings, "schedule": schedule, "data_fingerprint": self.data_fingerprint}
         return tensors, state
 
-    def restore(self, path, tensors, state, settings, data_changed=False):
+    def restore(self, path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], settings: dict[str, Any],
+                data_changed: bool = False) -> None:
         """Load a checkpoint's tensors and state (checked by check_state); ValueError naming the setting,
         weight or value that does not fit this run. data_changed: the data position may fall inside a line
         of the changed data (--allow-data-change); the stream goes on at the next one."""
@@ -293,7 +300,8 @@ class TrainingState:
 
 # ---- save and load ---------------------------------------------------------------------------------------
 
-def save(out, tensors, state, *, step, rank, world, encoder, keep):
+def save(out: str | os.PathLike[str], tensors: dict[str, torch.Tensor], state: dict[str, Any], *, step: int, rank: int,
+         world: int, encoder: "LLMEncoder", keep: int) -> None:
     """Write OUT/checkpoint-STEP (every rank calls this: each writes its RNG), keep the newest `keep`.
     A failed write (a full disk) removes the partial checkpoint and raises OSError naming it; the
     checkpoints before it are untouched."""
@@ -352,7 +360,8 @@ def _is_pickle_checkpoint(path):
     return not (path / MANIFEST).exists() and (path / "state.pt").exists()
 
 
-def load_latest(out, *, rank, world, convert=False):
+def load_latest(out: str | os.PathLike[str], *, rank: int, world: int,
+                convert: bool = False) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], RngState] | None:
     """(path, tensors, state, rng) of the newest intact checkpoint in out, or None when it holds none.
 
     A damaged checkpoint is logged, renamed to damaged-checkpoint-STEP (kept for inspection, out of
@@ -390,7 +399,7 @@ def load_latest(out, *, rank, world, convert=False):
     return None
 
 
-def convert_pickle_checkpoint(path):
+def convert_pickle_checkpoint(path: Path) -> None:
     """Rewrite an earlier prcl's checkpoint (state.pt, rng-RANK.pt) in this format, in place."""
     def load(f):
         try:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from prcl.files import USER_ERRORS, check_model_path, fail, regular_file, remove, resolve_device
 from prcl.training.config import SCHEDULES, TrainConfig
@@ -84,7 +85,7 @@ HELP = {
 }
 
 
-def _train_parser():
+def _train_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prcl train", description="Fine-tune a text encoder with PRCL.",
                                  argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", help=HELP["config"])
@@ -102,7 +103,7 @@ def _train_parser():
     return ap
 
 
-def _read_config(path):
+def _read_config(path: str) -> dict[str, Any]:
     regular_file(path, "config")
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
@@ -141,7 +142,7 @@ def _read_config(path):
     return out
 
 
-def parse_train_args(argv: list[str]):
+def parse_train_args(argv: list[str]) -> TrainConfig:
     args = vars(_train_parser().parse_args(argv))
     options = _read_config(args.pop("config")) if "config" in args else {}
     options.update(args)

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prcl.files import regular_file
@@ -107,7 +108,7 @@ class SkipReport:
     keep: int = 10
     log: object = None
 
-    def add(self, err):
+    def add(self, err: object) -> None:
         self.count += 1
         if len(self.first) < self.keep:
             self.first.append(str(err))
@@ -115,7 +116,7 @@ class SkipReport:
         elif self.count == self.keep + 1:
             (self.log or _stderr)("further bad lines are skipped silently; the count is reported at the end")
 
-    def summary(self, path):
+    def summary(self, path: str | os.PathLike) -> str:
         return f"{path}: skipped {self.count} bad line(s)" if self.count else ""
 
 
@@ -175,7 +176,7 @@ def _beir_examples(path, mtime):
 
 
 def iter_file(path: str | os.PathLike, *, skip_bad_lines: bool = False, skipped: SkipReport | None = None,
-              start: tuple[int, int] = (0, 0)):
+              start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, Example]]:
     """Yields (byte offset after the line, line number, Example) from `start` = (byte offset, lines before it).
 
     Blank lines are allowed (and skipped). A bad line raises DataError, or goes to `skipped`.
@@ -232,7 +233,7 @@ class ExampleStream:
     """
 
     def __init__(self, path: str | os.PathLike, *, block_size: int = 4096, seed: int = 0, shuffle: bool = True,
-                 skip_bad_lines: bool = False, log=None) -> None:
+                 skip_bad_lines: bool = False, log: Callable[[str], object] | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.path, self.block_size, self.seed, self.shuffle = path, block_size, seed, shuffle

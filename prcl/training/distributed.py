@@ -6,12 +6,14 @@ this for PRCL). The global gradient is then the SUM of the ranks' gradients, not
 why trainable gradients are all-reduced here rather than by DDP (whose default averages).
 """
 import os
+from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def setup(timeout=None):
+def setup(timeout: timedelta | None = None) -> tuple[dist.ProcessGroup | None, int, int]:
     """(process_group, rank, world_size): WORLD under torchrun (gloo on CPU, nccl on CUDA), else (None, 0, 1).
 
     timeout (a timedelta) bounds how long a collective waits for a rank that stopped answering."""
@@ -25,12 +27,12 @@ def setup(timeout=None):
     return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
 
 
-def barrier(world):
+def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
 
 
-def sum_gradients(params, process_group):
+def sum_gradients(params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None) -> None:
     """All-reduce (SUM) the gradients of params in one flat buffer; a missing grad counts as zero."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -39,7 +41,7 @@ def sum_gradients(params, process_group):
         p.grad = g.view_as(p).to(p.dtype)
 
 
-def sum_scalar(x, process_group):
+def sum_scalar(x: float | torch.Tensor, process_group: dist.ProcessGroup | None) -> float:
     t = torch.tensor(float(x), dtype=torch.float64)
     if dist.get_backend(process_group) == "nccl":
         t = t.cuda()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ def read_eval_set(path: str | os.PathLike, max_queries: int | None = None) -> tu
     the first max_queries queries only. ValueError if it holds none."""
     if is_beir(path):
         queries, corpus, qrels = read_split(path)
-        instructions = {}
+        instructions: dict = {}
         # a BEIR queries.jsonl often holds every split's queries: keep those this split judges relevant
         judged = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())][:max_queries]
         queries = {q: queries[q] for q in judged}
@@ -35,7 +36,7 @@ def read_eval_set(path: str | os.PathLike, max_queries: int | None = None) -> tu
 
 
 @torch.no_grad()
-def _encode(encoder, texts, instruction, batch_size):
+def _encode(encoder: LLMEncoder, texts: list[str], instruction: str | None, batch_size: int) -> torch.Tensor:
     if hasattr(encoder, "encode"):
         return encoder.encode(texts, instruction=instruction, batch_size=batch_size).float()
     return torch.cat([encoder.embed(texts[k: k + batch_size], instruction=instruction).float()
@@ -43,7 +44,8 @@ def _encode(encoder, texts, instruction, batch_size):
 
 
 def eval_set_metrics(encoder: LLMEncoder, eval_set: tuple[dict, dict, dict, dict], *, ks: tuple[int, ...] = (1, 5, 10),
-                     batch_size: int = 32, autocast=contextlib.nullcontext) -> dict:
+                     batch_size: int = 32,
+                     autocast: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext) -> dict:
     """Retrieval over the evaluation set (read_eval_set) with `prcl eval`'s code (prcl.retrieval.evaluate:
     trec_eval's measures through ir-measures): every query against every document of the set. Returns
     recall@k for ks, nDCG@10, MRR@10, MAP and the counts. Runs under fork_rng: evaluating or not never
@@ -57,7 +59,8 @@ def eval_set_metrics(encoder: LLMEncoder, eval_set: tuple[dict, dict, dict, dict
 
 
 def evaluate_and_record(encoder: LLMEncoder, eval_set: tuple[dict, dict, dict, dict], step: int,
-                        path: str | os.PathLike, *, ks: tuple[int, ...], batch_size: int, autocast) -> dict:
+                        path: str | os.PathLike, *, ks: tuple[int, ...], batch_size: int,
+                        autocast: Callable[[], contextlib.AbstractContextManager[object]]) -> dict:
     """eval_set_metrics() in eval mode, one line appended to path (OUT/eval.jsonl) and to the log."""
     model = encoder.model
     model.eval()

@@ -17,7 +17,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,9 +27,9 @@ from prcl.encoders import LLMEncoder
 from prcl.files import append_text, fingerprint, refuse_links, remove, resolve_device, run_lock, write_text
 from prcl.nn import PairBCELoss
 from prcl.training import checkpoint
-from prcl.training.batching import build_batch
+from prcl.training.batching import Batch, build_batch
 from prcl.training.config import TrainConfig
-from prcl.training.data import ExampleStream, check_file, data_files
+from prcl.training.data import Example, ExampleStream, check_file, data_files
 from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
 from prcl.training.evaluation import evaluate_and_record, read_eval_set
 from prcl.training.step import batch_loss, forward_backward
@@ -35,7 +37,7 @@ from prcl.training.teacher import load_teacher, teacher_batch
 
 logger = logging.getLogger(__name__)
 
-def lr_lambda(warmup, total, schedule):
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
     """Multiplier of the peak lr at a step: linear warmup from 0, then linear/cosine decay to 0."""
     def f(step):
         if step < warmup:
@@ -82,7 +84,7 @@ class _Metrics:
     (the interrupted run may have logged steps that the resumed run repeats), and so is a partial last
     line (a write the interruption cut short)."""
 
-    def __init__(self, path, resume_step, enabled):
+    def __init__(self, path: str | Path, resume_step: int, enabled: bool) -> None:
         self.path, self.enabled = Path(path), enabled
         if not enabled:
             return
@@ -105,7 +107,7 @@ class _Metrics:
                     keep.append(line)
         write_text(self.path, "".join(ln + "\n" for ln in keep))
 
-    def write(self, record):
+    def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             append_text(self.path, json.dumps(record) + "\n")
 
@@ -215,10 +217,10 @@ class _Run:
     teacher: object = None  # load_teacher(cfg.teacher): grades every pair of a batch, or None
 
     @property
-    def trainable(self):
+    def trainable(self) -> list[torch.Tensor]:
         return [p for _, p in self.state.named] + list(self.state.head.parameters())
 
-    def accumulate(self, examples):
+    def accumulate(self, examples: Iterator[Example]) -> tuple[float, float, Batch, int | None]:
         """Forward and backward over grad_accum micro-batches: (loss, global pairs, the last local batch)."""
         cfg, world = self.cfg, self.world
         local = slice(self.rank * cfg.batch_size // world, (self.rank + 1) * cfg.batch_size // world)
@@ -256,7 +258,7 @@ class _Run:
             masked = None if masked is None else int(sum_scalar(masked, self.process_group))
         return loss_sum, pairs, batch, masked
 
-    def update(self, loss):
+    def update(self, loss: float) -> float | None:
         """The optimizer and scheduler step: (the gradient norm, or None when the step was skipped as
         non-finite). A non-finite loss or gradient stops the run here unless skip_nonfinite."""
         state, trainable = self.state, self.trainable
@@ -278,7 +280,7 @@ class _Run:
         state.step += 1
         return grad_norm.item() if finite else None
 
-    def record_eval(self, eval_set, at):
+    def record_eval(self, eval_set: tuple[dict, dict, dict, dict], at: int) -> dict | None:
         result = None
         if self.rank == 0:
             result = evaluate_and_record(self.encoder, eval_set, at, self.out / "eval.jsonl",
@@ -287,7 +289,7 @@ class _Run:
         barrier(self.world)
         return result
 
-    def save_checkpoint(self):
+    def save_checkpoint(self) -> None:
         if not all(torch.isfinite(p).all() for p in self.trainable):
             raise FloatingPointError(f"step {self.state.step}: the update made weights non-finite; no checkpoint "
                                      "written. Lower --lr or set --max-grad-norm")

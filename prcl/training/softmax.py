@@ -3,16 +3,18 @@ and under torchrun (the local queries against every rank's documents)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from prcl.core.contract import LossOutput, Scalar
 from prcl.distributed import gather_rows
 
 
-def info_nce(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, label_index: torch.Tensor, *, scale,
+def info_nce(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, label_index: torch.Tensor, *, scale: Scalar,
              reduction: str = "mean", n_queries: int | None = None, false_negative_margin: float | None = None,
-             return_masked: bool = False):
+             return_masked: bool = False) -> LossOutput:
     """InfoNCE over each query's row of scaled similarities, the softmax baseline on PRCL's batches.
 
         loss_i = −Σ_j w_ij · log softmax_j(t·q_i·d_j),   w_ij = y_ij / Σ_j y_ij  over y_ij > 0
@@ -44,7 +46,7 @@ def info_nce(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, label_index
 
 
 def gathered_info_nce(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, label_index: torch.Tensor, *,
-                      scale, process_group, **mask):
+                      scale: Scalar, process_group: dist.ProcessGroup | None, **mask: Any) -> LossOutput:
     """InfoNCE of the local queries against every rank's documents, divided by the global query count so
     that the ranks' losses sum to the global loss. label_index points into the local documents; `mask`:
     info_nce's false_negative_margin and return_masked. The documents' gradient reaches every rank that

@@ -14,21 +14,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import prcl
-from prcl.core.contract import DEFAULT_SCALE
+from prcl.core.contract import DEFAULT_SCALE, LossOutput, Scalar
 from prcl.encoders import LLMEncoder, text_list
 from prcl.training.batching import Batch
 from prcl.training.softmax import gathered_info_nce, info_nce
 
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
 LOSSES = ("prcl", "softmax")
 
 
-def batch_loss(q: torch.Tensor, d: torch.Tensor, batch: Batch, *, loss: str = "prcl", scale=DEFAULT_SCALE,
-               bias=None, backend: str | None = None, process_group=None, false_negative_margin: float | None = None,
-               return_masked: bool = False):
+def batch_loss(q: torch.Tensor, d: torch.Tensor, batch: Batch, *, loss: str = "prcl", scale: Scalar = DEFAULT_SCALE,
+               bias: Scalar | None = None, backend: str | None = None, process_group: dist.ProcessGroup | None = None,
+               false_negative_margin: float | None = None, return_masked: bool = False) -> LossOutput:
     """Loss of a Batch's embeddings q (B, D), d (N, D); scale/bias may be tensors that learn.
     false_negative_margin / return_masked: the false-negative mask, as prcl.fused_pair_bce's."""
     labels = batch.labels.to(q.device)
@@ -44,7 +48,7 @@ def batch_loss(q: torch.Tensor, d: torch.Tensor, batch: Batch, *, loss: str = "p
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
 
 
-def embed_texts(encoder: LLMEncoder, texts: list[str], instructions: list[str | None], **embed_kw) -> torch.Tensor:
+def embed_texts(encoder: LLMEncoder, texts: list[str], instructions: list[str | None], **embed_kw: Any) -> torch.Tensor:
     """(len(texts), H) with grad (if enabled), in the encoder's output dtype (bf16/fp16 for a 16-bit model:
     the loss takes them as they are); one encoder call per distinct instruction. embed_kw (packed,
     max_tokens) go to encoder.embed."""
@@ -81,7 +85,8 @@ def _set_rng_state(state, device):
 
 
 def forward_backward(encoder: LLMEncoder, batch: Batch, loss_fn: Callable, *, mini_batch_size: int | None = None,
-                     cached: bool = True, device: torch.device | None = None, autocast=contextlib.nullcontext,
+                     cached: bool = True, device: torch.device | None = None,
+                     autocast: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
                      loss_weight: float = 1.0, packed: bool = False, max_tokens: int | None = None) -> torch.Tensor:
     """Embeds `batch`, computes loss_fn(q, d) and backpropagates loss_weight·loss into the encoder's
     parameters (and any tensor loss_fn closes over). Returns the loss, detached.
@@ -124,7 +129,7 @@ def forward_backward(encoder: LLMEncoder, batch: Batch, loss_fn: Callable, *, mi
 
 def contrastive_loss_step(encoder: LLMEncoder, queries: Iterable[str], positives: Iterable[str],
                           negatives: Iterable[str] | None = None, *, instruction: str | None = None,
-                          scale=DEFAULT_SCALE, bias=None, labels: torch.Tensor | None = None, packed: bool = False,
+                          scale: Scalar = DEFAULT_SCALE, bias: Scalar | None = None, labels: torch.Tensor | None = None, packed: bool = False,
                           backend: str | None = None) -> torch.Tensor:
     """PRCL loss of one batch of texts, ready for `.backward()`: the step without a Batch or GradCache.
 

@@ -15,16 +15,20 @@ the data's label (positives 1, graded documents their relevance, excluded pairs 
 listed positive, or whose positive the teacher scores at or below the median, keeps 0 elsewhere.
 """
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from prcl.training.batching import Batch
 
+if TYPE_CHECKING:
+    from prcl.encoders import LLMEncoder
+
 
 class _SentenceTransformerTeacher:
     """A sentence-transformers model behind LLMEncoder.encode's signature, with normalised rows."""
 
-    def __init__(self, path: str, device: torch.device):
+    def __init__(self, path: str, device: torch.device) -> None:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(path, device=str(device))
@@ -34,7 +38,7 @@ class _SentenceTransformerTeacher:
                                  show_progress_bar=False)
 
 
-def load_teacher(path: str, *, max_length: int, device: torch.device):
+def load_teacher(path: str, *, max_length: int, device: torch.device) -> "_SentenceTransformerTeacher | LLMEncoder":
     """A frozen teacher in eval mode: a sentence-transformers directory (modules.json) through
     sentence-transformers, with its own pooling and length; anything else as prcl.encoders.LLMEncoder
     (mean pooling, max_length tokens)."""
@@ -66,7 +70,7 @@ def calibrated_labels(s: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_batch(batch: Batch, teacher, batch_size: int) -> Batch:
+def teacher_batch(batch: Batch, teacher: "_SentenceTransformerTeacher | LLMEncoder", batch_size: int) -> Batch:
     """The batch with dense (B, N) labels (label_index None): the data's labels where it lists a pair,
     the teacher's elsewhere. teacher: load_teacher's; it embeds batch_size texts per call."""
     q = teacher.encode(batch.queries, batch_size=batch_size).float()

@@ -12,6 +12,7 @@ This module imports no torch, so that `prcl bench --help` answers at once; the n
 module on first use (`from prcl import bench as pb; pb.make_case(...)`).
 """
 import importlib
+from typing import Any
 
 LABEL_FORMS = ("diagonal", "graded", "sparse", "hardneg")
 MODES = ("fwd", "fwd+bwd")
@@ -31,17 +32,17 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
-def first_line(e, limit=160):
+def first_line(e: object, limit: int = 160) -> str:
     """The first line of an exception's message, cut to `limit` characters: for one-line reasons."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else ""
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name not in _MODULE_OF:
         raise AttributeError(f"module 'prcl.tools.bench' has no attribute {name!r}")
     return getattr(importlib.import_module(f"prcl.tools.bench.{_MODULE_OF[name]}"), name)
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_MODULE_OF))

@@ -16,7 +16,7 @@ HARDNEG_FACTOR = 8
 GOLD_BYTES_PER_PAIR = 48  # the float64 reference, fwd+bwd
 
 
-def device_name(device):
+def device_name(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -31,12 +31,12 @@ def device_name(device):
     return f"CPU {model}, {threads} thread{'s' if threads != 1 else ''}"
 
 
-def device_slug(device):
+def device_slug(device: str | torch.device) -> str:
     """The device name as a folder name, e.g. 'nvidia-h100-80gb-hbm3'."""
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
-def versions():
+def versions() -> dict[str, str]:
     out = {"prcl": prcl.__version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
@@ -49,12 +49,12 @@ def versions():
     return out
 
 
-def flops(B, N, D, mode):
+def flops(B: int, N: int, D: int, mode: str) -> int:
     """The FLOP basis: 2·B·N·D forward only (one GEMM's worth), 6·B·N·D forward+backward (three)."""
     return (2 if mode == "fwd" else 6) * B * N * D
 
 
-def default_docs(B, label_form):
+def default_docs(B: int, label_form: str) -> int:
     return HARDNEG_FACTOR * B if label_form == "hardneg" else B
 
 
@@ -73,20 +73,21 @@ class Case:
     seed: int = 0
 
     @property
-    def id(self):
+    def id(self) -> str:
         return f"B{self.B}-N{self.N}-D{self.D}-{self.dtype}-{self.label_form}"
 
-    def spec(self):
+    def spec(self) -> dict[str, int | str]:
         """What make_case needs to rebuild these inputs elsewhere (the CPU memory worker)."""
         return dict(B=self.B, N=self.N, D=self.D, dtype=self.dtype, label_form=self.label_form,
                     seed=self.seed)
 
-    def input_bytes(self):
+    def input_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.labels, self.label_index)
                    if t is not None)
 
 
-def make_case(B, N, D, dtype="fp32", device="cpu", label_form="diagonal", seed=0):
+def make_case(B: int, N: int, D: int, dtype: str = "fp32", device: str | torch.device = "cpu",
+              label_form: str = "diagonal", seed: int = 0) -> Case:
     """Unit-norm embeddings (as encoders produce them) and labels in one of the four forms:
 
     diagonal: labels=None, pair (i, i) positive.      graded: (B,) relevance of pair (i, i) in [0, 1).
@@ -109,7 +110,7 @@ def make_case(B, N, D, dtype="fp32", device="cpu", label_form="diagonal", seed=0
     return Case(B, N, D, dtype, label_form, device, q, d, labels, label_index, seed)
 
 
-def listed_labels(B, N, K, gen):
+def listed_labels(B: int, N: int, K: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The "sparse" case: (B, K) labels with label_index, K documents per row: the diagonal positive (label 1)
     and K − 1 graded ones (labels in [0, 0.5)), no document twice in a row, nothing excluded; the shape of a
     training batch, for timing (prcl.testing.labels_with_exclusions("sparse") is the accuracy checks' one)."""
@@ -125,7 +126,7 @@ def listed_labels(B, N, K, gen):
     return labels, label_index
 
 
-def free_bytes(device):
+def free_bytes(device: str | torch.device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -136,7 +137,8 @@ def free_bytes(device):
         return 1 << 62
 
 
-def fit_problem(what, bytes_per_pair, B, N, device, margin=0.8):
+def fit_problem(what: str, bytes_per_pair: int, B: int, N: int, device: str | torch.device,
+                margin: float = 0.8) -> str | None:
     """None when B×N pairs at bytes_per_pair should fit in free memory, else the reason they won't."""
     need = bytes_per_pair * B * N
     free = free_bytes(device)

@@ -11,12 +11,13 @@ torch is imported after the arguments parse: `--help` and argument errors answer
 import argparse
 import gc
 import time
+from collections.abc import Sequence
 
 from prcl.files import resolve_device
 from prcl.tools.bench import DTYPE_NAMES, LABEL_FORMS
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m prcl bench",
         description="prcl.fused_pair_bce vs the eager reference (and torch.compile of it, and open_clip / "
@@ -43,7 +44,7 @@ def parser():
     return p
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:

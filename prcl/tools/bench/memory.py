@@ -15,12 +15,14 @@ import gc
 import multiprocessing
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 from prcl.tools.bench import first_line
-from prcl.tools.bench.cases import make_case
+from prcl.tools.bench.cases import Case, make_case
 from prcl.tools.bench.peers import Unsupported, implementation
 from prcl.tools.bench.timing import Step, synchronize
 
@@ -34,7 +36,7 @@ def _proc_status(key):
         return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
 
 
-def memory_problem(device):
+def memory_problem(device: str | torch.device) -> str | None:
     """None when this process can measure peak memory on `device`, else why it cannot."""
     if torch.device(device).type == "cuda":
         return None
@@ -51,7 +53,7 @@ def memory_problem(device):
     return None
 
 
-def peak_memory(step, device):
+def peak_memory(step: Callable[[], object], device: str | torch.device) -> int:
     """Bytes allocated beyond what is live before one call of step, at the call's peak."""
     device = torch.device(device)
     problem = memory_problem(device)
@@ -76,7 +78,7 @@ def peak_memory(step, device):
 
 
 @contextmanager
-def measuring_env():
+def measuring_env() -> Iterator[None]:
     """MEASURING_ENV in os.environ while processes that the meter will run in are started."""
     saved = {k: os.environ.get(k) for k in MEASURING_ENV}
     os.environ.update(MEASURING_ENV)
@@ -93,7 +95,7 @@ def measuring_env():
 _cases, _fns = {}, {}
 
 
-def impl_step(name, spec, mode):
+def impl_step(name: str, spec: dict[str, Any], mode: str) -> Step:
     """The Step of implementation `name` on the CPU case `spec`, for MemoryWorker; the last case and
     every implementation are kept, so that a sweep builds each once (and compiles once)."""
     key = tuple(sorted(spec.items()))
@@ -135,7 +137,7 @@ class MemoryWorker:
     MEASURING_ENV. Long-lived, so that a sweep pays for starting torch once, not per case. The step
     comes from `factory(*args)`, run in the worker: factory must be importable there by name."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._proc = self._conn = None
 
     def _start(self):
@@ -146,7 +148,8 @@ class MemoryWorker:
             self._proc.start()
         child.close()
 
-    def measure(self, factory, *args, timeout_s=600):
+    def measure(self, factory: Callable[..., Callable[[], object]], *args: object,
+                timeout_s: float = 600) -> tuple[int | None, str | None]:
         """(bytes, None) or (None, reason)."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
@@ -160,7 +163,7 @@ class MemoryWorker:
             return None, f"memory worker died ({type(e).__name__}: {first_line(e)}; out of memory?)"
         return (value, None) if status == "ok" else (None, value)
 
-    def close(self):
+    def close(self) -> None:
         if self._proc is not None:
             try:
                 self._conn.send(None)
@@ -175,7 +178,7 @@ class MemoryWorker:
 _worker = None
 
 
-def measure_peak_memory(name, step, case):
+def measure_peak_memory(name: str, step: Step, case: Case) -> tuple[int | None, str | None]:
     """Peak memory beyond the inputs of one warm call of implementation `name` on `case`:
     (bytes, None) or (None, reason). CUDA measures `step` in place; CPU asks the memory worker."""
     global _worker

@@ -6,6 +6,8 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -14,6 +16,7 @@ from prcl.backends import reference
 from prcl.core.contract import DEFAULT_SCALE, default_bias
 from prcl.core.ops import auto_backend
 from prcl.tools.bench import first_line
+from prcl.tools.bench.timing import LossFn
 
 SCALE = DEFAULT_SCALE  # every implementation at the library's default: what a user of prcl gets
 
@@ -24,22 +27,23 @@ class Unsupported(Exception):
     """The implementation cannot run this case (label form, shape, device); the message says why."""
 
 
-def resolved_backend(device):
+def resolved_backend(device: str | torch.device) -> str:
     return auto_backend(torch.device(device))
 
 
-def prcl_loss(backend=None):
+def prcl_loss(backend: str | None = None) -> LossFn:
     def fn(q, d, labels, label_index):
         return prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=SCALE, backend=backend)
 
     return fn
 
 
-def reference_loss(q, d, labels, label_index):
+def reference_loss(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor | None,
+                   label_index: torch.Tensor | None) -> torch.Tensor:
     return reference.pair_bce(q, d, labels, label_index=label_index, scale=SCALE)
 
 
-def compiled_reference():
+def compiled_reference() -> LossFn:
     """torch.compile of the eager reference. Compilation happens on the first call (on CPU it needs a
     C++ compiler), so callers treat an exception there as "n/a" with the reason."""
     # Every label form, mode and size is a recompile of the same function: the default limit (8)
@@ -50,12 +54,12 @@ def compiled_reference():
     return torch.compile(reference_loss)
 
 
-def diagonal_square(name, q, d, labels):
+def diagonal_square(name: str, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor | None) -> None:
     if labels is not None or q.shape[0] != d.shape[0]:
         raise Unsupported(f"{name} takes diagonal labels on square batches only")
 
 
-def open_clip_loss_module():
+def open_clip_loss_module() -> ModuleType:
     try:
         import open_clip.loss as loss_module
 
@@ -75,7 +79,7 @@ def open_clip_loss_module():
     return loss_module
 
 
-def open_clip_loss():
+def open_clip_loss() -> LossFn:
     """open_clip's SigLipLoss (one process): −Σ logsigmoid(±z)/B with z = t·q·dᵀ + b, diagonal labels."""
     siglip = open_clip_loss_module().SigLipLoss()
 
@@ -86,7 +90,7 @@ def open_clip_loss():
     return fn
 
 
-def siglip_kernel_loss():
+def siglip_kernel_loss() -> LossFn:
     """siglip-kernel's fused_siglip_loss(img, txt, log_temperature, bias) (looked up in its 0.1.2
     source): its router picks chunked cuBLAS + Triton for 16-bit inputs, a fused kernel for fp32."""
     if not torch.cuda.is_available():
@@ -109,18 +113,18 @@ class ThreeGemms(torch.autograd.Function):
     for time). Its forward returns one element of S, so nothing else runs."""
 
     @staticmethod
-    def forward(ctx, q, d):
+    def forward(ctx: Any, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         S = q @ d.T
         ctx.save_for_backward(q, d, S)
         return S[0, 0].float()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, d, S = ctx.saved_tensors
         return S @ d, S.T @ q
 
 
-def gemm_floor():
+def gemm_floor() -> LossFn:
     def fn(q, d, labels, label_index):
         return ThreeGemms.apply(q, d)
 
@@ -134,7 +138,7 @@ class Impl:
     bytes_per_pair: int  # rough peak per B·N pair, fwd+bwd, for skipping cases that cannot fit
     label: str = ""      # longer name for the CLI table
 
-    def make(self):
+    def make(self) -> tuple[LossFn | None, str | None]:
         """(fn, None) or (None, reason it is not available)."""
         try:
             return self.factory(), None
@@ -142,7 +146,8 @@ class Impl:
             return None, f"{type(e).__name__}: {first_line(e)}"
 
 
-def implementations(device, compile_reference=True, peers=True, floor=False):
+def implementations(device: str | torch.device, compile_reference: bool = True, peers: bool = True,
+                    floor: bool = False) -> list[Impl]:
     """[Impl] in table order: prcl on the auto backend (and, on CPU, the bounded-memory torch path
     when auto picked another), the eager reference, torch.compile of it, the optional peers, and the
     three-GEMM floor."""
@@ -165,7 +170,7 @@ def implementations(device, compile_reference=True, peers=True, floor=False):
     return impls
 
 
-def implementation(name, device, **kw):
+def implementation(name: str, device: str | torch.device, **kw: bool) -> Impl:
     kw = {"compile_reference": True, "peers": True, "floor": True, **kw}
     for impl in implementations(device, **kw):
         if impl.name == name:

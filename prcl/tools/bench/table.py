@@ -1,20 +1,25 @@
 """One row per implementation (time, peak memory, error vs float64), a progress line per row, and
 the rendered table; then the small batches, where the host's per-call work shows."""
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from prcl.tools.bench import MODES, first_line
-from prcl.tools.bench.cases import GOLD_BYTES_PER_PAIR, device_name, fit_problem, flops, make_case, versions
+from prcl.tools.bench.cases import GOLD_BYTES_PER_PAIR, Case, device_name, fit_problem, flops, make_case, versions
 from prcl.tools.bench.memory import measure_peak_memory
-from prcl.tools.bench.peers import SCALE, prcl_loss, reference_loss, resolved_backend
-from prcl.tools.bench.timing import SPREAD_WARNING, Step, rounds_for, spread, summarize, time_step
+from prcl.tools.bench.peers import SCALE, Impl, prcl_loss, reference_loss, resolved_backend
+from prcl.tools.bench.timing import SPREAD_WARNING, LossFn, Step, rounds_for, spread, summarize, time_step
 
 # (B = N, D) where the host's per-call work (checks, label layout, dispatch, autograd) is much of a call:
 # gradient-cache chunks and per-rank shards live there
 SMALL_BATCHES = ((32, 64), (128, 256))
 SMALL_BUDGET_S = 0.3  # timed seconds per implementation and size, at least 15 calls
 
+Load = tuple[float, int | None] | None  # timing.load_average()
 
-def errors_vs_float64(fn, case):
+
+def errors_vs_float64(fn: LossFn, case: Case) -> tuple[float, float]:
     """(relative error of the loss, max over dq, dd of max|g − g64| / max|g64|) against the float64
     reference on the same inputs."""
 
@@ -32,7 +37,7 @@ def errors_vs_float64(fn, case):
     return loss_err, grad_err
 
 
-def measure(impl, case, repeats):
+def measure(impl: Impl, case: Case, repeats: int) -> dict[str, Any]:
     """One table row: {'fwd': times, 'fwd+bwd': times, 'mem': {mode: bytes}, 'err': (loss, grad)},
     or {'problem': reason} when the implementation does not run here."""
     row = {"name": impl.label or impl.name, "mem": {}, "notes": []}
@@ -72,7 +77,7 @@ def _spread(row):
     return max(spread(row[mode]) for mode in MODES)
 
 
-def progress_line(row, seconds):
+def progress_line(row: dict[str, Any], seconds: float) -> str:
     """The line printed as soon as a row is measured."""
     if "problem" in row:
         return f"  {row['name']}: n/a: {row['problem']}"
@@ -82,12 +87,12 @@ def progress_line(row, seconds):
             f"peak {_mib(mem['fwd'])} / {_mib(mem['fwd+bwd'])} MiB  [{seconds:.0f} s]")
 
 
-def load_text(load):
+def load_text(load: Load) -> str:
     return "load average: not available here" if load is None else \
         f"load average {load[0]:.2f} on {load[1]} CPU{'s' if load[1] != 1 else ''}"
 
 
-def warnings(rows, loads):
+def warnings(rows: list[dict[str, Any]], loads: Sequence[Load]) -> list[str]:
     """Lines that say when the timings cannot be trusted: a large spread, a busy machine."""
     out = []
     worst = max((_spread(r) for r in rows if "problem" not in r), default=0.0)
@@ -102,7 +107,7 @@ def warnings(rows, loads):
     return out
 
 
-def render(rows, case, repeats, loads=()):
+def render(rows: list[dict[str, Any]], case: Case, repeats: int, loads: Sequence[Load] = ()) -> str:
     B, N, D = case.B, case.N, case.D
     head = ["implementation", "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "spread", "x eager",
             "peak MiB fwd", "peak MiB f+b", "loss err", "grad err"]
@@ -149,7 +154,7 @@ def render(rows, case, repeats, loads=()):
     return "\n".join(lines + ([""] + tail if tail else []))
 
 
-def measure_small_batches(device, seed=0):
+def measure_small_batches(device: str | torch.device, seed: int = 0) -> list[tuple[Case, dict[str, list[float]]]]:
     """[(case, {"prcl": seconds, "eager": seconds})]: fwd+bwd of each call at SMALL_BATCHES, fp32, diagonal
     labels, on one CPU thread (the host's work is what these sizes show)."""
     threads = torch.get_num_threads()
@@ -169,7 +174,7 @@ def measure_small_batches(device, seed=0):
         torch.set_num_threads(threads)
 
 
-def render_small_batches(measured, device):
+def render_small_batches(measured: list[tuple[Case, dict[str, list[float]]]], device: str | torch.device) -> str:
     calls = min(len(t) for _, times in measured for t in times.values())
     lines = [f"small batches: fwd+bwd, fp32, labels=diagonal, 1 CPU thread, prcl ({resolved_backend(device)}) vs "
              f"eager; median ± half the interquartile range of at least {calls} calls; x eager: speed-up"]

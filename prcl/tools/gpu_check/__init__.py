@@ -48,7 +48,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from prcl.tools.gpu_check import correctness, cuda_graph, environment, lora_step, no_host_sync, timings
 from prcl.tools.gpu_check.common import Check, error_line, log
@@ -66,7 +68,7 @@ class Timeout(BaseException):
 
 
 @contextlib.contextmanager
-def time_box(seconds):
+def time_box(seconds: float) -> Iterator[None]:
     def expire(signum, frame):
         raise Timeout(f"time box of {seconds:.0f} s exceeded")
 
@@ -87,7 +89,7 @@ def _parser():
     return p
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.dry_run:  # Triton reads this when it is first imported: the kernels run in its interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -116,7 +118,7 @@ def _write(out, results):
     (out / "summary.md").write_text(summary(results))
 
 
-def run(ck, args, watchdog_file):
+def run(ck: Check, args: argparse.Namespace, watchdog_file: TextIO) -> int:
     results = {"dry_run": args.dry_run, "sections": {}}
     for name, budget, section in SECTIONS:
         if name not in args.sections:

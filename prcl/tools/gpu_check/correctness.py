@@ -1,17 +1,19 @@
 """Section 2: the CUDA loss and gradients against float64, under prcl.testing's accuracy rule."""
 import functools
 import traceback
+from typing import Any
 
 import torch
 
 from prcl.testing import DTYPES, FLOOR, FORMS, LATE_FLOOR, judge, labels_with_exclusions, loss_and_grads, pair_inputs
-from prcl.tools.gpu_check.common import error_line, log
+from prcl.tools.gpu_check.common import Check, error_line, log
 
 MASK_MARGIN = -0.3  # the false-negative margin of the "masked" cases: masks pairs in every case of every form
 RULE = "err(prcl) <= 2 * err(eager, same dtype) + floor; errors relative to max |float64 gold|"
 
 
-def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", design="default", seed=0):
+def compare(ck: Check, dtype_name: str, B: int, N: int, D: int, form: str, layout: str, reduction: str,
+            regime: str = "plain", design: str = "default", seed: int = 0) -> dict[str, Any]:
     """One correctness row: prcl vs eager vs float64 gold on the same rounded inputs. regime: "plain",
     "late" (late training) or "masked" (the false-negative mask at MASK_MARGIN); design: the Triton
     gradient's, "default" (the launcher's choice) or "two-pass" (forced)."""
@@ -47,7 +49,7 @@ def compare(ck, dtype_name, B, N, D, form, layout, reduction, regime="plain", de
     return row
 
 
-def correctness_cases(dry_run):
+def correctness_cases(dry_run: bool) -> list[tuple[str, int, int, int, str, str, str, str, str]]:
     """(dtype, B, N, D, form, layout, reduction, regime, design) in order of importance: if the time box
     ends the section, the late-training regime, the false-negative mask and the multi-panel case have
     run. Each 16-bit case with D ≤ TWO_PASS_MAX_D runs twice: with the launcher's gradient design and
@@ -78,7 +80,7 @@ def correctness_cases(dry_run):
             for design in ("default", "two-pass")[:2 if c[0] != "fp32" and c[3] <= TWO_PASS_MAX_D else 1]]
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     rec["rule"] = RULE
     rec["floors"] = {regime: {name: floor[dtype] for name, dtype in DTYPES.items()}
                      for regime, floor in (("plain", FLOOR), ("late", LATE_FLOOR))}

@@ -1,14 +1,15 @@
 """Section 4: forward+backward captured in a CUDA graph, replayed on new input values, against eager."""
 import traceback
+from typing import Any
 
 import torch
 
 from prcl.testing import OUTPUTS, pair_inputs
-from prcl.tools.gpu_check.common import error_line, log
+from prcl.tools.gpu_check.common import Check, error_line, log
 from prcl.tools.gpu_check.no_host_sync import loss_call
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     if not ck.cuda:
         rec["not_applicable"] = "CUDA graphs need CUDA"
         return
@@ -22,7 +23,7 @@ def section(ck, rec):
     rec["passed"] = all(r["passed"] for r in rows)
 
 
-def _graph_replay(ck, form):
+def _graph_replay(ck: Check, form: str) -> dict[str, Any]:
     """Capture forward+backward, replay it on new input values, compare with an eager step on them."""
     step, (q, d, t, b) = loss_call(ck, form, 512, 2048, 128, torch.bfloat16)
     side = torch.cuda.Stream()

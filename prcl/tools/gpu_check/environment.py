@@ -6,18 +6,21 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from prcl.tools.gpu_check.common import Check
 
-def _version(dist):
+
+def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _command(ck):
+def _command(ck: Check) -> str:
     """The command as it was typed: `-m prcl.tools.gpu_check` where that module is what ran, else
     `-m prcl gpu-check`."""
     module = sys.argv[0].endswith(os.path.join("gpu_check", "__main__.py"))
@@ -25,7 +28,7 @@ def _command(ck):
                      "-m prcl.tools.gpu_check" if module else "-m prcl gpu-check", *ck.argv])
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     import prcl
 
     rec["command"] = _command(ck)
@@ -46,7 +49,7 @@ def section(ck, rec):
     rec["commit"] = _commit(Path(prcl.__file__).parent)
 
 
-def _commit(source):
+def _commit(source: str | os.PathLike[str]) -> str | None:
     """The source tree's commit: PRCL_COMMIT where set (a copy sent to a GPU machine has no .git, or a stale
     one), else git's, marked "+changes" where the tree differs from it."""
     if os.environ.get("PRCL_COMMIT"):

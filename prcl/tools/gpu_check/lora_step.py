@@ -2,10 +2,11 @@
 packed batches, tokens/s, peak memory, and which varlen attention kernel ran."""
 import contextlib
 import traceback
+from typing import Any
 
 import torch
 
-from prcl.tools.gpu_check.common import error_line, log
+from prcl.tools.gpu_check.common import Check, error_line, log
 from prcl.tools.gpu_check.timings import measure
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -39,7 +40,7 @@ def _encoder(ck, rec):
                       gradient_checkpointing=True)
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     import prcl
 
     enc = _encoder(ck, rec).add_lora(r=16, alpha=32, dropout=0.0)

@@ -1,13 +1,19 @@
 """Section 3: forward and backward of every label form under torch.cuda.set_sync_debug_mode("error")."""
 import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from prcl.testing import FORMS, labels_with_exclusions, pair_inputs
-from prcl.tools.gpu_check.common import error_line
+from prcl.tools.gpu_check.common import Check, error_line
+
+if TYPE_CHECKING:
+    from prcl.core.contract import LossOutput
 
 
-def loss_call(ck, form, B, N, D, dtype, seed=1, margin=None):
+def loss_call(ck: Check, form: str, B: int, N: int, D: int, dtype: torch.dtype, seed: int = 1,
+              margin: float | None = None) -> tuple[Callable[..., "LossOutput"], tuple[torch.Tensor, ...]]:
     """(fn, tensors) for one forward+backward of prcl on device tensors made in advance; margin: the
     false-negative mask, whose count is then returned too (never read here)."""
     import prcl
@@ -18,7 +24,7 @@ def loss_call(ck, form, B, N, D, dtype, seed=1, margin=None):
     t = torch.full((), 10.0, device=ck.device, requires_grad=True)
     b = torch.full((), -5.0, device=ck.device, requires_grad=True)
 
-    def step(reduction="mean"):
+    def step(reduction: str = "mean") -> "LossOutput":
         loss = prcl.fused_pair_bce(q, d, labels, label_index=label_index, scale=t, bias=b, reduction=reduction,
                                    backend=ck.backend, false_negative_margin=margin, return_masked=margin is not None)
         value = loss[0] if margin is not None else loss
@@ -28,7 +34,7 @@ def loss_call(ck, form, B, N, D, dtype, seed=1, margin=None):
     return step, (q, d, t, b)
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     B, N, D = (20, 30, 16) if ck.dry_run else (300, 1000, 96)
     rows = rec["rows"] = []
     for form, reduction, margin in itertools.product(FORMS, ("mean", "none"), (None, 0.0)):

@@ -1,22 +1,29 @@
 """What the timings section times: prcl (and its Triton gradient's two designs), the eager reference,
 the peers of prcl.tools.bench, the three-GEMM floor; all at prcl.core.contract.DEFAULT_SCALE and bias
 −log(N−1), the library's defaults."""
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 from prcl.tools import bench
+
+if TYPE_CHECKING:
+    from prcl.tools.bench.timing import LossFn
+    from prcl.tools.gpu_check.common import Check
 
 DESIGNS = ("prcl panels", "prcl two-pass")  # the Triton gradient's two designs, timed side by side
 
 
-def _from_bench(name, *args):
+def _from_bench(name: str, *args: object) -> Callable[[], "LossFn"]:
     return lambda: getattr(bench, name)(*args)
 
 
-def _design(design):  # docs/design.md, "Two-pass gradient"
-    def make():
+def _design(design: str) -> Callable[[], "LossFn"]:  # docs/design.md, "Two-pass gradient"
+    def make() -> "LossFn":
         from prcl.backends.triton_impl import gradient_design
 
         loss = bench.prcl_loss("triton")
 
-        def fn(*args):
+        def fn(*args: Any) -> Any:
             with gradient_design(design):
                 return loss(*args)
 
@@ -25,7 +32,7 @@ def _design(design):  # docs/design.md, "Two-pass gradient"
     return make
 
 
-def peers(ck):
+def peers(ck: "Check") -> list[tuple[str, Callable[[], "LossFn"]]]:
     """[(name, factory)]: factories return fn(q, d, labels, label_index) -> scalar loss."""
     made = [("prcl", _from_bench("prcl_loss")), ("prcl panels", _design("panels")), ("prcl two-pass", _design("two-pass")),
             ("eager", lambda: bench.reference_loss)]

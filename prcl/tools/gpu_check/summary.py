@@ -1,8 +1,9 @@
 """summary.md: the sections' status, then the correctness failures, the late-training errors, the sync and
 graph checks, the timings and the LoRA step as tables."""
+from typing import Any
 
 
-def status(rec):
+def status(rec: dict[str, Any]) -> str:
     if "error" in rec:
         return "ERROR"
     if "not_applicable" in rec:
@@ -12,17 +13,17 @@ def status(rec):
     return "pass" if rec.get("passed") else "done"
 
 
-def _fmt(v):
+def _fmt(v: object) -> str:
     return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _table(rows, columns):
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return out
 
 
-def summary(results):
+def summary(results: dict[str, Any]) -> str:
     env = results["sections"].get("environment", {})
     lines = ["# prcl GPU check", "", f"Command: `{env.get('command')}`  ", f"Date: {env.get('date')}  ",
              f"Device: {env.get('device')}  ", f"Versions: {env.get('versions')}  ", f"Commit: {env.get('commit')}", "",

@@ -1,5 +1,7 @@
 """Section 5: medians and peak memory, most wanted first (prcl.tools.bench's timer and memory meter)."""
 import gc
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -8,11 +10,11 @@ from prcl.tools.bench.cases import flops
 from prcl.tools.bench.memory import peak_memory
 from prcl.tools.bench.peers import SCALE
 from prcl.tools.bench.timing import rounds_for, summarize, time_step
-from prcl.tools.gpu_check.common import error_line, log
+from prcl.tools.gpu_check.common import Check, error_line, log
 from prcl.tools.gpu_check.peers import DESIGNS, peers
 
 
-def timing_cases(ck):
+def timing_cases(ck: Check) -> list[tuple[str, int, int, int, str, str, list[str]]]:
     """(label, B, N, D, dtype, mode, implementations) in order of importance — the gradient designs that
     prcl.backends.tuning waits for, then the headline case, then the rest; the peers that take minutes to set up
     (torch.compile's first compile, open_clip) last. "gemm" is one q·dᵀ."""
@@ -32,7 +34,7 @@ def timing_cases(ck):
             ("main", 65536, 65536, 768, "bf16", "fwd+bwd", slow_peers)]
 
 
-def measure(ck, fn, budget_s=1.5):
+def measure(ck: Check, fn: Callable[[], object], budget_s: float = 1.5) -> tuple[float, float, int, int | None]:
     """(median s, interquartile s, rounds, peak bytes beyond what was allocated before or None on CPU).
     The rounds are sized from a warm call (the first one includes compilation); CUDA events time them."""
     warm = time_step(fn, ck.device, 1)[0]
@@ -54,7 +56,7 @@ def _step(fn, q, d, mode):
     return step
 
 
-def section(ck, rec):
+def section(ck: Check, rec: dict[str, Any]) -> None:
     rec["timer"] = "CUDA events" if ck.cuda else "wall clock (dry run: not a measurement)"
     rec["memory"] = ("peak allocated during one step beyond what was allocated before it: the inputs and, "
                      "after the warm-up step, their gradients" if ck.cuda else "n/a on CPU")
