@@ -54,19 +54,16 @@ def load_teacher(path: str, *, max_length: int, device: torch.device) -> "_Sente
 
 @torch.no_grad()
 def calibrated_labels(s: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(B, N) float32 labels from the teacher's cosines s (B, N) and the batch's listed pairs."""
+    """(B, N) float32 labels from the teacher's cosines s (B, N) and the batch's listed pairs (build_batch
+    lists y > 0 and exclusions, y = −1: a 0 in the dense labels is a pair the data left unlabelled)."""
     listed = batch.dense_labels()
-    is_listed = torch.zeros_like(listed, dtype=torch.bool)
-    rows = torch.arange(len(batch.queries))[:, None].expand_as(batch.label_index)
-    keep = batch.label_index >= 0
-    is_listed[rows[keep], batch.label_index[keep]] = True
     s = s.float().cpu()  # the Batch's labels live on the CPU
     top = listed.amax(1, keepdim=True)
     p = torch.where((listed == top) & (top > 0), s, -torch.inf).amax(1, keepdim=True)
     m = s.median(1, keepdim=True).values
     usable = p > m  # a positive the teacher ranks above the median: the row has a scale
     y = ((s - m) / torch.where(usable, p - m, 1.0)).clamp(0, 1) * usable
-    return torch.where(is_listed, listed, y)
+    return torch.where(listed != 0, listed, y)
 
 
 @torch.no_grad()
