@@ -352,10 +352,82 @@ def test_gather_across_devices_needs_torch_distributed(model_dir):
 def test_config_and_citation(model_dir):
     loss_fn = CachedPairRelevanceLoss(tiny_model(model_dir), learnable_bias=True, mini_batch_size=8,
                                       false_negative_margin=0.1)
+    assert PairRelevanceLoss(tiny_model(model_dir), teacher=model_dir).get_config_dict()["teacher"] == model_dir
     config = loss_fn.get_config_dict()
     assert config["scale"] == DEFAULT_SCALE and config["bias"].startswith("-log(N-1)") and config["mini_batch_size"] == 8
     assert config["false_negative_margin"] == 0.1
     assert "Sigmoid Loss" in loss_fn.citation and "Memory Limited" in loss_fn.citation
+
+
+def tiny_teacher(model_dir, retokenize):
+    """The tiny model with other weights; a shorter max_seq_length makes the loss decode and re-tokenize."""
+    teacher = tiny_model(model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    if retokenize:
+        teacher.max_seq_length = 32
+    return teacher
+
+
+def teacher_labels_by_hand(teacher, anchors, columns, labels):
+    """calibrated labels written out pair by pair in float64 from the teacher's own encode of the texts:
+    listed pairs (each row's labelled columns, excluded pairs) keep expected_labels'; the others get
+    clamp((s − median) / (p − median), 0, 1), p = the teacher's cosine of the row's top-label documents."""
+    B = len(anchors)
+    docs = [text for column in columns for text in column]
+    data = expected_labels(anchors, columns, labels)
+    enc = functools.partial(teacher.encode, convert_to_tensor=True, normalize_embeddings=True)
+    s = (enc(anchors).double() @ enc(docs).double().T)
+    n_labelled = len(labels[0]) if isinstance(labels[0], list) else 1
+    out = torch.zeros_like(data)
+    for i in range(B):
+        listed = {c * B + i for c in range(n_labelled)} | {j for j in range(len(docs)) if data[i, j] < 0}
+        top = max(data[i, j].item() for j in listed)
+        p = max((s[i, j].item() for j in listed if top > 0 and data[i, j] == top), default=-math.inf)
+        median = sorted(s[i].tolist())[(len(docs) - 1) // 2]
+        for j in range(len(docs)):
+            if j in listed:
+                out[i, j] = data[i, j]
+            elif p > median:
+                out[i, j] = min(max((s[i, j].item() - median) / (p - median), 0.0), 1.0)
+    return out
+
+
+@pytest.mark.parametrize("form", ["positive", "per-column"])
+@pytest.mark.parametrize("retokenize", [False, True], ids=["token-ids", "decoded-texts"])
+def test_teacher_grades_every_unlisted_pair(model_dir, retokenize, form):
+    """With teacher=, targets() are dense (B, N) labels: the data's where it lists a pair (the row's
+    labelled columns, the excluded duplicates), the calibrated teacher cosine elsewhere, equal to the
+    calibration written out by hand on the teacher's own encode; the loss is prcl's on those labels."""
+    model, teacher = tiny_model(model_dir), tiny_teacher(model_dir, retokenize)
+    anchors, columns, labels = batch_texts(12, 6)
+    if form == "per-column":
+        labels = graded_negatives(labels)
+    loss_fn = PairRelevanceLoss(model, teacher=teacher)
+    assert loss_fn.retokenize == retokenize
+    feats = [features(model, anchors)] + [features(model, col) for col in columns]
+    y, label_index = loss_fn.targets(feats, torch.tensor(labels))
+    want = teacher_labels_by_hand(teacher, anchors, columns, labels)
+    assert label_index is None and ((want > 0) & (want < 1)).sum() > 12  # the teacher grades many pairs
+    # float32 cosines, divided by p − median (~0.1): label noise ~1e-5; a wrong label is off by ~0.1
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-4)
+    with torch.no_grad():
+        q = model(features(model, anchors))["sentence_embedding"]
+        d = torch.cat([model(features(model, col))["sentence_embedding"] for col in columns])
+    loss = loss_fn(feats, torch.tensor(labels))
+    gold = eager_loss(q.double(), d.double(), want, DEFAULT_SCALE, None)
+    assert rel_err(loss.detach(), gold) <= 1e-5
+
+
+def test_teacher_refusals(model_dir):
+    model = tiny_model(model_dir)
+    for kw in ({"teacher": model}, {"teacher": torch.nn.Linear(2, 2)},
+               {"teacher": tiny_model(model_dir), "false_negative_margin": 0.1},
+               {"teacher": tiny_model(model_dir), "gather_across_devices": True}):
+        with pytest.raises(ValueError, match="^teacher: "):
+            PairRelevanceLoss(model, **kw)
 
 
 def test_import_prcl_does_not_need_sentence_transformers():
@@ -379,13 +451,19 @@ def train_dataset(rows=24, seed=5, graded=False):
     return datasets.Dataset.from_dict(data)
 
 
-@pytest.mark.parametrize("variant", ["plain", "graded-negatives", "cached", "learnable"])
+@pytest.mark.parametrize("variant", ["plain", "graded-negatives", "cached", "learnable", "teacher", "cached-teacher"])
 def test_trainer_steps(model_dir, tmp_path, variant):
     model = tiny_model(model_dir)
     before = [p.detach().clone() for p in model.parameters()]
     mapping = {}
+    teacher = tiny_teacher(model_dir, retokenize=variant == "cached-teacher")
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
     if variant in ("plain", "graded-negatives"):
         loss_fn = PairRelevanceLoss(model)
+    elif variant == "teacher":
+        loss_fn = PairRelevanceLoss(model, teacher=teacher)
+    elif variant == "cached-teacher":
+        loss_fn = CachedPairRelevanceLoss(model, mini_batch_size=3, teacher=teacher)
     elif variant == "cached":
         loss_fn = CachedPairRelevanceLoss(model, mini_batch_size=3)
     else:
@@ -401,6 +479,7 @@ def test_trainer_steps(model_dir, tmp_path, variant):
     result = trainer.train()
     assert math.isfinite(result.training_loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))  # frozen
     if variant == "learnable":
         optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
         assert id(loss_fn.logit_scale) in optimised and id(loss_fn.logit_bias) in optimised

@@ -44,7 +44,7 @@ def test_calibration_is_the_documented_formula():
     torch.manual_seed(0)
     for _ in range(20):
         s = torch.randn(B, N).tanh()
-        torch.testing.assert_close(calibrated_labels(s, batch).double(), formula(s, batch), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(calibrated_labels(s, batch.labels, batch.label_index).double(), formula(s, batch), rtol=1e-6, atol=1e-6)
 
 
 def test_calibration_keeps_listed_labels_and_zeroes_rows_the_teacher_contradicts():
@@ -56,7 +56,7 @@ def test_calibration_keeps_listed_labels_and_zeroes_rows_the_teacher_contradicts
     s[0, col["n0"]] = 0.7  # q0's hard negative: unlisted (y = 0 is implicit), so the teacher grades it
     s[1, col["p1"]] = -0.5  # the teacher scores q1's positive below the batch's median
     s[1, col["p2"]], s[1, col["g1"]] = 0.8, 0.9  # q1's graded document: listed, and not the row's positive
-    y = calibrated_labels(s, batch)
+    y = calibrated_labels(s, batch.labels, batch.label_index)
     # row 0's median is 0.5 (p1): p1 gets 0, n0 halfway to the positive's 0.9
     assert y[0, col["p3"]] == 1.0 and y[0, col["p1"]] == 0.0 and y[0, col["n3"]] == 0.0
     assert y[0, col["p0"]] == 1.0 and y[0, col["n0"]] == pytest.approx(0.5)
@@ -71,7 +71,7 @@ def test_teacher_batch_has_dense_labels():
     out = teacher_batch(batch, teacher, batch_size=3)
     assert out.label_index is None and out.labels.shape == batch.shape
     q, d = teacher.encode(batch.queries).float(), teacher.encode(batch.docs).float()
-    torch.testing.assert_close(out.labels, calibrated_labels(q @ d.T, batch))
+    torch.testing.assert_close(out.labels, calibrated_labels(q @ d.T, batch.labels, batch.label_index))
     torch.testing.assert_close(out.dense_labels(), out.labels)
     assert (out.docs, out.queries, out.instructions) == (batch.docs, batch.queries, batch.instructions)
 

@@ -18,6 +18,8 @@ shares a batch). --noise replaces that fraction of the rows' positives by random
 --false-negative-margin M masks an in-batch negative whose cosine exceeds its query's positive's + M:
 PRCL leaves the pair out (PairRelevanceLoss's false_negative_margin), InfoNCE drops it from the softmax
 denominator (prcl.training.softmax.info_nce, in place of MultipleNegativesRankingLoss's equal formula).
+--teacher grades every unlisted in-batch pair with a frozen sentence-transformers model (PairRelevanceLoss's
+teacher=; 'minilm' is the untrained all-MiniLM-L6-v2 the student starts from).
 Each run appends one JSON line to --results.
 """
 import argparse
@@ -115,6 +117,27 @@ def masked_info_nce(margin):
     return MaskedInfoNCE
 
 
+def make_loss(model, args):
+    """The sentence-transformers loss the arguments ask for."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from prcl.integrations.sentence_transformers import PairRelevanceLoss
+
+    scale = {} if args.scale is None else {"scale": args.scale}
+    margin = args.false_negative_margin
+    if args.loss == "infonce":
+        return (MultipleNegativesRankingLoss if margin is None else masked_info_nce(margin))(model, **scale)
+    bias = {} if args.bias is None else {"bias": None if args.bias == "prior" else float(args.bias)}
+    teacher = None
+    if args.teacher:
+        teacher = SentenceTransformer(minilm_path() if args.teacher == "minilm" else args.teacher, device="cpu")
+        teacher.max_seq_length = args.max_seq_length
+    return PairRelevanceLoss(model, **scale, **bias, learnable_scale=args.learn in ("scale", "both"),
+                             learnable_bias=args.learn in ("bias", "both"), false_negative_margin=margin,
+                             teacher=teacher)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loss", choices=LOSSES, required=True)
@@ -131,19 +154,20 @@ def main():
     ap.add_argument("--related-label", type=float, default=0.5, help="prcl-related: the grade-1 column's label")
     ap.add_argument("--noise", type=float, default=0.0, help="fraction of positives replaced by random passages")
     ap.add_argument("--false-negative-margin", type=float, help="mask in-batch negatives above the positive + this")
+    ap.add_argument("--teacher", help="PRCL: a sentence-transformers model grading every pair ('minilm': the "
+                                      "starting all-MiniLM-L6-v2, frozen)")
     ap.add_argument("--max-seq-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(HERE / "results" / "minilm.jsonl"))
     args = ap.parse_args()
+    if args.teacher and not args.loss.startswith("prcl"):
+        ap.error("--teacher: grades PRCL's labels; InfoNCE has no place for them")
 
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-    from prcl.integrations.sentence_transformers import PairRelevanceLoss
 
     torch.set_num_threads(args.threads)
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -158,14 +182,7 @@ def main():
         from datasets import Dataset
 
         rows = train_rows(queries, corpus, read_qrels(data / "qrels" / "train.tsv", queries, corpus), args)
-        scale = {} if args.scale is None else {"scale": args.scale}
-        margin = args.false_negative_margin
-        if args.loss == "infonce":
-            loss = (MultipleNegativesRankingLoss if margin is None else masked_info_nce(margin))(model, **scale)
-        else:
-            bias = {} if args.bias is None else {"bias": None if args.bias == "prior" else float(args.bias)}
-            loss = PairRelevanceLoss(model, **scale, **bias, learnable_scale=args.learn in ("scale", "both"),
-                                     learnable_bias=args.learn in ("bias", "both"), false_negative_margin=margin)
+        loss = make_loss(model, args)
         head_lr = {} if args.head_lr is None else {"learning_rate_mapping": {r"logit_(scale|bias)": args.head_lr}}
         training_args = SentenceTransformerTrainingArguments(
             output_dir=str(HERE / "runs" / f"{args.loss}-{args.seed}-{os.getpid()}"), max_steps=args.steps,

@@ -5,4 +5,5 @@ set -e
 queue=$(realpath "$1")
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
-grep -v '^#' "$queue" | grep . | xargs -P "${JOBS:-1}" -I ARGS sh -c 'python ARGS > /dev/null 2>&1 || echo "failed: ARGS"'
+# one line per run, parsed by the shell (quoted arguments such as an --instruction stay one argument)
+grep -v '^#' "$queue" | grep . | xargs -d '\n' -P "${JOBS:-1}" -I ARGS sh -c 'eval "python $1" > /dev/null 2>&1 || echo "failed: $1"' _ ARGS

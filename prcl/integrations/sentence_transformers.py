@@ -27,6 +27,7 @@ from prcl.encoders import compute_dtype
 from prcl.functional import fused_pair_bce
 from prcl.nn import PairBCELoss
 from prcl.training import batching
+from prcl.training.teacher import calibrated_labels
 
 __all__ = ["PairRelevanceLoss", "CachedPairRelevanceLoss", "text_groups", "excluded_pairs"]
 
@@ -148,6 +149,34 @@ def _require_distributed():
 
 
 # ---------------------------------------------------------------------------------------------
+# A teacher grading every pair
+# ---------------------------------------------------------------------------------------------
+
+def _load_teacher(teacher: Any, model: torch.nn.Module) -> Any:
+    """The teacher as a SentenceTransformer (a path or name is loaded on the model's device), checked."""
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(teacher, str):
+        teacher = SentenceTransformer(teacher, device=str(getattr(model, "device", "cpu")))
+    if teacher is model:
+        raise ValueError("teacher: the model being trained; pass a separate model (e.g. SentenceTransformer(path) "
+                         "of the same checkpoint), which stays frozen")
+    if not all(hasattr(getattr(m, "tokenizer", None), "get_vocab") for m in (model, teacher)):
+        raise ValueError(f"teacher: expected a SentenceTransformer with a transformers tokenizer (and a model with "
+                         f"one), got {type(teacher).__name__}")
+    return teacher
+
+
+def _column_texts(tokenizer: Any, features: dict) -> list[str]:
+    """The texts of one column, decoded from its token ids (FA2-flattened rows split at cu_seq_lens_q)."""
+    ids = features["input_ids"]
+    if "cu_seq_lens_q" in features:
+        flat, bounds = ids[0].tolist(), features["cu_seq_lens_q"].tolist()
+        ids = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # The losses
 # ---------------------------------------------------------------------------------------------
 
@@ -190,6 +219,14 @@ class PairRelevanceLoss(PairBCELoss):
             (prcl's process_group path). Needs torch.distributed initialised.
         false_negative_margin: leave out an in-batch negative whose cosine exceeds its anchor's
             positive's + margin, a probable false negative (prcl.fused_pair_bce); None: no mask.
+        teacher: a SentenceTransformer (or a path or name to load as one) that grades every pair the
+            data leaves unlabelled (other rows' documents, hard negatives without a label): its cosines,
+            calibrated per row against the row's positive (prcl.training.teacher), become dense (B, N)
+            labels; the data's labels and left-out pairs stay. It runs frozen, in eval mode, on the whole
+            batch at once under no_grad; on the student's token ids when both share a vocabulary and the
+            teacher's max_seq_length is at least the student's, else on the texts decoded from them (as
+            sentence-transformers' GISTEmbedLoss does). Not with false_negative_margin or
+            gather_across_devices.
 
     Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
     optional `label` column in [0, 1]: a float, the graded relevance of the positive, or a list of
@@ -201,17 +238,51 @@ class PairRelevanceLoss(PairBCELoss):
 
     def __init__(self, model: torch.nn.Module, scale: float = DEFAULT_SCALE, bias: float | None = None,
                  learnable_scale: bool = False, learnable_bias: bool = False, gather_across_devices: bool = False,
-                 false_negative_margin: float | None = None) -> None:
+                 false_negative_margin: float | None = None, teacher: Any = None) -> None:
         super().__init__(scale, bias, learnable_scale=learnable_scale, learnable_bias=learnable_bias,
                          false_negative_margin=false_negative_margin)
         self.model = model
         self.gather_across_devices = gather_across_devices
+        self.teacher = None if teacher is None else _load_teacher(teacher, model)
+        if self.teacher is not None:
+            if false_negative_margin is not None or gather_across_devices:
+                raise ValueError("teacher: grades every pair itself; it does not combine with false_negative_margin "
+                                 "or gather_across_devices (each rank would need every rank's texts)")
+            self.teacher.requires_grad_(False)
+            self.retokenize = (model.tokenizer.get_vocab() != self.teacher.tokenizer.get_vocab()
+                               or self.teacher.max_seq_length < model.max_seq_length)
+            if self.retokenize and has_static_embedding_input(model):
+                raise ValueError("teacher: its tokenizer differs from the model's, so it reads texts decoded from the "
+                                 "model's token ids, which a StaticEmbedding's flat id stream cannot give back")
 
     # -- labels ---------------------------------------------------------------------------------
 
     def targets(self, sentence_features: list[dict],
                 labels: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """(labels, label_index) for the batch: the labelled pairs, and the excluded ones."""
+        """(labels, label_index) for the batch: the labelled pairs and the excluded ones, or with a
+        teacher dense (B, N) labels, the teacher's wherever the data lists no pair."""
+        labels, label_index = self._data_targets(sentence_features, labels)
+        if self.teacher is None:
+            return labels, label_index
+        s = self._teacher_cosines(sentence_features)
+        return calibrated_labels(s, labels, label_index), None
+
+    @torch.no_grad()
+    def _teacher_cosines(self, sentence_features: list[dict]) -> Tensor:
+        """(B, N) cosines of the teacher's embeddings of the anchors and the concatenated documents."""
+        training = self.teacher.training
+        self.teacher.eval()  # the trainer may have put the loss, teacher included, in train mode
+        if self.retokenize:
+            embeddings = [self.teacher.encode(_column_texts(self.model.tokenizer, f), convert_to_tensor=True,
+                                              show_progress_bar=False) for f in sentence_features]
+        else:  # shallow copies: a model writes its outputs into the dicts it is given
+            embeddings = embed_columns(self.teacher, [dict(f) for f in sentence_features])
+        self.teacher.train(training)
+        q, d = (F.normalize(e.float(), dim=-1).to(self.model.device) for e in (embeddings[0], torch.cat(embeddings[1:])))
+        return q @ d.T
+
+    def _data_targets(self, sentence_features: list[dict],
+                      labels: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         n_columns = len(sentence_features)
         if n_columns < 2:
             raise ValueError(f"sentence_features: expected (anchor, positive[, negative_1, …]) columns, "
@@ -293,7 +364,8 @@ class PairRelevanceLoss(PairBCELoss):
         scale = self.logit_scale.exp().item() if self.learnable_scale else self.fixed_scale
         return {"scale": scale, "bias": bias, "learnable_scale": self.learnable_scale,
                 "learnable_bias": self.learnable_bias, "gather_across_devices": self.gather_across_devices,
-                "false_negative_margin": self.false_negative_margin}
+                "false_negative_margin": self.false_negative_margin,
+                "teacher": None if self.teacher is None else self.teacher.tokenizer.name_or_path}
 
     @property
     def citation(self) -> str:
@@ -323,10 +395,10 @@ class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
     def __init__(self, model: torch.nn.Module, scale: float = DEFAULT_SCALE, bias: float | None = None,
                  learnable_scale: bool = False, learnable_bias: bool = False, gather_across_devices: bool = False,
                  mini_batch_size: int = 32, mini_batch_num_tokens: int | None = None, show_progress_bar: bool = False,
-                 false_negative_margin: float | None = None) -> None:
+                 false_negative_margin: float | None = None, teacher: Any = None) -> None:
         super().__init__(model, scale=scale, bias=bias, learnable_scale=learnable_scale,
                          learnable_bias=learnable_bias, gather_across_devices=gather_across_devices,
-                         false_negative_margin=false_negative_margin)
+                         false_negative_margin=false_negative_margin, teacher=teacher)
         if has_static_embedding_input(model):
             raise ValueError("model: a StaticEmbedding's inputs cannot be split into mini-batches; "
                              "use PairRelevanceLoss instead")

@@ -13,12 +13,14 @@ so a document the teacher ranks with the positive gets ≈ 1, one at or below th
 and the scale of the teacher's cosines (which differs between models) drops out. Listed pairs keep
 the data's label (positives 1, graded documents their relevance, excluded pairs −1); a row without a
 listed positive, or whose positive the teacher scores at or below the median, keeps 0 elsewhere.
+`prcl train --teacher` and prcl.integrations.sentence_transformers' `teacher=` both grade this way.
 """
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from prcl.core.labels import kernel_labels, label_tile, listed_pairs
 from prcl.training.batching import Batch
 
 if TYPE_CHECKING:
@@ -53,17 +55,24 @@ def load_teacher(path: str, *, max_length: int, device: torch.device) -> "_Sente
 
 
 @torch.no_grad()
-def calibrated_labels(s: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(B, N) float32 labels from the teacher's cosines s (B, N) and the batch's listed pairs (build_batch
-    lists y > 0 and exclusions, y = −1: a 0 in the dense labels is a pair the data left unlabelled)."""
-    listed = batch.dense_labels()
-    s = s.float().cpu()  # the Batch's labels live on the CPU
-    top = listed.amax(1, keepdim=True)
-    p = torch.where((listed == top) & (top > 0), s, -torch.inf).amax(1, keepdim=True)
+def calibrated_labels(s: torch.Tensor, labels: torch.Tensor | None, label_index: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) float32 labels on s's device from the teacher's cosines s (B, N) and the data's labels in any
+    form of prcl.fused_pair_bce: a pair those list keeps its label (dense labels list every pair), every
+    other pair gets the teacher's."""
+    B, N = s.shape
+    s = s.float()
+    y, index = kernel_labels(labels, label_index, B, s.device)
+    if index is None:
+        return y.to(s.device, torch.float32)
+    y, index = y.to(s.device), index.to(s.device)
+    data = label_tile(y, index, 0, N, torch.float32)
+    listed = label_tile(listed_pairs(index, N).float(), index, 0, N, torch.float32) > 0
+    top = torch.where(listed, data, -torch.inf).amax(1, keepdim=True)
+    p = torch.where(listed & (data == top) & (top > 0), s, -torch.inf).amax(1, keepdim=True)
     m = s.median(1, keepdim=True).values
     usable = p > m  # a positive the teacher ranks above the median: the row has a scale
-    y = ((s - m) / torch.where(usable, p - m, 1.0)).clamp(0, 1) * usable
-    return torch.where(listed != 0, listed, y)
+    graded = ((s - m) / torch.where(usable, p - m, 1.0)).clamp(0, 1) * usable
+    return torch.where(listed, data, graded)
 
 
 @torch.no_grad()
@@ -72,5 +81,5 @@ def teacher_batch(batch: Batch, teacher: "_SentenceTransformerTeacher | LLMEncod
     the teacher's elsewhere. teacher: load_teacher's; it embeds batch_size texts per call."""
     q = teacher.encode(batch.queries, batch_size=batch_size).float()
     d = teacher.encode(batch.docs, batch_size=batch_size).float()
-    y = calibrated_labels(q @ d.T, batch)
+    y = calibrated_labels((q @ d.T).cpu(), batch.labels, batch.label_index)  # the Batch's labels live on the CPU
     return Batch(batch.queries, batch.instructions, batch.docs, y, None)
