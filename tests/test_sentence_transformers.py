@@ -374,7 +374,7 @@ def tiny_teacher(model_dir, retokenize):
 def teacher_labels_by_hand(teacher, anchors, columns, labels):
     """calibrated labels written out pair by pair in float64 from the teacher's own encode of the texts:
     listed pairs (each row's labelled columns, excluded pairs) keep expected_labels'; the others get
-    clamp((s − median) / (p − median), 0, 1), p = the teacher's cosine of the row's top-label documents."""
+    top · clamp((s − median) / (p − median), 0, 1), p = the teacher's cosine of the row's top-label documents."""
     B = len(anchors)
     docs = [text for column in columns for text in column]
     data = expected_labels(anchors, columns, labels)
@@ -391,7 +391,7 @@ def teacher_labels_by_hand(teacher, anchors, columns, labels):
             if j in listed:
                 out[i, j] = data[i, j]
             elif p > median:
-                out[i, j] = min(max((s[i, j].item() - median) / (p - median), 0.0), 1.0)
+                out[i, j] = top * min(max((s[i, j].item() - median) / (p - median), 0.0), 1.0)
     return out
 
 
@@ -406,7 +406,7 @@ def test_teacher_grades_every_unlisted_pair(model_dir, retokenize, form):
     if form == "per-column":
         labels = graded_negatives(labels)
     loss_fn = PairRelevanceLoss(model, teacher=teacher)
-    assert loss_fn.retokenize == retokenize
+    assert loss_fn.teacher.retokenize == retokenize
     feats = [features(model, anchors)] + [features(model, col) for col in columns]
     y, label_index = loss_fn.targets(feats, torch.tensor(labels))
     want = teacher_labels_by_hand(teacher, anchors, columns, labels)
@@ -421,9 +421,39 @@ def test_teacher_grades_every_unlisted_pair(model_dir, retokenize, form):
     assert rel_err(loss.detach(), gold) <= 1e-5
 
 
+@pytest.mark.parametrize("labels", [None, [1.0, 0.4, 0.8]], ids=["no-label-column", "graded-positives"])
+def test_teacher_on_the_diagonal_forms(model_dir, labels):
+    """No duplicates, so the data's labels are the diagonal form (None or a graded positive per row):
+    the teacher's labels follow the same calibration, capped at the row's own positive's relevance."""
+    model, teacher = tiny_model(model_dir), tiny_teacher(model_dir, retokenize=False)
+    anchors, docs = ["the cat sat", "a dog ran", "red fish swam"], ["on the mat", "in the park", "under a tree"]
+    feats = [features(model, anchors), features(model, docs)]
+    y, label_index = PairRelevanceLoss(model, teacher=teacher).targets(
+        feats, None if labels is None else torch.tensor(labels))
+    want = teacher_labels_by_hand(teacher, anchors, [docs], [1.0] * 3 if labels is None else labels)
+    assert label_index is None and (y.diagonal() == torch.tensor(labels or [1.0] * 3)).all()
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-4)
+    assert (y <= y.diagonal()[:, None]).all()
+
+
+def test_cached_teacher_equals_plain_teacher(model_dir):
+    """The cached loss's teacher embeds mini_batch_size rows per forward: the same labels, loss and gradients."""
+    batches = [batch_texts(12, seed) for seed in (2, 3)]
+    plain = run_loss(PairRelevanceLoss(tiny_model(model_dir), teacher=tiny_teacher(model_dir, False)), batches, FACTORS)
+    cached = run_loss(CachedPairRelevanceLoss(tiny_model(model_dir), mini_batch_size=5,
+                                              teacher=tiny_teacher(model_dir, False)), batches, FACTORS)
+    without = run_loss(PairRelevanceLoss(tiny_model(model_dir)), batches, FACTORS)
+    assert rel_err(cached[0], plain[0]) <= FLOOR and rel_err(cached[1], plain[1]) <= FLOOR
+    assert rel_err(without[0], plain[0]) > 0.01  # the teacher's labels change the loss
+
+
 def test_teacher_refusals(model_dir):
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
     model = tiny_model(model_dir)
-    for kw in ({"teacher": model}, {"teacher": torch.nn.Linear(2, 2)},
+    static = SentenceTransformer(modules=[StaticEmbedding(model.tokenizer, embedding_dim=8)], device="cpu")
+    for kw in ({"teacher": model}, {"teacher": SentenceTransformer(modules=[model[0], Pooling(32, "cls")])},
+               {"teacher": torch.nn.Linear(2, 2)}, {"teacher": static},
                {"teacher": tiny_model(model_dir), "false_negative_margin": 0.1},
                {"teacher": tiny_model(model_dir), "gather_across_devices": True}):
         with pytest.raises(ValueError, match="^teacher: "):

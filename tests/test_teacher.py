@@ -34,7 +34,7 @@ def formula(s, batch):
             if (i, j) in listed:
                 out[i, j] = dense[i, j]
             elif p > median:
-                out[i, j] = min(max((s[i, j].item() - median) / (p - median), 0.0), 1.0)
+                out[i, j] = top * min(max((s[i, j].item() - median) / (p - median), 0.0), 1.0)
     return out
 
 

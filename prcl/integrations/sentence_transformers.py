@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sentence_transformers.base.losses import CachedLossMixin, has_static_embedding_input
 from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.util import batch_to_device
 from torch import Tensor
 
 from prcl.core.contract import DEFAULT_SCALE, DTYPES
@@ -152,19 +153,58 @@ def _require_distributed():
 # A teacher grading every pair
 # ---------------------------------------------------------------------------------------------
 
-def _load_teacher(teacher: Any, model: torch.nn.Module) -> Any:
-    """The teacher as a SentenceTransformer (a path or name is loaded on the model's device), checked."""
-    from sentence_transformers import SentenceTransformer
+class _Teacher:
+    """A frozen SentenceTransformer that embeds the student's batches (PairRelevanceLoss's teacher=).
 
-    if isinstance(teacher, str):
-        teacher = SentenceTransformer(teacher, device=str(getattr(model, "device", "cpu")))
-    if teacher is model:
-        raise ValueError("teacher: the model being trained; pass a separate model (e.g. SentenceTransformer(path) "
-                         "of the same checkpoint), which stays frozen")
-    if not all(hasattr(getattr(m, "tokenizer", None), "get_vocab") for m in (model, teacher)):
-        raise ValueError(f"teacher: expected a SentenceTransformer with a transformers tokenizer (and a model with "
-                         f"one), got {type(teacher).__name__}")
-    return teacher
+    Not a submodule of the loss: it stays on its own device, out of loss.parameters() and state_dict().
+    It reads the student's token ids when the two share a vocabulary and its max_seq_length is at least
+    the student's, else texts decoded from those ids (sentence-transformers' GISTEmbedLoss does the same).
+    rows: embed that many rows per forward (the cached loss's mini_batch_size); None: a column at once."""
+
+    def __init__(self, teacher: Any, model: torch.nn.Module, rows: int | None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        if isinstance(teacher, str):
+            teacher = SentenceTransformer(teacher, device=str(model.device))
+        if not isinstance(teacher, SentenceTransformer) or not all(
+                hasattr(getattr(m, "tokenizer", None), "get_vocab") for m in (model, teacher)):
+            raise ValueError(f"teacher: expected a SentenceTransformer with a transformers tokenizer (as the model's), "
+                             f"got {type(teacher).__name__}")
+        if {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+            raise ValueError("teacher: shares parameters with the model being trained; pass a separate model "
+                             "(e.g. SentenceTransformer(path) of the same checkpoint), which stays frozen")
+        same_vocab = model.tokenizer.get_vocab() == teacher.tokenizer.get_vocab()
+        static = has_static_embedding_input(model), has_static_embedding_input(teacher)
+        if any(static) and not (all(static) and same_vocab):
+            raise ValueError("teacher: with a StaticEmbedding model or teacher, both must be StaticEmbeddings with one "
+                             "vocabulary (a StaticEmbedding's flat token ids are not decoded back to texts)")
+        self.model, self.tokenizer, self.rows = teacher.requires_grad_(False), model.tokenizer, rows
+        self.retokenize = not same_vocab or teacher.max_seq_length < model.max_seq_length
+
+    @torch.no_grad()
+    def cosines(self, sentence_features: list[dict]) -> Tensor:
+        """(B, N) float32 cosines of the anchors and the concatenated documents, on the features' device."""
+        teacher = self.model
+        training = teacher.training
+        teacher.eval()  # whatever mode the user or trainer left it in
+        embeddings = [self._embed(teacher, features) for features in sentence_features]
+        teacher.train(training)
+        device = sentence_features[0]["input_ids"].device
+        q, d = (F.normalize(e.float(), dim=-1).to(device) for e in (embeddings[0], torch.cat(embeddings[1:])))
+        return q @ d.T
+
+    def _embed(self, teacher: Any, features: dict) -> Tensor:
+        if self.retokenize:
+            texts = _column_texts(self.tokenizer, features)
+            return teacher.encode(texts, batch_size=self.rows or len(texts), convert_to_tensor=True,
+                                  show_progress_bar=False)
+        features = batch_to_device(dict(features), teacher.device)  # a copy: a model writes into its inputs
+        n = features["input_ids"].shape[0]
+        if self.rows is None or "cu_seq_lens_q" in features or "offsets" in features:
+            return teacher(features)["sentence_embedding"]
+        return torch.cat([teacher({k: v[i:i + self.rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n
+                                   else v for k, v in features.items()})["sentence_embedding"]
+                          for i in range(0, n, self.rows)])
 
 
 def _column_texts(tokenizer: Any, features: dict) -> list[str]:
@@ -220,13 +260,14 @@ class PairRelevanceLoss(PairBCELoss):
         false_negative_margin: leave out an in-batch negative whose cosine exceeds its anchor's
             positive's + margin, a probable false negative (prcl.fused_pair_bce); None: no mask.
         teacher: a SentenceTransformer (or a path or name to load as one) that grades every pair the
-            data leaves unlabelled (other rows' documents, hard negatives without a label): its cosines,
-            calibrated per row against the row's positive (prcl.training.teacher), become dense (B, N)
-            labels; the data's labels and left-out pairs stay. It runs frozen, in eval mode, on the whole
-            batch at once under no_grad; on the student's token ids when both share a vocabulary and the
-            teacher's max_seq_length is at least the student's, else on the texts decoded from them (as
-            sentence-transformers' GISTEmbedLoss does). Not with false_negative_margin or
-            gather_across_devices.
+            data leaves unlabelled (other rows' documents, hard negatives without a label; a label the
+            `label` column gives, 0 included, stays): its cosines, calibrated per row against the row's
+            positive (prcl.training.teacher), become dense (B, N) labels. It runs frozen, in eval mode,
+            under no_grad, on its own device (it is not a submodule of the loss), a column per forward
+            (the cached loss: mini_batch_size rows); on the student's token ids when both share a
+            vocabulary and the teacher's max_seq_length is at least the student's, else on texts
+            decoded from them (as sentence-transformers' GISTEmbedLoss does). Not with
+            false_negative_margin or gather_across_devices.
 
     Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
     optional `label` column in [0, 1]: a float, the graded relevance of the positive, or a list of
@@ -243,17 +284,10 @@ class PairRelevanceLoss(PairBCELoss):
                          false_negative_margin=false_negative_margin)
         self.model = model
         self.gather_across_devices = gather_across_devices
-        self.teacher = None if teacher is None else _load_teacher(teacher, model)
-        if self.teacher is not None:
-            if false_negative_margin is not None or gather_across_devices:
-                raise ValueError("teacher: grades every pair itself; it does not combine with false_negative_margin "
-                                 "or gather_across_devices (each rank would need every rank's texts)")
-            self.teacher.requires_grad_(False)
-            self.retokenize = (model.tokenizer.get_vocab() != self.teacher.tokenizer.get_vocab()
-                               or self.teacher.max_seq_length < model.max_seq_length)
-            if self.retokenize and has_static_embedding_input(model):
-                raise ValueError("teacher: its tokenizer differs from the model's, so it reads texts decoded from the "
-                                 "model's token ids, which a StaticEmbedding's flat id stream cannot give back")
+        if teacher is not None and (false_negative_margin is not None or gather_across_devices):
+            raise ValueError("teacher: grades every pair itself; it does not combine with false_negative_margin "
+                             "or gather_across_devices (each rank would need every rank's texts)")
+        self.teacher = None if teacher is None else _Teacher(teacher, model, None)
 
     # -- labels ---------------------------------------------------------------------------------
 
@@ -264,22 +298,7 @@ class PairRelevanceLoss(PairBCELoss):
         labels, label_index = self._data_targets(sentence_features, labels)
         if self.teacher is None:
             return labels, label_index
-        s = self._teacher_cosines(sentence_features)
-        return calibrated_labels(s, labels, label_index), None
-
-    @torch.no_grad()
-    def _teacher_cosines(self, sentence_features: list[dict]) -> Tensor:
-        """(B, N) cosines of the teacher's embeddings of the anchors and the concatenated documents."""
-        training = self.teacher.training
-        self.teacher.eval()  # the trainer may have put the loss, teacher included, in train mode
-        if self.retokenize:
-            embeddings = [self.teacher.encode(_column_texts(self.model.tokenizer, f), convert_to_tensor=True,
-                                              show_progress_bar=False) for f in sentence_features]
-        else:  # shallow copies: a model writes its outputs into the dicts it is given
-            embeddings = embed_columns(self.teacher, [dict(f) for f in sentence_features])
-        self.teacher.train(training)
-        q, d = (F.normalize(e.float(), dim=-1).to(self.model.device) for e in (embeddings[0], torch.cat(embeddings[1:])))
-        return q @ d.T
+        return calibrated_labels(self.teacher.cosines(sentence_features), labels, label_index), None
 
     def _data_targets(self, sentence_features: list[dict],
                       labels: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -365,7 +384,7 @@ class PairRelevanceLoss(PairBCELoss):
         return {"scale": scale, "bias": bias, "learnable_scale": self.learnable_scale,
                 "learnable_bias": self.learnable_bias, "gather_across_devices": self.gather_across_devices,
                 "false_negative_margin": self.false_negative_margin,
-                "teacher": None if self.teacher is None else self.teacher.tokenizer.name_or_path}
+                "teacher": None if self.teacher is None else self.teacher.model.tokenizer.name_or_path}
 
     @property
     def citation(self) -> str:
@@ -409,6 +428,8 @@ class CachedPairRelevanceLoss(CachedLossMixin, PairRelevanceLoss):
             raise ValueError(f"mini_batch_num_tokens: expected None or a positive int, got {mini_batch_num_tokens!r}")
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
+        if self.teacher is not None:
+            self.teacher.rows = mini_batch_size
         self.show_progress_bar = show_progress_bar
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: _CachedBatch | None = None, *,

@@ -7,9 +7,10 @@ cosines s_ij become labels by a per-row calibration anchored on the row's own po
 
     p_i = max over the row's positives of s_ij              (its listed pairs of the row's top label)
     m_i = median over the row's N documents of s_ij         (what it gives a typical in-batch document)
-    y_ij = clamp((s_ij − m_i) / (p_i − m_i), 0, 1)          for every pair the data did not list
+    y_ij = r_i · clamp((s_ij − m_i) / (p_i − m_i), 0, 1)    for every pair the data did not list
 
-so a document the teacher ranks with the positive gets ≈ 1, one at or below the batch's median 0,
+with r_i the row's top label (1 for prcl train's positives), so a document the teacher ranks with the
+positive gets the positive's relevance, one at or below the batch's median 0,
 and the scale of the teacher's cosines (which differs between models) drops out. Listed pairs keep
 the data's label (positives 1, graded documents their relevance, excluded pairs −1); a row without a
 listed positive, or whose positive the teacher scores at or below the median, keeps 0 elsewhere.
@@ -71,7 +72,7 @@ def calibrated_labels(s: torch.Tensor, labels: torch.Tensor | None, label_index:
     p = torch.where(listed & (data == top) & (top > 0), s, -torch.inf).amax(1, keepdim=True)
     m = s.median(1, keepdim=True).values
     usable = p > m  # a positive the teacher ranks above the median: the row has a scale
-    graded = ((s - m) / torch.where(usable, p - m, 1.0)).clamp(0, 1) * usable
+    graded = ((s - m) / torch.where(usable, p - m, 1.0)).clamp(0, 1) * torch.where(usable, top, 0.0)
     return torch.where(listed, data, graded)
 
 
