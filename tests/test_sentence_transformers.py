@@ -453,7 +453,7 @@ def test_teacher_refusals(model_dir):
     model = tiny_model(model_dir)
     static = SentenceTransformer(modules=[StaticEmbedding(model.tokenizer, embedding_dim=8)], device="cpu")
     for kw in ({"teacher": model}, {"teacher": SentenceTransformer(modules=[model[0], Pooling(32, "cls")])},
-               {"teacher": torch.nn.Linear(2, 2)}, {"teacher": static},
+               {"teacher": torch.nn.Linear(2, 2)}, {"teacher": static}, {"teacher": model_dir + "-missing"},
                {"teacher": tiny_model(model_dir), "false_negative_margin": 0.1},
                {"teacher": tiny_model(model_dir), "gather_across_devices": True}):
         with pytest.raises(ValueError, match="^teacher: "):

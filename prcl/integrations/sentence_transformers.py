@@ -165,7 +165,11 @@ class _Teacher:
         from sentence_transformers import SentenceTransformer
 
         if isinstance(teacher, str):
-            teacher = SentenceTransformer(teacher, device=str(model.device))
+            try:
+                teacher = SentenceTransformer(teacher, device=str(model.device))
+            except OSError as e:  # a missing path, or a name not on the hub or in its cache
+                raise ValueError(f"teacher: cannot load {teacher!r} as a SentenceTransformer: "
+                                 f"{str(e).splitlines()[0]}") from e
         if not isinstance(teacher, SentenceTransformer) or not all(
                 hasattr(getattr(m, "tokenizer", None), "get_vocab") for m in (model, teacher)):
             raise ValueError(f"teacher: expected a SentenceTransformer with a transformers tokenizer (as the model's), "
