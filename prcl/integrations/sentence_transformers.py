@@ -169,7 +169,7 @@ class _Teacher:
                 teacher = SentenceTransformer(teacher, device=str(model.device))
             except OSError as e:  # a missing path, or a name not on the hub or in its cache
                 raise ValueError(f"teacher: cannot load {teacher!r} as a SentenceTransformer: "
-                                 f"{str(e).splitlines()[0]}") from e
+                                 f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
         if not isinstance(teacher, SentenceTransformer) or not all(
                 hasattr(getattr(m, "tokenizer", None), "get_vocab") for m in (model, teacher)):
             raise ValueError(f"teacher: expected a SentenceTransformer with a transformers tokenizer (as the model's), "
