@@ -1,4 +1,5 @@
-"""How many in-batch negatives the false-negative mask would leave out, before training: zero-shot
+"""How many in-batch negatives the false-negative mask would leave out, and what labels the same model
+as a teacher (run_minilm.py --teacher minilm) would give them, before training: zero-shot
 all-MiniLM-L6-v2 on run_minilm.py's prcl-binary train rows, shuffled (seed 0) into batches of 32.
 
     python benchmarks/quality/masked_share.py [--margins -0.1 0 0.1]
@@ -15,6 +16,7 @@ sys.path.insert(0, str(HERE))
 import run_minilm  # noqa: E402
 
 import prcl  # noqa: E402
+from prcl.training.teacher import calibrated_labels  # noqa: E402
 
 
 def main():
@@ -43,6 +45,11 @@ def main():
                      for i in batches)
         negatives = len(batches) * B * (B - 1)
         print(f"margin {margin:+.2f}: {masked} of {negatives} in-batch negatives masked ({100 * masked / negatives:.2f} %)")
+    y = torch.stack([calibrated_labels(q[i] @ d[i].T, None, None) for i in batches])
+    off = y[:, ~torch.eye(B, dtype=torch.bool)]  # the in-batch negatives' teacher labels
+    shares = ", ".join(f"> {t}: {100 * (off > t).float().mean():.1f} %" for t in (0, 0.25, 0.5, 0.75))
+    print(f"teacher labels of the in-batch negatives: {shares}; mean {off.mean():.3f}, "
+          f"sum per row {off.sum() / (len(batches) * B):.2f} (the positive: 1)")
 
 
 if __name__ == "__main__":

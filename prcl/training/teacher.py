@@ -45,12 +45,13 @@ def load_teacher(path: str, *, max_length: int, device: torch.device) -> "_Sente
     """A frozen teacher in eval mode: a sentence-transformers directory (modules.json) through
     sentence-transformers, with its own pooling and length; anything else as prcl.encoders.LLMEncoder
     (mean pooling, max_length tokens)."""
+    teacher: _SentenceTransformerTeacher | LLMEncoder
     if (Path(path) / "modules.json").is_file():
         teacher = _SentenceTransformerTeacher(path, device)
     else:
-        from prcl.encoders import LLMEncoder
+        from prcl.encoders import LLMEncoder as Encoder
 
-        teacher = LLMEncoder.from_pretrained(path, max_length=max_length)
+        teacher = Encoder.from_pretrained(path, max_length=max_length)
     teacher.model.to(device).eval().requires_grad_(False)
     return teacher
 
