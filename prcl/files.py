@@ -29,9 +29,8 @@ def fail(prog: str, err: Exception) -> int:
     """Print `prog: error: err` as one line and return exit status 1 (re-raise under PRCL_DEBUG=1)."""
     if os.environ.get("PRCL_DEBUG"):
         raise err
-    if isinstance(err, OSError) and err.filename is not None:
-        err = f"{err.filename}: {err.strerror}"
-    print(f"{prog}: error: {err}", file=sys.stderr)
+    message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename is not None else err
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return 1
 
 

@@ -8,6 +8,7 @@ inputs, baseline = the same eager formula in the dtype under test, and for the l
 """
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ def laid_out(x: Tensor, layout: str = "contiguous") -> Tensor:
 
 def loss_and_grads(fn: Callable, q: Tensor, d: Tensor, labels: Tensor | None, label_index: Tensor | None,
                    dtype: torch.dtype, reduction: str, scale: float = 7.0, bias: float = -3.0, *,
-                   layout: str = "contiguous", **options) -> list[Tensor]:
+                   layout: str = "contiguous", **options: Any) -> list[Tensor]:
     """[loss, dq, dd, dscale, dbias] of fn(q, d, labels, label_index=…, scale=…, bias=…, reduction=…,
     **options) at q, d cast to `dtype` (in `layout`), with tensor scale and bias; the loss is weighted
     0.5 … 1.5 over its elements before the backward, so that a per-row error cannot cancel.
@@ -165,7 +166,7 @@ def assert_within_rule(fused: list[Tensor], eager: list[Tensor], gold: list[Tens
 def check_against_oracle(fused_fn: Callable, q: Tensor, d: Tensor, labels: Tensor | None,
                          label_index: Tensor | None, dtype: torch.dtype, reduction: str,
                          floor: dict[torch.dtype, float] = FLOOR,
-                         **scalars) -> None:
+                         **scalars: Any) -> None:
     """fused_fn against the float64 oracle and the eager formula in `dtype`, under the accuracy rule.
 
     Example:

@@ -9,10 +9,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prcl.files import USER_ERRORS, check_model_path, fail, resolve_device, write_text
 from prcl.retrieval.readers import read_split, split_paths, write_run
 from prcl.retrieval.search import evaluate
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def is_sentence_transformer(path: str | os.PathLike) -> bool:
@@ -26,16 +30,16 @@ def load_encode(model: str, *, adapter: str | None = None, gguf_file: str | None
     the instruction is its prompt) or an LLM for prcl.encoders.LLMEncoder (directory or .gguf); each
     call shows a progress bar (`prcl eval` embeds the whole corpus)."""
     check_model_path(model, gguf_file, prog="prcl eval")
-    device = resolve_device(device)
+    torch_device = resolve_device(device)
     if is_sentence_transformer(model):
         if adapter or gguf_file:
             raise ValueError("adapter/gguf_file: apply to LLM encoders, not to a sentence-transformers model")
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(model, device=device)
+        st = SentenceTransformer(model, device=str(torch_device))
         st.max_seq_length = max_length
 
-        def encode(texts, instruction):
+        def encode(texts: list[str], instruction: str | None) -> Tensor:
             return st.encode(texts, prompt=instruction, batch_size=batch_size, convert_to_tensor=True,
                              normalize_embeddings=True, show_progress_bar=True).float()
         return encode
@@ -44,7 +48,7 @@ def load_encode(model: str, *, adapter: str | None = None, gguf_file: str | None
     enc = LLMEncoder.from_pretrained(model, gguf_file=gguf_file, pooling=pooling, max_length=max_length)
     if adapter:
         enc.load_adapter(adapter)
-    enc.model.to(device)
+    enc.model.to(torch_device)
     return lambda texts, instruction: enc.encode(texts, instruction=instruction, batch_size=batch_size,
                                                  progress=True)
 

@@ -132,8 +132,8 @@ def free_bytes(device: str | torch.device) -> int:
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
-            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
-    except (OSError, AttributeError):
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024  # type: ignore[union-attr]
+    except (OSError, AttributeError):  # no /proc, or no MemAvailable line (None.group)
         return 1 << 62
 
 
