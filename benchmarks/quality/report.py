@@ -5,6 +5,7 @@ run_smollm2.py --eval-every results, also NAME-curves.png (nDCG@10 against train
 """
 import argparse
 import json
+import re
 import shlex
 import statistics
 from pathlib import Path
@@ -24,7 +25,10 @@ def settings(command):
             flags.append((word, []))
         else:
             flags[-1][1].append(word)
-    pairs = [(a, " ".join(b).replace("\n", "\\n")) for a, b in flags if a not in NOT_SETTINGS]  # one table row
+    # one table row; a file of an installed package (a teacher) is named from site-packages on, so the same
+    # package in another venv is the same setting, and flags in any order are the same setting
+    pairs = sorted((a, re.sub(r"\S*/site-packages/", "", " ".join(b)).replace("\n", "\\n"))
+                   for a, b in flags if a not in NOT_SETTINGS)
     loss = dict(pairs).get("--loss")
     return loss, " ".join(f"{a} {b}" for a, b in pairs if a != "--loss")
 
