@@ -21,12 +21,15 @@ URL = re.compile(r"\b(?:https?|ftp)://|(?<![/\w.])www\.", re.I)
 
 
 def markdown_files():
-    # the committed markdown, plus any new page not yet added to git
+    # the committed markdown, plus any new page not yet added to git; not the pages of installed packages
+    # (a virtual environment inside the checkout, whatever its name)
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"],
                             cwd=ROOT, capture_output=True, text=True)
     if listed.returncode != 0:  # a tree without .git
-        return sorted(p for p in ROOT.rglob("*.md") if ".git" not in p.parts)
-    return sorted(ROOT / line for line in listed.stdout.splitlines() if (ROOT / line).is_file())
+        paths = [p for p in ROOT.rglob("*.md") if ".git" not in p.parts]
+    else:
+        paths = [ROOT / line for line in listed.stdout.splitlines() if (ROOT / line).is_file()]
+    return sorted(p for p in paths if "site-packages" not in p.relative_to(ROOT).parts)
 
 
 def prose(path):
