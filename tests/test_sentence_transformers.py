@@ -447,13 +447,37 @@ def test_cached_teacher_equals_plain_teacher(model_dir):
     assert rel_err(without[0], plain[0]) > 0.01  # the teacher's labels change the loss
 
 
-def test_teacher_refusals(model_dir):
+def test_teacher_reads_texts_unless_the_tokenizers_agree_at_this_batch(model_dir):
+    """The same vocabulary with another normaliser is another tokenizer; a student's max_seq_length raised
+    past the teacher's after the loss was built sends the teacher texts from then on."""
+    model, teacher = tiny_model(model_dir), tiny_teacher(model_dir, retokenize=False)
+    loss_fn = PairRelevanceLoss(model, teacher=teacher)
+    assert not loss_fn.teacher.retokenize
+    model.max_seq_length = teacher.max_seq_length + 1
+    assert loss_fn.teacher.retokenize
+    cased = tiny_teacher(model_dir, retokenize=False)
+    cased.tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([])
+    assert cased.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    assert PairRelevanceLoss(tiny_model(model_dir), teacher=cased).teacher.retokenize
+
+
+def test_a_teacher_with_nan_embeddings_stops_naming_the_teacher(model_dir):
+    model, teacher = tiny_model(model_dir), tiny_teacher(model_dir, retokenize=False)
+    with torch.no_grad():
+        next(teacher.parameters()).fill_(float("nan"))
+    feats = [features(model, ["the cat", "a dog"]), features(model, ["red mat", "blue lake"])]
+    with pytest.raises(ValueError, match="^teacher: .*not finite"):
+        PairRelevanceLoss(model, teacher=teacher)(feats, None)
+
+
+def test_teacher_refusals(model_dir, tmp_path):
     from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 
     model = tiny_model(model_dir)
     static = SentenceTransformer(modules=[StaticEmbedding(model.tokenizer, embedding_dim=8)], device="cpu")
     for kw in ({"teacher": model}, {"teacher": SentenceTransformer(modules=[model[0], Pooling(32, "cls")])},
                {"teacher": torch.nn.Linear(2, 2)}, {"teacher": static}, {"teacher": model_dir + "-missing"},
+               {"teacher": ""}, {"teacher": str(tmp_path)}, {"teacher": SentenceTransformer(device="cpu")},
                {"teacher": tiny_model(model_dir), "false_negative_margin": 0.1},
                {"teacher": tiny_model(model_dir), "gather_across_devices": True}):
         with pytest.raises(ValueError, match="^teacher: "):

@@ -12,6 +12,7 @@ Needs the `st` extra (`pip install prcl[st]`); `import prcl` never imports this 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -157,33 +158,44 @@ class _Teacher:
     """A frozen SentenceTransformer that embeds the student's batches (PairRelevanceLoss's teacher=).
 
     Not a submodule of the loss: it stays on its own device, out of loss.parameters() and state_dict().
-    It reads the student's token ids when the two share a vocabulary and its max_seq_length is at least
-    the student's, else texts decoded from those ids (sentence-transformers' GISTEmbedLoss does the same).
+    It reads the student's token ids when the two tokenizers are the same (vocabulary, normalisation,
+    special tokens) and its max_seq_length is at least the student's at that batch, else texts decoded
+    from those ids (sentence-transformers' GISTEmbedLoss does the same).
     rows: embed that many rows per forward (the cached loss's mini_batch_size); None: a column at once."""
 
-    def __init__(self, teacher: Any, model: torch.nn.Module, rows: int | None) -> None:
+    def __init__(self, teacher: Any, model: Any, rows: int | None) -> None:
         from sentence_transformers import SentenceTransformer
 
         if isinstance(teacher, str):
+            if not teacher:
+                raise ValueError("teacher: an empty path or name")
             try:
                 teacher = SentenceTransformer(teacher, device=str(model.device))
-            except OSError as e:  # a missing path, or a name not on the hub or in its cache
+            except (OSError, ValueError) as e:  # missing, not on the hub or in its cache, not a model
                 raise ValueError(f"teacher: cannot load {teacher!r} as a SentenceTransformer: "
                                  f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
-        if not isinstance(teacher, SentenceTransformer) or not all(
-                hasattr(getattr(m, "tokenizer", None), "get_vocab") for m in (model, teacher)):
-            raise ValueError(f"teacher: expected a SentenceTransformer with a transformers tokenizer (as the model's), "
+        if not isinstance(teacher, SentenceTransformer):
+            raise ValueError(f"teacher: expected a SentenceTransformer (or a path or name to load as one), "
                              f"got {type(teacher).__name__}")
+        for who, m in (("the teacher", teacher), ("the model being trained", model)):
+            if not hasattr(getattr(m, "tokenizer", None), "get_vocab"):
+                raise ValueError(f"teacher: {who} has no transformers tokenizer; the teacher reads the model's "
+                                 f"token ids or the texts decoded from them")
         if {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
             raise ValueError("teacher: shares parameters with the model being trained; pass a separate model "
                              "(e.g. SentenceTransformer(path) of the same checkpoint), which stays frozen")
-        same_vocab = model.tokenizer.get_vocab() == teacher.tokenizer.get_vocab()
+        self.same_tokenizer = _tokenizer_state(model.tokenizer) == _tokenizer_state(teacher.tokenizer)
         static = has_static_embedding_input(model), has_static_embedding_input(teacher)
-        if any(static) and not (all(static) and same_vocab):
+        if any(static) and not (all(static) and self.same_tokenizer):
             raise ValueError("teacher: with a StaticEmbedding model or teacher, both must be StaticEmbeddings with one "
-                             "vocabulary (a StaticEmbedding's flat token ids are not decoded back to texts)")
-        self.model, self.tokenizer, self.rows = teacher.requires_grad_(False), model.tokenizer, rows
-        self.retokenize = not same_vocab or teacher.max_seq_length < model.max_seq_length
+                             "tokenizer (a StaticEmbedding's flat token ids are not decoded back to texts)")
+        self.model, self.student, self.rows = teacher.requires_grad_(False), model, rows
+        self.tokenizer = model.tokenizer  # kept: a DDP-wrapped model has no tokenizer attribute
+
+    @property
+    def retokenize(self) -> bool:
+        """Whether the teacher reads decoded texts; read per batch, as max_seq_length may change."""
+        return not self.same_tokenizer or self.model.max_seq_length < self.student.max_seq_length
 
     @torch.no_grad()
     def cosines(self, sentence_features: list[dict]) -> Tensor:
@@ -195,7 +207,10 @@ class _Teacher:
         teacher.train(training)
         device = sentence_features[0]["input_ids"].device
         q, d = (F.normalize(e.float(), dim=-1).to(device) for e in (embeddings[0], torch.cat(embeddings[1:])))
-        return q @ d.T
+        s = q @ d.T
+        if not torch.isfinite(s).all():  # one flag read on the host per batch, on the teacher's path only
+            raise ValueError("teacher: its embeddings are not finite (NaN or inf) for this batch")
+        return s
 
     def _embed(self, teacher: Any, features: dict) -> Tensor:
         if self.retokenize:
@@ -209,6 +224,16 @@ class _Teacher:
         return torch.cat([teacher({k: v[i:i + self.rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n
                                    else v for k, v in features.items()})["sentence_embedding"]
                           for i in range(0, n, self.rows)])
+
+
+def _tokenizer_state(tokenizer: Any) -> Any:
+    """What decides a fast tokenizer's ids (vocabulary, normaliser, pre-tokeniser, special tokens), without
+    the truncation and padding a call sets; a slow tokenizer's vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "to_str"):
+        return tokenizer.get_vocab()
+    state = json.loads(backend.to_str())
+    return {k: v for k, v in state.items() if k not in ("truncation", "padding")}
 
 
 def _column_texts(tokenizer: Any, features: dict) -> list[str]:
@@ -268,10 +293,10 @@ class PairRelevanceLoss(PairBCELoss):
             `label` column gives, 0 included, stays): its cosines, calibrated per row against the row's
             positive (prcl.training.teacher), become dense (B, N) labels. It runs frozen, in eval mode,
             under no_grad, on its own device (it is not a submodule of the loss), a column per forward
-            (the cached loss: mini_batch_size rows); on the student's token ids when both share a
-            vocabulary and the teacher's max_seq_length is at least the student's, else on texts
-            decoded from them (as sentence-transformers' GISTEmbedLoss does). Not with
-            false_negative_margin or gather_across_devices.
+            (the cached loss: mini_batch_size rows); on the student's token ids when both tokenizers
+            are the same and the teacher's max_seq_length is at least the student's, else on texts
+            decoded from them (as sentence-transformers' GISTEmbedLoss does). Non-finite teacher
+            embeddings stop the step. Not with false_negative_margin or gather_across_devices.
 
     Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
     optional `label` column in [0, 1]: a float, the graded relevance of the positive, or a list of
