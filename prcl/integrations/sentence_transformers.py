@@ -181,6 +181,8 @@ class _Teacher:
             if not hasattr(getattr(m, "tokenizer", None), "get_vocab"):
                 raise ValueError(f"teacher: {who} has no transformers tokenizer; the teacher reads the model's "
                                  f"token ids or the texts decoded from them")
+        if any(p.is_meta for p in teacher.parameters()):
+            raise ValueError("teacher: its weights are on the meta device (not loaded); load them first")
         if {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
             raise ValueError("teacher: shares parameters with the model being trained; pass a separate model "
                              "(e.g. SentenceTransformer(path) of the same checkpoint), which stays frozen")
