@@ -477,7 +477,8 @@ def test_teacher_refusals(model_dir, tmp_path):
     static = SentenceTransformer(modules=[StaticEmbedding(model.tokenizer, embedding_dim=8)], device="cpu")
     for kw in ({"teacher": model}, {"teacher": SentenceTransformer(modules=[model[0], Pooling(32, "cls")])},
                {"teacher": torch.nn.Linear(2, 2)}, {"teacher": static}, {"teacher": model_dir + "-missing"},
-               {"teacher": ""}, {"teacher": str(tmp_path)}, {"teacher": SentenceTransformer(device="cpu")},
+               {"teacher": ""}, {"teacher": str(tmp_path)},
+               {"teacher": SentenceTransformer(modules=[Pooling(32, "mean")], device="cpu")},  # no tokenizer
                {"teacher": tiny_model(model_dir).to("meta")},
                {"teacher": tiny_model(model_dir), "false_negative_margin": 0.1},
                {"teacher": tiny_model(model_dir), "gather_across_devices": True}):
