@@ -2,6 +2,7 @@
 
     data.py       JSONL examples, streamed in shuffled blocks with a resumable position
     batching.py   B queries × N documents with sparse labels, duplicates excluded
+    teacher.py    teacher-graded labels: a second encoder's cosines label every in-batch pair
     step.py       the batch loss and its backward, with cached embeddings (GradCache); contrastive_loss_step
     softmax.py    InfoNCE, the softmax baseline, on one process and across ranks
     config.py     TrainConfig: every option, checked
