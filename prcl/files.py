@@ -34,6 +34,18 @@ def fail(prog: str, err: Exception) -> int:
     return 1
 
 
+@contextlib.contextmanager
+def load_errors(name: str, path: "str | os.PathLike[str]") -> Iterator[None]:
+    """Any failure inside (a folder without a tokenizer, a damaged or foreign checkpoint, a model type prcl
+    cannot use) as one ValueError line naming the argument and path: transformers, tokenizers, safetensors
+    and json raise many types, several over many lines."""
+    try:
+        yield
+    except Exception as e:
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise ValueError(f"{name}: {os.fspath(path)}: cannot load: {text}") from e
+
+
 # ---- reads -----------------------------------------------------------------------------------------------
 
 def regular_file(path: str | os.PathLike[str], what: str) -> str | os.PathLike[str]:
@@ -57,6 +69,8 @@ def regular_file(path: str | os.PathLike[str], what: str) -> str | os.PathLike[s
 def check_model_path(model: str, gguf_file: str | None = None, prog: str = "prcl", name: str = "model") -> None:
     """A local model directory or .gguf file; transformers would take a missing path for a hub name.
     name: the argument's name in the messages (model, teacher)."""
+    if not model:
+        raise ValueError(f"{name}: an empty path")
     if not os.path.exists(model):
         raise ValueError(f"{name}: no such file or directory {model!r} ({prog} loads local models only: a model "
                          "directory or a .gguf file)")

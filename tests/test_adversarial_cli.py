@@ -296,6 +296,64 @@ def test_a_model_path_that_does_not_exist(tmp_path, capsys, command):
                                   "loads local models only: a model directory or a .gguf file)")
 
 
+def unloadable(model_dir, tmp_path, what):
+    """A path prcl's checks let through (it exists) that transformers cannot load."""
+    bad = tmp_path / what
+    if what == "text-file":
+        bad.write_text("not a model\n")
+    elif what == "empty-folder":
+        bad.mkdir()
+    else:  # the tiny model without its tokenizer, or with its weights cut short
+        shutil.copytree(model_dir, bad)
+        if what == "no-tokenizer":
+            for f in bad.iterdir():
+                if "token" in f.name:
+                    f.unlink()
+        else:
+            weights = bad / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+    return bad
+
+
+UNLOADABLE = ["text-file", "empty-folder", "no-tokenizer", "damaged-weights"]
+
+
+@pytest.mark.parametrize("what", UNLOADABLE)
+def test_a_model_that_does_not_load_is_one_line_naming_it(model_dir, tmp_path, capsys, what):
+    from prcl.encoders.export import main as export_main
+
+    bad = str(unloadable(model_dir, tmp_path, what))
+    qrels = beir(tmp_path / "set")
+    write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
+    for prog, command, argv in [
+            ("prcl train", train_main, ["--data", data, "--out", str(tmp_path / "run"), *TINY]),
+            ("prcl eval", eval_cli.main, ["--qrels", str(qrels), "--out", str(tmp_path / "o")]),
+            ("prcl encode", encode_main, ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy")]),
+            ("prcl export", export_main, ["--out", str(tmp_path / "st")])]:
+        assert command(["--model", bad] + argv) == 1
+        line = error_line(capsys)
+        assert line.startswith(f"{prog}: error: model: {bad}: cannot load: "), line
+
+
+@pytest.mark.parametrize("what", UNLOADABLE)
+def test_a_teacher_that_does_not_load_is_one_line_and_leaves_out_as_it_was(run, model_dir, tmp_path, capsys, what):
+    bad = str(unloadable(model_dir, tmp_path, what))
+    assert train_main(run + ["--teacher", bad]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"prcl train: error: teacher: {bad}: cannot load: "), line
+    assert train_main(run + ["--teacher", str(model_dir)]) == 0  # no "OUT holds another run"
+
+
+def test_an_empty_teacher_is_refused(run, tmp_path, capsys):
+    assert train_main(run + ["--teacher", ""]) == 1
+    assert error_line(capsys) == "prcl train: error: teacher: an empty path"
+    config = tmp_path / "c.json"
+    config.write_text('{"teacher": ""}')
+    assert train_main(run + ["--config", str(config)]) == 1
+    assert error_line(capsys) == "prcl train: error: teacher: an empty path"
+
+
 def test_encode_output_and_text_faults(model_dir, tmp_path, capsys):
     texts = tmp_path / "t.txt"
     texts.write_bytes("first line\nsecond \xe9\n".encode("latin-1"))

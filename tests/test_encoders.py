@@ -551,6 +551,20 @@ def test_gguf_load_is_announced_before_it_starts_and_timed(tmp_path, monkeypatch
     assert re.fullmatch(rf"model: {gguf}: loaded in \d+\.\d s", caplog.records[-1].getMessage())
 
 
+def test_a_gguf_named_without_a_folder_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    import transformers
+
+    model, tok = tiny_model_and_tokenizer(causal_lm=True)
+    read = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path, **kw: read.append((path, kw["gguf_file"])) or tok)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
+                        lambda path, **kw: read.append((path, kw["gguf_file"])) or model)
+    monkeypatch.chdir(tmp_path)
+    LLMEncoder.from_pretrained("tiny.gguf")
+    assert read == [(".", "tiny.gguf")] * 2  # not "", which transformers takes for a hub name
+
+
 def smollm2_gguf():
     pytest.importorskip("gguf")
     path = find_smollm2_gguf()

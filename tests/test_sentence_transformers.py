@@ -461,6 +461,28 @@ def test_teacher_reads_texts_unless_the_tokenizers_agree_at_this_batch(model_dir
     assert PairRelevanceLoss(tiny_model(model_dir), teacher=cased).teacher.retokenize
 
 
+def test_a_student_padding_on_the_other_side_sends_the_teacher_texts(model_dir):
+    """The teacher would read a left-padded student's ids as its own right-padded ones (BERT's positions
+    start at the padding): the ids path only when the padding sides agree."""
+    model, teacher = tiny_model(model_dir), tiny_teacher(model_dir, retokenize=False)
+    model.tokenizer.padding_side = "left"
+    loss_fn = PairRelevanceLoss(model, teacher=teacher)
+    assert loss_fn.teacher.retokenize
+    anchors, columns, labels = batch_texts(12, 0)
+    feats = [features(model, anchors)] + [features(model, col) for col in columns]
+    assert (feats[0]["attention_mask"][:, 0] == 0).any()  # left-padded
+    y, _ = loss_fn.targets(feats, torch.tensor(labels))
+    torch.testing.assert_close(y.double(), teacher_labels_by_hand(teacher, anchors, columns, labels), rtol=0, atol=2e-4)
+
+
+def test_a_teacher_given_as_a_path_loads_in_float32(model_dir, tmp_path):
+    half = tiny_model(model_dir).to(torch.bfloat16)
+    half.save(str(tmp_path / "bf16"))
+    assert SentenceTransformer(str(tmp_path / "bf16"), device="cpu")[0].auto_model.dtype == torch.bfloat16
+    loss_fn = PairRelevanceLoss(tiny_model(model_dir), teacher=tmp_path / "bf16")  # a pathlib.Path too
+    assert {p.dtype for p in loss_fn.teacher.model.parameters()} == {torch.float32}
+
+
 def test_a_teacher_with_nan_embeddings_stops_naming_the_teacher(model_dir):
     model, teacher = tiny_model(model_dir), tiny_teacher(model_dir, retokenize=False)
     with torch.no_grad():

@@ -65,6 +65,35 @@ def test_calibration_keeps_listed_labels_and_zeroes_rows_the_teacher_contradicts
     assert ((y >= -1) & (y <= 1)).all()
 
 
+def test_a_graded_zero_stays_zero_where_a_hard_negative_is_graded():
+    """A graded document of relevance 0 was judged irrelevant: listed, the teacher leaves it 0; a hard
+    negative is left implicit, so the teacher grades it (the loss without a teacher is the same either way)."""
+    batch = build_batch([Example("q0", ("p0",), ("n0",), graded=(("g0", 0.0),))] +
+                        [Example(f"q{i}", (f"p{i}",), ()) for i in (1, 2, 3)])
+    col = {t: j for j, t in enumerate(batch.docs)}
+    s = torch.full(batch.shape, 0.1)  # row 0's median: 0.1
+    s[0, col["p0"]], s[0, col["g0"]], s[0, col["n0"]] = 0.9, 0.95, 0.5
+    y = calibrated_labels(s, batch.labels, batch.label_index)
+    assert y[0, col["g0"]] == 0.0 and y[0, col["n0"]] == pytest.approx(0.5)  # (0.5 − 0.1) / (0.9 − 0.1)
+    assert batch.dense_labels()[0].tolist() == [1.0 if t == "p0" else 0.0 for t in batch.docs]
+
+
+def test_a_teacher_with_nan_embeddings_stops_naming_the_teacher():
+    teacher = tiny_encoder(r=4)
+    with torch.no_grad():
+        teacher.model.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="^teacher: its embeddings are not finite"):
+        teacher_batch(small_batch(), teacher, batch_size=4)
+
+
+def test_a_16_bit_teacher_is_loaded_in_float32(tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer("llama", seed=1)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    teacher = load_teacher(str(tmp_path / "bf16"), max_length=8, device=torch.device("cpu"))
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.float32}
+
+
 def test_teacher_batch_has_dense_labels():
     batch = small_batch()
     teacher = tiny_encoder(r=4)

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from prcl.encoders.llm import LLMEncoder, instruction_prefix
+from prcl.files import USER_ERRORS, check_model_path, fail, load_errors
 
 POOLING_MODES = {"mean": "mean", "last": "lasttoken", "weighted_mean": "weightedmean"}
 
@@ -65,7 +66,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, adapter: str | o
     if instruction and pooling == "weighted_mean":
         raise ValueError("pooling: weighted_mean with an instruction weighs tokens differently in "
                          "sentence-transformers (by position from the prompt's start); use mean or last")
-    enc = LLMEncoder.from_pretrained(model, gguf_file=gguf_file, pooling=pooling, max_length=max_length)
+    with load_errors("model", model):
+        enc = LLMEncoder.from_pretrained(model, gguf_file=gguf_file, pooling=pooling, max_length=max_length)
     if instruction:
         _check_prompt(enc, instruction)
     if adapter:
@@ -112,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_length < 1:
             raise ValueError(f"max_length: expected a positive int, got {args.max_length}")
+        check_model_path(args.model, args.gguf_file, prog="prcl export")
         out = export(args.model, args.out, adapter=args.adapter, gguf_file=args.gguf_file,
                      instruction=args.instruction, pooling=args.pooling, max_length=args.max_length)
-    except ValueError as e:
-        print(f"prcl export: error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        return fail("prcl export", e)
     print(f"{out}: sentence-transformers model (SentenceTransformer({str(out)!r}))")
     return 0

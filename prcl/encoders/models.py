@@ -42,6 +42,7 @@ def load_pretrained(path: str | os.PathLike, *, attn_implementation: str, dtype:
     path = os.fspath(path)
     if gguf_file is None and path.endswith(".gguf"):
         path, gguf_file = os.path.split(path)
+        path = path or os.curdir  # a bare file name: transformers would take "" for a hub name
     if gguf_file is not None:
         model_kwargs["gguf_file"] = gguf_file
     if dtype is not None:

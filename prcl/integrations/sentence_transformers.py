@@ -13,6 +13,7 @@ Needs the `st` extra (`pip install prcl[st]`); `import prcl` never imports this 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from prcl.core.contract import DEFAULT_SCALE, DTYPES
 from prcl.encoders import compute_dtype
+from prcl.files import load_errors
 from prcl.functional import fused_pair_bce
 from prcl.nn import PairBCELoss
 from prcl.training import batching
@@ -159,21 +161,18 @@ class _Teacher:
 
     Not a submodule of the loss: it stays on its own device, out of loss.parameters() and state_dict().
     It reads the student's token ids when the two tokenizers are the same (vocabulary, normalisation,
-    special tokens) and its max_seq_length is at least the student's at that batch, else texts decoded
+    special tokens, padding side) and its max_seq_length is at least the student's at that batch, else texts decoded
     from those ids (sentence-transformers' GISTEmbedLoss does the same).
     rows: embed that many rows per forward (the cached loss's mini_batch_size); None: a column at once."""
 
     def __init__(self, teacher: Any, model: Any, rows: int | None) -> None:
         from sentence_transformers import SentenceTransformer
 
-        if isinstance(teacher, str):
-            if not teacher:
+        if isinstance(teacher, (str, os.PathLike)):
+            if not os.fspath(teacher):
                 raise ValueError("teacher: an empty path or name")
-            try:
-                teacher = SentenceTransformer(teacher, device=str(model.device))
-            except (OSError, ValueError) as e:  # missing, not on the hub or in its cache, not a model
-                raise ValueError(f"teacher: cannot load {teacher!r} as a SentenceTransformer: "
-                                 f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
+            with load_errors("teacher", teacher):  # missing, not on the hub or in its cache, not a model
+                teacher = SentenceTransformer(os.fspath(teacher), device=str(model.device)).float()
         if not isinstance(teacher, SentenceTransformer):
             raise ValueError(f"teacher: expected a SentenceTransformer (or a path or name to load as one), "
                              f"got {type(teacher).__name__}")
@@ -197,7 +196,8 @@ class _Teacher:
     @property
     def retokenize(self) -> bool:
         """Whether the teacher reads decoded texts; read per batch, as max_seq_length may change."""
-        return not self.same_tokenizer or self.model.max_seq_length < self.student.max_seq_length
+        return (not self.same_tokenizer or self.model.max_seq_length < self.student.max_seq_length
+                or getattr(self.model.tokenizer, "padding_side", None) != getattr(self.tokenizer, "padding_side", None))
 
     @torch.no_grad()
     def cosines(self, sentence_features: list[dict]) -> Tensor:
@@ -209,10 +209,7 @@ class _Teacher:
         teacher.train(training)
         device = sentence_features[0]["input_ids"].device
         q, d = (F.normalize(e.float(), dim=-1).to(device) for e in (embeddings[0], torch.cat(embeddings[1:])))
-        s = q @ d.T
-        if not torch.isfinite(s).all():  # one flag read on the host per batch, on the teacher's path only
-            raise ValueError("teacher: its embeddings are not finite (NaN or inf) for this batch")
-        return s
+        return q @ d.T
 
     def _embed(self, teacher: Any, features: dict) -> Tensor:
         if self.retokenize:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prcl.files import USER_ERRORS, check_model_path, fail, resolve_device, write_text
+from prcl.files import USER_ERRORS, check_model_path, fail, load_errors, resolve_device, write_text
 from prcl.retrieval.readers import read_split, split_paths, write_run
 from prcl.retrieval.search import evaluate
 
@@ -36,7 +36,8 @@ def load_encode(model: str, *, adapter: str | None = None, gguf_file: str | None
             raise ValueError("adapter/gguf_file: apply to LLM encoders, not to a sentence-transformers model")
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(model, device=str(torch_device))
+        with load_errors("model", model):
+            st = SentenceTransformer(model, device=str(torch_device))
         st.max_seq_length = max_length
 
         def encode(texts: list[str], instruction: str | None) -> Tensor:
@@ -45,7 +46,8 @@ def load_encode(model: str, *, adapter: str | None = None, gguf_file: str | None
         return encode
     from prcl.encoders import LLMEncoder
 
-    enc = LLMEncoder.from_pretrained(model, gguf_file=gguf_file, pooling=pooling, max_length=max_length)
+    with load_errors("model", model):
+        enc = LLMEncoder.from_pretrained(model, gguf_file=gguf_file, pooling=pooling, max_length=max_length)
     if adapter:
         enc.load_adapter(adapter)
     enc.model.to(torch_device)

@@ -102,9 +102,10 @@ def build_batch(examples: list, *, dedup: bool = True) -> Batch:
     if not examples:
         raise ValueError("examples: a batch needs at least one example")
     docs, columns_of = [], {}  # columns_of: text -> every column holding it
-    listed = []  # per query: {column: y}
+    listed, judged = [], []  # per query: {column: y}; the columns of its graded documents
     for ex in examples:
-        own = {}
+        own, graded = {}, {text for text, _ in ex.graded}
+        judged.append(set())
         for text, y in ex.documents():
             if dedup and text in columns_of:
                 col = columns_of[text][0]
@@ -113,8 +114,11 @@ def build_batch(examples: list, *, dedup: bool = True) -> Batch:
                 docs.append(text)
                 columns_of.setdefault(text, []).append(col)
             own[col] = max(y, own.get(col, y))
+            if text in graded:
+                judged[-1].add(col)
         listed.append(own)
-    rows = [{c: y for c, y in own.items() if y > 0} for own in listed]  # hard negatives: y = 0, left implicit
+    # hard negatives (y = 0) are left implicit; a graded 0 is listed, so that a teacher leaves it 0
+    rows = [{c: y for c, y in own.items() if y > 0 or c in cols} for own, cols in zip(listed, judged)]
     for i, j in zip(*_excluded(examples, docs, listed)):
         rows[i][j] = -1.0
     return _sparse_batch(examples, docs, [sorted(r.items()) for r in rows])

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prcl.files import USER_ERRORS, check_model_path, fail, regular_file, remove, resolve_device
+from prcl.files import USER_ERRORS, check_model_path, fail, load_errors, regular_file, remove, resolve_device
 from prcl.training.config import SCHEDULES, TrainConfig
 
 REQUIRED = ("model", "data", "out")
@@ -234,8 +234,9 @@ def encode_main(argv: list[str] | None = None) -> int:
         check_model_path(args.model, args.gguf_file, prog="prcl encode")
         device = resolve_device(args.device)
         texts = read_texts(args.data, args.field)
-        enc = LLMEncoder.from_pretrained(args.model, gguf_file=args.gguf_file, pooling=args.pooling,
-                                         max_length=args.max_length)
+        with load_errors("model", args.model):
+            enc = LLMEncoder.from_pretrained(args.model, gguf_file=args.gguf_file, pooling=args.pooling,
+                                             max_length=args.max_length)
         if args.adapter:
             enc.load_adapter(args.adapter)
         enc.model.to(device)

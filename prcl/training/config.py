@@ -85,7 +85,7 @@ class TrainConfig:
                 regular_file(getattr(self, name), name)
         if self.model:
             check_model_path(self.model, self.gguf_file, prog="prcl train")
-        if self.teacher:
+        if self.teacher is not None:
             check_model_path(self.teacher, None, prog="prcl train", name="teacher")
             if self.loss != "prcl" or self.false_negative_margin is not None:
                 raise ValueError(f"teacher: graded labels for PRCL only, without a false-negative margin (with "

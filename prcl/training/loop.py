@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from prcl.encoders import LLMEncoder
-from prcl.files import append_text, fingerprint, refuse_links, remove, resolve_device, run_lock, write_text
+from prcl.files import append_text, fingerprint, load_errors, refuse_links, remove, resolve_device, run_lock, write_text
 from prcl.nn import PairBCELoss
 from prcl.training import checkpoint
 from prcl.training.batching import Batch, build_batch
@@ -60,9 +60,10 @@ def load_encoder(cfg: TrainConfig) -> LLMEncoder:
     if not cfg.model:
         raise ValueError("model: required (a local model directory or .gguf file)")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    enc = LLMEncoder.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, dtype=dtype,
-                                     gguf_file=cfg.gguf_file, pooling=cfg.pooling, max_length=cfg.max_length,
-                                     gradient_checkpointing=cfg.gradient_checkpointing)
+    with load_errors("model", cfg.model):
+        enc = LLMEncoder.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, dtype=dtype,
+                                         gguf_file=cfg.gguf_file, pooling=cfg.pooling, max_length=cfg.max_length,
+                                         gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.lora_r > 0:
         extra = {}
         if cfg.lora_layers:
@@ -329,6 +330,9 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
     """train() in OUT, locked against other runs."""
     _prepare_out(cfg, rank)
     barrier(world)
+    # before OUT gets config.json and metrics.jsonl (a teacher that fails to load leaves OUT as it was), and
+    # before the seed: loading may draw random numbers
+    teacher = load_teacher(cfg.teacher, max_length=cfg.max_length, device=device) if cfg.teacher else None
 
     torch.manual_seed(cfg.seed)  # LoRA's initialisation: identical on every rank
     random.seed(cfg.seed)
@@ -351,7 +355,6 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
     metrics = _Metrics(out / "metrics.jsonl", state.step, enabled=rank == 0)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    teacher = load_teacher(cfg.teacher, max_length=cfg.max_length, device=device) if cfg.teacher else None
     run = _Run(cfg, encoder, state, out, device, autocast, process_group, rank, world, teacher)
 
     summary = {"losses": [], "eval_before": None, "eval_after": None}
