@@ -656,6 +656,24 @@ def test_allow_data_change_goes_on_at_the_next_line_when_the_position_is_inside_
     assert json.loads((tmp_path / "out" / "checkpoint-3" / "state.json").read_text())["step"] == 3
 
 
+def test_resume_names_the_options_changed_since_the_last_start(run, model_dir, tmp_path, caplog):
+    """Another teacher, loss or scale on resume is allowed (as another schedule is) but said; the options of the
+    command (--resume itself, --no-progress) are not training options."""
+    assert train_main(run) == 0
+    caplog.clear()
+    assert train_main(run + ["--resume", "--max-steps", "3", "--scale", "10", "--teacher", str(model_dir)]) == 0
+    said = [r.getMessage() for r in caplog.records if "options changed" in r.getMessage()]
+    assert said == [f"resume: options changed since the run's last start: max_steps 2 -> 3, scale 5.0 -> 10.0, "
+                    f"teacher None -> {str(model_dir)!r}"]
+    caplog.clear()
+    assert train_main(run + ["--resume", "--max-steps", "4", "--scale", "10", "--teacher", str(model_dir)]) == 0
+    assert [r.getMessage() for r in caplog.records if "options changed" in r.getMessage()] == [
+        "resume: options changed since the run's last start: max_steps 3 -> 4"]
+    (tmp_path / "out" / "config.json").write_text('{"cut sh')
+    assert train_main(run + ["--resume", "--max-steps", "5", "--scale", "10", "--teacher", str(model_dir)]) == 0
+    assert "config.json is missing or unreadable; options changed since the last start are not listed" in caplog.text
+
+
 def test_resume_with_the_model_named_as_dot_from_its_folder(run, tmp_path, monkeypatch):
     """--model . in the model's folder and --model /abs/path elsewhere are the same model."""
     model = run[1]

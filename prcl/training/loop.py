@@ -173,6 +173,27 @@ def _resume(cfg, state, out, rank, world):
     return rng
 
 
+# options of the command rather than of the training: a resumed run always differs in some of them
+_COMMAND_OPTIONS = ("resume", "overwrite", "convert_checkpoint", "allow_data_change", "progress")
+
+
+def _log_changed_options(path, options):
+    """On resume, warn of the options that differ from the run's last start (its config.json), such as another
+    --teacher, --loss or --scale: allowed, as a changed schedule is, but said."""
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):  # deleted, or cut short by an interruption
+        before = None
+    if not isinstance(before, dict):
+        logger.warning("resume: %s is missing or unreadable; options changed since the last start are not listed",
+                       path)
+        return
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in options.items()
+               if k not in _COMMAND_OPTIONS and before.get(k) != v]
+    if changed:
+        logger.warning("resume: options changed since the run's last start: %s", ", ".join(changed))
+
+
 def _check_data(cfg, saved, now, path, rank):
     """Refuse to resume on data that differ from those the checkpoint's run read (unless allow_data_change);
     whether they differ."""
@@ -349,7 +370,10 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
         rng = checkpoint.rng_state()
     if rank == 0:
-        write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        options = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds them: tuples as lists
+        if state.step > 0:
+            _log_changed_options(out / "config.json", options)
+        write_text(out / "config.json", json.dumps(options, indent=1) + "\n")
         if state.step == 0:
             remove(out / "eval.jsonl")
     metrics = _Metrics(out / "metrics.jsonl", state.step, enabled=rank == 0)
