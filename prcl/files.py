@@ -36,12 +36,17 @@ def fail(prog: str, err: Exception) -> int:
 
 @contextlib.contextmanager
 def load_errors(name: str, path: "str | os.PathLike[str]") -> Iterator[None]:
-    """Any failure inside (a folder without a tokenizer, a damaged or foreign checkpoint, a model type prcl
+    """A failure inside (a folder without a tokenizer, a damaged or foreign checkpoint, a model type prcl
     cannot use) as one ValueError line naming the argument and path: transformers, tokenizers, safetensors
-    and json raise many types, several over many lines."""
+    and json raise many types, several over many lines. Running out of memory keeps its type, and a
+    programming error its traceback."""
     try:
         yield
+    except (MemoryError, TypeError, AttributeError, NameError, AssertionError):
+        raise
     except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, told by name: this module does not import torch
+            raise
         text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         raise ValueError(f"{name}: {os.fspath(path)}: cannot load: {text}") from e
 
@@ -78,6 +83,8 @@ def check_model_path(model: str, gguf_file: str | None = None, prog: str = "prcl
         regular_file(os.path.join(model, gguf_file), "gguf_file")
     elif not os.path.isdir(model):
         regular_file(model, name)
+    elif not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "modules.json")):
+        raise ValueError(f"{name}: {model!r} holds neither config.json nor modules.json: not a model directory")
 
 
 def sha256(path: str | os.PathLike[str]) -> str:

@@ -58,6 +58,7 @@ def fast_model(monkeypatch):
 def run(tmp_path, fast_model):
     """argv of a two-step prcl train in tmp_path/out (data in tmp_path/train.jsonl)."""
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # a model directory to check_model_path
     data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
     return ["--model", str(tmp_path / "model"), "--data", data, "--out", str(tmp_path / "out"), *TINY]
 
@@ -284,14 +285,16 @@ def test_qrels_linked_into_another_dataset_is_refused(model_dir, tmp_path, capsy
         "put a copy there, or (prcl eval) pass --corpus and --queries to say which corpus to read")
 
 
-@pytest.mark.parametrize("command", [eval_cli.main, encode_main])
-def test_a_model_path_that_does_not_exist(tmp_path, capsys, command):
+@pytest.mark.parametrize("prog", ["prcl eval", "prcl encode", "prcl export"])
+def test_a_model_path_that_does_not_exist(tmp_path, capsys, prog):
+    from prcl.encoders.export import main as export_main
+
     qrels = beir(tmp_path / "set")
     write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
-    argv = (["--qrels", str(qrels), "--out", str(tmp_path / "o")] if command is eval_cli.main
-            else ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy")])
+    command, argv = {"prcl eval": (eval_cli.main, ["--qrels", str(qrels), "--out", str(tmp_path / "o")]),
+                     "prcl encode": (encode_main, ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy")]),
+                     "prcl export": (export_main, ["--out", str(tmp_path / "st")])}[prog]
     assert command(["--model", "some-org/no-model"] + argv) == 1
-    prog = "prcl eval" if command is eval_cli.main else "prcl encode"
     assert error_line(capsys) == (f"{prog}: error: model: no such file or directory 'some-org/no-model' ({prog} "
                                   "loads local models only: a model directory or a .gguf file)")
 
@@ -301,8 +304,9 @@ def unloadable(model_dir, tmp_path, what):
     bad = tmp_path / what
     if what == "text-file":
         bad.write_text("not a model\n")
-    elif what == "empty-folder":
+    elif what == "bad-modules-json":  # a sentence-transformers folder to prcl eval; no config.json for the others
         bad.mkdir()
+        (bad / "modules.json").write_text("[{bad")
     else:  # the tiny model without its tokenizer, or with its weights cut short
         shutil.copytree(model_dir, bad)
         if what == "no-tokenizer":
@@ -315,7 +319,7 @@ def unloadable(model_dir, tmp_path, what):
     return bad
 
 
-UNLOADABLE = ["text-file", "empty-folder", "no-tokenizer", "damaged-weights"]
+UNLOADABLE = ["text-file", "bad-modules-json", "no-tokenizer", "damaged-weights"]
 
 
 @pytest.mark.parametrize("what", UNLOADABLE)
@@ -334,6 +338,12 @@ def test_a_model_that_does_not_load_is_one_line_naming_it(model_dir, tmp_path, c
         assert command(["--model", bad] + argv) == 1
         line = error_line(capsys)
         assert line.startswith(f"{prog}: error: model: {bad}: cannot load: "), line
+        os.rename(bad, tmp_path / "moved")
+        os.mkdir(bad)  # empty: refused before any load
+        assert command(["--model", bad] + argv) == 1
+        assert error_line(capsys) == f"{prog}: error: model: {bad!r} holds neither config.json nor modules.json: not a model directory"
+        os.rmdir(bad)
+        os.rename(tmp_path / "moved", bad)
 
 
 @pytest.mark.parametrize("what", UNLOADABLE)
@@ -343,6 +353,9 @@ def test_a_teacher_that_does_not_load_is_one_line_and_leaves_out_as_it_was(run, 
     line = error_line(capsys)
     assert line.startswith(f"prcl train: error: teacher: {bad}: cannot load: "), line
     assert train_main(run + ["--teacher", str(model_dir)]) == 0  # no "OUT holds another run"
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert train_main(run + ["--overwrite", "--teacher", bad]) == 1  # the finished run is still there
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before and "checkpoint-2" in before
 
 
 def test_an_empty_teacher_is_refused(run, tmp_path, capsys):
@@ -663,12 +676,12 @@ def test_resume_names_the_options_changed_since_the_last_start(run, model_dir, t
     caplog.clear()
     assert train_main(run + ["--resume", "--max-steps", "3", "--scale", "10", "--teacher", str(model_dir)]) == 0
     said = [r.getMessage() for r in caplog.records if "options changed" in r.getMessage()]
-    assert said == [f"resume: options changed since the run's last start: max_steps 2 -> 3, scale 5.0 -> 10.0, "
-                    f"teacher None -> {str(model_dir)!r}"]
+    assert said == [f"resume: options changed since the run's last start: scale 5.0 -> 10.0, "
+                    f"teacher None -> {str(model_dir)!r}"]  # not max_steps: the schedule's line says it
     caplog.clear()
-    assert train_main(run + ["--resume", "--max-steps", "4", "--scale", "10", "--teacher", str(model_dir)]) == 0
-    assert [r.getMessage() for r in caplog.records if "options changed" in r.getMessage()] == [
-        "resume: options changed since the run's last start: max_steps 3 -> 4"]
+    again = run + ["--resume", "--max-steps", "4", "--scale", "10", "--teacher", str(model_dir) + "/."]
+    assert train_main(again) == 0  # the same teacher spelled otherwise
+    assert "options changed" not in caplog.text
     (tmp_path / "out" / "config.json").write_text('{"cut sh')
     assert train_main(run + ["--resume", "--max-steps", "5", "--scale", "10", "--teacher", str(model_dir)]) == 0
     assert "config.json is missing or unreadable; options changed since the last start are not listed" in caplog.text

@@ -268,13 +268,15 @@ def test_beir_train_qrels_give_the_jsonl_readers_examples(tmp_path):
     qrels = beir_dir(tmp_path, ["q0\td0\t3", "q0\td1\t2", "q0\td2\t0", "q0\td3\t1", "q1\td4\t3",
                                 "q1\td5\t3", "q2\td1\t2", "q2\td0\t-1"])
     want = [parse_example(json.dumps(o)) for o in (
-        {"query": "query 0", "positive": ["doc 0"], "negatives": ["doc 2"],
-         "graded": [{"text": "doc 1", "relevance": 2 / 3}, {"text": "doc 3", "relevance": 1 / 3}]},
+        {"query": "query 0", "positive": ["doc 0"],
+         "graded": [{"text": "doc 1", "relevance": 2 / 3}, {"text": "doc 2", "relevance": 0},
+                    {"text": "doc 3", "relevance": 1 / 3}]},
         {"query": "query 1", "positive": ["doc 4", "doc 5"]})]
     got = read_beir(qrels)
     assert got[:2] == want
-    # a query whose best document is below the file's top grade: graded documents, no positive
-    assert (got[2].positives, got[2].graded, got[2].negatives) == ((), (("doc 1", 2 / 3),), ("doc 0",))
+    # a query whose best document is below the file's top grade: graded documents, no positive; grades <= 0
+    # were judged irrelevant: relevance 0
+    assert (got[2].positives, got[2].graded, got[2].negatives) == ((), (("doc 1", 2 / 3), ("doc 0", 0.0)), ())
     assert read_examples(qrels) == got  # the path `prcl train --data` takes
     queries, corpus, judged = read_split(qrels)  # `prcl eval --qrels` without --corpus/--queries
     assert len(queries) == 4 and len(corpus) == 6 and judged["q0"] == {"d0": 3, "d1": 2, "d2": 0, "d3": 1}

@@ -98,6 +98,11 @@ def test_export_refuses_what_it_cannot_reproduce(tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
     assert main(["--model", str(model_dir), "--out", str(tmp_path / "b"), "--pooling", "cls"]) == 1
     assert "pooling: expected one of" in capsys.readouterr().err
+    # the OS refusing the write (here: --out below a file) is one line too
+    assert main(["--model", str(model_dir), "--out", str(tmp_path / "full" / "x" / "st")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"prcl export: error: {tmp_path / 'full' / 'x'}"), err
 
 
 @pytest.mark.slow

@@ -174,6 +174,7 @@ def test_a_bad_data_line_is_reported_before_the_model_loads(tmp_path, capsys, mo
     rows = [json.dumps(r) for r in toy_rows()[:3]] + [line]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
     out = tmp_path / "out"
     argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--out", str(out)]
     assert train_main(argv) == 1

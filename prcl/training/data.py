@@ -136,7 +136,8 @@ def read_beir(qrels: str | os.PathLike, corpus: str | os.PathLike | None = None,
 
     corpus / queries default to corpus.jsonl / queries.jsonl in the qrels folder's parent (the BEIR
     layout). Relevance = grade / the file's highest grade: documents at the highest grade are positives,
-    those in between graded documents, grade <= 0 hard negatives. A query whose best document is below
+    the others graded documents, those at grade <= 0 with relevance 0 (judged irrelevant: listed, so that a
+    teacher leaves them 0, where it grades a hard negative). A query whose best document is below
     the highest grade has no positive, only graded documents. Bad lines raise `FILE:LINE: reason`.
     """
     from prcl.retrieval import iter_qrels, read_corpus, read_queries, split_paths
@@ -156,8 +157,8 @@ def read_beir(qrels: str | os.PathLike, corpus: str | os.PathLike | None = None,
     by_query = {}
     for _, qid, did, grade in judged:
         by_query.setdefault(qid, []).append((doc_text[did], grade))
-    return [Example(query_text[qid], tuple(t for t, g in docs if g == top), tuple(t for t, g in docs if g <= 0),
-                    None, tuple((t, g / top) for t, g in docs if 0 < g < top))
+    return [Example(query_text[qid], tuple(t for t, g in docs if g == top), (), None,
+                    tuple((t, max(g, 0) / top) for t, g in docs if g < top))
             for qid, docs in by_query.items()]
 
 

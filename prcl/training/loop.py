@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +25,12 @@ from typing import Any
 import torch
 
 from prcl.encoders import LLMEncoder
+from prcl.encoders.attention import check_backend
 from prcl.files import append_text, fingerprint, load_errors, refuse_links, remove, resolve_device, run_lock, write_text
 from prcl.nn import PairBCELoss
 from prcl.training import checkpoint
 from prcl.training.batching import Batch, build_batch
-from prcl.training.config import TrainConfig
+from prcl.training.config import WEIGHT_SETTINGS, TrainConfig
 from prcl.training.data import Example, ExampleStream, check_file, data_files
 from prcl.training.distributed import barrier, setup, sum_gradients, sum_scalar
 from prcl.training.evaluation import evaluate_and_record, read_eval_set
@@ -60,6 +62,7 @@ def load_encoder(cfg: TrainConfig) -> LLMEncoder:
     if not cfg.model:
         raise ValueError("model: required (a local model directory or .gguf file)")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    check_backend(cfg.attn_implementation)  # named as the setting, not as a model that does not load
     with load_errors("model", cfg.model):
         enc = LLMEncoder.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, dtype=dtype,
                                          gguf_file=cfg.gguf_file, pooling=cfg.pooling, max_length=cfg.max_length,
@@ -113,21 +116,35 @@ class _Metrics:
             append_text(self.path, json.dumps(record) + "\n")
 
 
-def _prepare_out(cfg, rank):
-    """Refuse to mix runs in one --out (unless --overwrite, which deletes the old run's checkpoints)."""
+def _check_out(cfg):
+    """Refuse to mix runs in one --out (unless --overwrite: _overwrite deletes the old run)."""
     out = Path(cfg.out)
     found = checkpoint.checkpoint_dirs(out)
     if cfg.overwrite:
-        if rank == 0:
-            for _, path in found:
-                remove(path)
-            remove(out / "metrics.jsonl")
-    elif found and not cfg.resume:
+        return
+    if found and not cfg.resume:
         raise ValueError(f"out: {out} already holds {found[-1][1].name}; pass --resume to continue it, "
                          "--overwrite to start over, or choose another --out")
     elif (out / "metrics.jsonl").exists() and not cfg.resume:
         raise ValueError(f"out: {out} holds another run (metrics.jsonl, no checkpoint); pass --overwrite "
                          "to replace it or choose another --out")
+
+
+def _load_models(cfg, encoder, device):
+    """(the teacher or None, the encoder), loaded before OUT changes: one that fails to load leaves OUT as it was
+    (--overwrite included)."""
+    torch.manual_seed(cfg.seed)  # weights a teacher's checkpoint lacks are drawn the same in every run
+    teacher = load_teacher(cfg.teacher, max_length=cfg.max_length, device=device) if cfg.teacher else None
+    torch.manual_seed(cfg.seed)  # LoRA's initialisation: identical on every rank
+    random.seed(cfg.seed)
+    return teacher, encoder or load_encoder(cfg)
+
+
+def _overwrite(out):
+    """--overwrite: the old run's checkpoints and metrics go."""
+    for _, path in checkpoint.checkpoint_dirs(out):
+        remove(path)
+    remove(out / "metrics.jsonl")
 
 
 def _training_state(cfg, model, device, rank):
@@ -173,13 +190,22 @@ def _resume(cfg, state, out, rank, world):
     return rng
 
 
-# options of the command rather than of the training: a resumed run always differs in some of them
-_COMMAND_OPTIONS = ("resume", "overwrite", "convert_checkpoint", "allow_data_change", "progress")
+# not listed as changed on resume: the command's own options (a resumed run always differs in some), OUT, and the
+# options resume checks or logs already (the data's fingerprint, the weight settings, the schedule)
+_UNLISTED = ("resume", "overwrite", "convert_checkpoint", "allow_data_change", "progress", "out", "data",
+             *WEIGHT_SETTINGS, "lr", "max_steps", "warmup_steps", "schedule")
+
+
+def _same(name, a, b):
+    """Equal option values; the paths of --teacher and --eval by the file they name (. or an absolute path)."""
+    if name in ("teacher", "eval") and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
 
 
 def _log_changed_options(path, options):
     """On resume, warn of the options that differ from the run's last start (its config.json), such as another
-    --teacher, --loss or --scale: allowed, as a changed schedule is, but said."""
+    --teacher, --loss or --scale: allowed, but said."""
     try:
         before = json.loads(path.read_text())
     except (OSError, ValueError):  # deleted, or cut short by an interruption
@@ -189,7 +215,7 @@ def _log_changed_options(path, options):
                        path)
         return
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in options.items()
-               if k not in _COMMAND_OPTIONS and before.get(k) != v]
+               if k not in _UNLISTED and not _same(k, before.get(k), v)]
     if changed:
         logger.warning("resume: options changed since the run's last start: %s", ", ".join(changed))
 
@@ -349,15 +375,11 @@ def train(cfg: TrainConfig, encoder: LLMEncoder | None = None) -> dict:
 
 def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank, world):
     """train() in OUT, locked against other runs."""
-    _prepare_out(cfg, rank)
+    _check_out(cfg)
+    teacher, encoder = _load_models(cfg, encoder, device)
+    if cfg.overwrite and rank == 0:
+        _overwrite(out)
     barrier(world)
-    # before OUT gets config.json and metrics.jsonl (a teacher that fails to load leaves OUT as it was), and
-    # before the seed: loading may draw random numbers
-    teacher = load_teacher(cfg.teacher, max_length=cfg.max_length, device=device) if cfg.teacher else None
-
-    torch.manual_seed(cfg.seed)  # LoRA's initialisation: identical on every rank
-    random.seed(cfg.seed)
-    encoder = encoder or load_encoder(cfg)
     model = encoder.model.to(device)
     model.train()
     state = _training_state(cfg, model, device, rank)
