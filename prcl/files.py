@@ -4,6 +4,7 @@ a link, a lock per run folder, data fingerprints, one-line errors.
 Imports nothing heavy, so that argument and file errors answer before torch loads.
 """
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -38,17 +39,17 @@ def fail(prog: str, err: Exception) -> int:
 def load_errors(name: str, path: "str | os.PathLike[str]") -> Iterator[None]:
     """A failure inside (a folder without a tokenizer, a damaged or foreign checkpoint, a model type prcl
     cannot use) as one ValueError line naming the argument and path: transformers, tokenizers, safetensors
-    and json raise many types, several over many lines. Running out of memory keeps its type, and a
-    programming error its traceback."""
+    and json raise many types (a TypeError for a config.json holding a list), several over many lines; the
+    type is in the message, PRCL_DEBUG=1 shows the traceback. Running out of memory keeps its type."""
     try:
         yield
-    except (MemoryError, TypeError, AttributeError, NameError, AssertionError):
-        raise
     except Exception as e:
-        if type(e).__name__ == "OutOfMemoryError":  # torch's, told by name: this module does not import torch
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        # torch's OutOfMemoryError told by name: this module does not import torch
+        if (isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+                or getattr(e, "errno", None) == errno.ENOMEM or "out of memory" in text):
             raise
-        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        raise ValueError(f"{name}: {os.fspath(path)}: cannot load: {text}") from e
+        raise ValueError(f"{name}: {os.fspath(path)}: cannot load ({type(e).__name__}): {text}") from e
 
 
 # ---- reads -----------------------------------------------------------------------------------------------
@@ -85,6 +86,14 @@ def check_model_path(model: str, gguf_file: str | None = None, prog: str = "prcl
         regular_file(model, name)
     elif not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "modules.json")):
         raise ValueError(f"{name}: {model!r} holds neither config.json nor modules.json: not a model directory")
+    else:
+        for root, _, files in os.walk(model):
+            for f in files:
+                path = os.path.join(root, f)
+                with contextlib.suppress(OSError):  # a dangling link: the loader names it if it needs it
+                    if not stat.S_ISREG(os.stat(path).st_mode):  # a read of a FIFO would block
+                        raise ValueError(f"{name}: {path!r} is not a regular file (a FIFO, socket or device); "
+                                         "a model directory holds files")
 
 
 def sha256(path: str | os.PathLike[str]) -> str:
@@ -138,7 +147,11 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         os.unlink(tmp)  # a file left there may be a hard link to another: never written into
     with os.fdopen(_open_nofollow(tmp, os.O_EXCL), "w") as f:
         f.write(text)
-    os.replace(tmp, path)  # replaces a link itself, never its target
+    try:
+        os.replace(tmp, path)  # replaces a link itself, never its target
+    except OSError as e:  # e.g. a directory at path: named, not the temporary file, which goes
+        os.unlink(tmp)
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
 
 
 def append_text(path: str | os.PathLike[str], text: str) -> None:

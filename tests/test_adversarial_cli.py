@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prcl.files import run_lock
+from prcl.files import load_errors, run_lock
 from prcl.retrieval import cli as eval_cli
 from prcl.retrieval import compute_metrics, read_corpus, read_split, write_run
 from prcl.training import checkpoint
@@ -307,6 +307,9 @@ def unloadable(model_dir, tmp_path, what):
     elif what == "bad-modules-json":  # a sentence-transformers folder to prcl eval; no config.json for the others
         bad.mkdir()
         (bad / "modules.json").write_text("[{bad")
+    elif what == "config-list":  # valid JSON of the wrong shape: transformers raises a TypeError
+        shutil.copytree(model_dir, bad)
+        (bad / "config.json").write_text("[1, 2]")
     else:  # the tiny model without its tokenizer, or with its weights cut short
         shutil.copytree(model_dir, bad)
         if what == "no-tokenizer":
@@ -319,25 +322,16 @@ def unloadable(model_dir, tmp_path, what):
     return bad
 
 
-UNLOADABLE = ["text-file", "bad-modules-json", "no-tokenizer", "damaged-weights"]
+UNLOADABLE = ["text-file", "bad-modules-json", "config-list", "no-tokenizer", "damaged-weights"]
 
 
 @pytest.mark.parametrize("what", UNLOADABLE)
 def test_a_model_that_does_not_load_is_one_line_naming_it(model_dir, tmp_path, capsys, what):
-    from prcl.encoders.export import main as export_main
-
     bad = str(unloadable(model_dir, tmp_path, what))
-    qrels = beir(tmp_path / "set")
-    write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
-    data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
-    for prog, command, argv in [
-            ("prcl train", train_main, ["--data", data, "--out", str(tmp_path / "run"), *TINY]),
-            ("prcl eval", eval_cli.main, ["--qrels", str(qrels), "--out", str(tmp_path / "o")]),
-            ("prcl encode", encode_main, ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy")]),
-            ("prcl export", export_main, ["--out", str(tmp_path / "st")])]:
+    for prog, command, argv in model_commands(tmp_path):
         assert command(["--model", bad] + argv) == 1
         line = error_line(capsys)
-        assert line.startswith(f"{prog}: error: model: {bad}: cannot load: "), line
+        assert line.startswith(f"{prog}: error: model: {bad}: cannot load ("), line
         os.rename(bad, tmp_path / "moved")
         os.mkdir(bad)  # empty: refused before any load
         assert command(["--model", bad] + argv) == 1
@@ -351,11 +345,72 @@ def test_a_teacher_that_does_not_load_is_one_line_and_leaves_out_as_it_was(run, 
     bad = str(unloadable(model_dir, tmp_path, what))
     assert train_main(run + ["--teacher", bad]) == 1
     line = error_line(capsys)
-    assert line.startswith(f"prcl train: error: teacher: {bad}: cannot load: "), line
+    assert line.startswith(f"prcl train: error: teacher: {bad}: cannot load ("), line
     assert train_main(run + ["--teacher", str(model_dir)]) == 0  # no "OUT holds another run"
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert train_main(run + ["--overwrite", "--teacher", bad]) == 1  # the finished run is still there
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before and "checkpoint-2" in before
+
+
+def model_commands(tmp_path):
+    """(prog, main, argv without --model) of every command that loads a model."""
+    from prcl.encoders.export import main as export_main
+
+    qrels = beir(tmp_path / "set")
+    write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows())
+    return [("prcl train", train_main, ["--data", data, "--out", str(tmp_path / "run"), *TINY]),
+            ("prcl eval", eval_cli.main, ["--qrels", str(qrels), "--out", str(tmp_path / "o")]),
+            ("prcl encode", encode_main, ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy")]),
+            ("prcl export", export_main, ["--out", str(tmp_path / "st")])]
+
+
+class DeviceOOM(torch.cuda.OutOfMemoryError):
+    pass
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                   DeviceOOM("a backend's own kind"), RuntimeError("MPS backend out of memory"),
+                                   MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")],
+                         ids=["cuda", "subclass", "mps", "host", "enomem"])
+def test_running_out_of_memory_while_loading_keeps_its_type(error):
+    """Not "the model does not load": a caller that catches out-of-memory still can."""
+    with pytest.raises(type(error)), load_errors("model", "m"):
+        raise error
+
+
+def test_a_fifo_anywhere_in_a_model_folder_is_refused_without_blocking(model_dir, tmp_path, capsys, no_hang):
+    """sentence-transformers reads files its modules.json points to (1_Pooling/config.json): a FIFO there
+    would block the load; every file of the folder is checked first."""
+    bad = tmp_path / "fifo-model"
+    shutil.copytree(model_dir, bad)
+    (bad / "1_Pooling").mkdir()
+    os.mkfifo(bad / "1_Pooling" / "config.json")
+    for prog, command, argv in model_commands(tmp_path):
+        assert command(["--model", str(bad)] + argv) == 1
+        assert error_line(capsys) == (f"{prog}: error: model: {str(bad / '1_Pooling' / 'config.json')!r} is not a "
+                                      "regular file (a FIFO, socket or device); a model directory holds files")
+
+
+def test_a_bad_pooling_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import prcl.encoders.llm as llm
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --pooling was checked")
+
+    monkeypatch.setattr(llm.LLMEncoder, "from_pretrained", no_load)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for prog, command, argv in model_commands(tmp_path)[:3]:  # prcl export checks its own poolings
+        assert command(["--model", str(tmp_path / "model"), "--pooling", "bogus"] + argv) == 1
+        assert error_line(capsys) == f"{prog}: error: pooling: expected one of ('mean', 'last', 'weighted_mean'), got 'bogus'"
+
+
+def test_a_directory_in_place_of_out_config_json(run, tmp_path, capsys):
+    (tmp_path / "out" / "config.json").mkdir(parents=True)
+    assert train_main(run) == 1
+    assert error_line(capsys) == f"prcl train: error: {tmp_path / 'out' / 'config.json'}: Is a directory"
+    assert not (tmp_path / "out" / "config.json.tmp").exists()
 
 
 def test_an_empty_teacher_is_refused(run, tmp_path, capsys):

@@ -98,6 +98,10 @@ def test_export_refuses_what_it_cannot_reproduce(tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
     assert main(["--model", str(model_dir), "--out", str(tmp_path / "b"), "--pooling", "cls"]) == 1
     assert "pooling: expected one of" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    assert main(["--model", str(model_dir), "--out", str(tmp_path / "link")]) == 1
+    assert "is a link; prcl never writes through one" in capsys.readouterr().err
     # the OS refusing the write (here: --out below a file) is one line too
     assert main(["--model", str(model_dir), "--out", str(tmp_path / "full" / "x" / "st")]) == 1
     err = capsys.readouterr().err

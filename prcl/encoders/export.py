@@ -57,7 +57,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, adapter: str | o
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     out = Path(out)
-    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink():
+        raise ValueError(f"out: {str(out)!r} is a link; prcl never writes through one: choose a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out: {str(out)!r} exists and is not an empty directory; choose a new one")
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling: expected one of {tuple(POOLING_MODES)}, got {pooling!r}")

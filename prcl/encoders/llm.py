@@ -46,6 +46,12 @@ POOLINGS = ("mean", "last", "weighted_mean")
 Sequence = tuple[list[int], int]
 
 
+def check_pooling(pooling: str) -> None:
+    """ValueError naming `pooling` unless it is one of POOLINGS (the CLIs ask before loading a model)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+
+
 @contextlib.contextmanager
 def _quiet_peft():
     """peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning
@@ -101,8 +107,7 @@ class LLMEncoder:
         if model_type not in BIDIRECTIONAL_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} cannot be made bidirectional through config.is_causal "
                              f"in this transformers version; supported: {BIDIRECTIONAL_MODEL_TYPES}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        check_pooling(pooling)
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         if not getattr(tokenizer, "is_fast", False):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from prcl.core.contract import DEFAULT_SCALE, DTYPES
 from prcl.encoders import compute_dtype
-from prcl.files import load_errors
+from prcl.files import check_model_path, load_errors
 from prcl.functional import fused_pair_bce
 from prcl.nn import PairBCELoss
 from prcl.training import batching
@@ -171,6 +171,8 @@ class _Teacher:
         if isinstance(teacher, (str, os.PathLike)):
             if not os.fspath(teacher):
                 raise ValueError("teacher: an empty path or name")
+            if os.path.exists(teacher):  # a local model (else a name on the hub or in its cache)
+                check_model_path(os.fspath(teacher), name="teacher")
             with load_errors("teacher", teacher):  # missing, not on the hub or in its cache, not a model
                 teacher = SentenceTransformer(os.fspath(teacher), device=str(model.device)).float()
         if not isinstance(teacher, SentenceTransformer):

@@ -44,8 +44,9 @@ def load_encode(model: str, *, adapter: str | None = None, gguf_file: str | None
             return st.encode(texts, prompt=instruction, batch_size=batch_size, convert_to_tensor=True,
                              normalize_embeddings=True, show_progress_bar=True).float()
         return encode
-    from prcl.encoders import LLMEncoder
+    from prcl.encoders.llm import LLMEncoder, check_pooling
 
+    check_pooling(pooling)
     with load_errors("model", model):
         enc = LLMEncoder.from_pretrained(model, gguf_file=gguf_file, pooling=pooling, max_length=max_length)
     if adapter:

@@ -229,8 +229,9 @@ def encode_main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.max_length < 1:
             raise ValueError(f"batch_size and max_length: expected positive ints, got {args.batch_size} and "
                              f"{args.max_length}")
-        from prcl.encoders import LLMEncoder
+        from prcl.encoders.llm import LLMEncoder, check_pooling
 
+        check_pooling(args.pooling)
         check_model_path(args.model, args.gguf_file, prog="prcl encode")
         device = resolve_device(args.device)
         texts = read_texts(args.data, args.field)

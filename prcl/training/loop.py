@@ -26,6 +26,7 @@ import torch
 
 from prcl.encoders import LLMEncoder
 from prcl.encoders.attention import check_backend
+from prcl.encoders.llm import check_pooling
 from prcl.files import append_text, fingerprint, load_errors, refuse_links, remove, resolve_device, run_lock, write_text
 from prcl.nn import PairBCELoss
 from prcl.training import checkpoint
@@ -62,7 +63,8 @@ def load_encoder(cfg: TrainConfig) -> LLMEncoder:
     if not cfg.model:
         raise ValueError("model: required (a local model directory or .gguf file)")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    check_backend(cfg.attn_implementation)  # named as the setting, not as a model that does not load
+    check_backend(cfg.attn_implementation)  # named as settings, not as a model that does not load
+    check_pooling(cfg.pooling)
     with load_errors("model", cfg.model):
         enc = LLMEncoder.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, dtype=dtype,
                                          gguf_file=cfg.gguf_file, pooling=cfg.pooling, max_length=cfg.max_length,
@@ -197,9 +199,10 @@ _UNLISTED = ("resume", "overwrite", "convert_checkpoint", "allow_data_change", "
 
 
 def _same(name, a, b):
-    """Equal option values; the paths of --teacher and --eval by the file they name (. or an absolute path)."""
+    """Equal option values; the paths of --teacher and --eval by their last component, as the weight settings
+    compare --model: the last start's relative path is relative to a working directory not recorded."""
     if name in ("teacher", "eval") and isinstance(a, str) and isinstance(b, str):
-        return os.path.realpath(a) == os.path.realpath(b)
+        return os.path.basename(os.path.normpath(a)) == os.path.basename(os.path.normpath(b))
     return a == b
 
 
