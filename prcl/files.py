@@ -46,8 +46,10 @@ def load_errors(name: str, path: "str | os.PathLike[str]") -> Iterator[None]:
     except Exception as e:
         text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         # torch's OutOfMemoryError told by name: this module does not import torch
-        if (isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
-                or getattr(e, "errno", None) == errno.ENOMEM or "out of memory" in text):
+        if getattr(e, "errno", None) == errno.ENOMEM:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM), os.fspath(path)) from e
+        if isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__) or (
+                "out of memory" in text):
             raise
         raise ValueError(f"{name}: {os.fspath(path)}: cannot load ({type(e).__name__}): {text}") from e
 
@@ -84,16 +86,17 @@ def check_model_path(model: str, gguf_file: str | None = None, prog: str = "prcl
         regular_file(os.path.join(model, gguf_file), "gguf_file")
     elif not os.path.isdir(model):
         regular_file(model, name)
-    elif not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "modules.json")):
+    elif not any(os.path.lexists(os.path.join(model, f)) for f in ("config.json", "modules.json")):
         raise ValueError(f"{name}: {model!r} holds neither config.json nor modules.json: not a model directory")
     else:
-        for root, _, files in os.walk(model):
+        # a read of a FIFO would block: every file the loaders may open (sentence-transformers' module folders
+        # one or two levels down), not hidden folders such as .git
+        top = os.path.normpath(model).count(os.sep)
+        for root, dirs, files in os.walk(os.path.normpath(model)):
+            dirs[:] = [] if root.count(os.sep) - top >= 2 else [d for d in dirs if not d.startswith(".")]
             for f in files:
-                path = os.path.join(root, f)
-                with contextlib.suppress(OSError):  # a dangling link: the loader names it if it needs it
-                    if not stat.S_ISREG(os.stat(path).st_mode):  # a read of a FIFO would block
-                        raise ValueError(f"{name}: {path!r} is not a regular file (a FIFO, socket or device); "
-                                         "a model directory holds files")
+                if os.path.exists(os.path.join(root, f)):  # a dangling link: the loader names it if it needs it
+                    regular_file(os.path.join(root, f), name)
 
 
 def sha256(path: str | os.PathLike[str]) -> str:
@@ -145,12 +148,13 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     tmp = f"{os.fspath(path)}.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)  # a file left there may be a hard link to another: never written into
-    with os.fdopen(_open_nofollow(tmp, os.O_EXCL), "w") as f:
-        f.write(text)
     try:
+        with os.fdopen(_open_nofollow(tmp, os.O_EXCL), "w") as f:
+            f.write(text)
         os.replace(tmp, path)  # replaces a link itself, never its target
-    except OSError as e:  # e.g. a directory at path: named, not the temporary file, which goes
-        os.unlink(tmp)
+    except OSError as e:  # a full disk, a directory at path: path named, not the temporary file, which goes
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise OSError(e.errno, e.strerror, os.fspath(path)) from None
 
 

@@ -389,7 +389,7 @@ def test_a_fifo_anywhere_in_a_model_folder_is_refused_without_blocking(model_dir
     for prog, command, argv in model_commands(tmp_path):
         assert command(["--model", str(bad)] + argv) == 1
         assert error_line(capsys) == (f"{prog}: error: model: {str(bad / '1_Pooling' / 'config.json')!r} is not a "
-                                      "regular file (a FIFO, socket or device); a model directory holds files")
+                                      "regular file (a FIFO, socket or device); pass a file")
 
 
 def test_a_bad_pooling_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
@@ -402,8 +402,20 @@ def test_a_bad_pooling_is_named_before_the_model_loads(tmp_path, capsys, monkeyp
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     for prog, command, argv in model_commands(tmp_path)[:3]:  # prcl export checks its own poolings
+        if prog == "prcl train":
+            argv = argv + ["--teacher", str(tmp_path / "model")]  # named before the teacher loads too
         assert command(["--model", str(tmp_path / "model"), "--pooling", "bogus"] + argv) == 1
         assert error_line(capsys) == f"{prog}: error: pooling: expected one of ('mean', 'last', 'weighted_mean'), got 'bogus'"
+
+
+def test_overwrite_keeps_the_old_run_when_the_model_does_not_load(model_dir, tmp_path, capsys):
+    prog, command, argv = model_commands(tmp_path)[0]
+    assert command(["--model", str(model_dir)] + argv) == 0
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    bad = str(unloadable(model_dir, tmp_path, "damaged-weights"))
+    assert command(["--model", bad, "--overwrite"] + argv) == 1
+    assert error_line(capsys).startswith(f"{prog}: error: model: {bad}: cannot load (")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before and "checkpoint-2" in before
 
 
 def test_a_directory_in_place_of_out_config_json(run, tmp_path, capsys):
@@ -737,8 +749,12 @@ def test_resume_names_the_options_changed_since_the_last_start(run, model_dir, t
     again = run + ["--resume", "--max-steps", "4", "--scale", "10", "--teacher", str(model_dir) + "/."]
     assert train_main(again) == 0  # the same teacher spelled otherwise
     assert "options changed" not in caplog.text
+    other = tmp_path / "other-teacher"
+    shutil.copytree(model_dir, other)
+    assert train_main(run + ["--resume", "--max-steps", "5", "--scale", "10", "--teacher", str(other)]) == 0
+    assert f"teacher {str(model_dir) + '/.'!r} -> {str(other)!r}" in caplog.text
     (tmp_path / "out" / "config.json").write_text('{"cut sh')
-    assert train_main(run + ["--resume", "--max-steps", "5", "--scale", "10", "--teacher", str(model_dir)]) == 0
+    assert train_main(run + ["--resume", "--max-steps", "6", "--scale", "10", "--teacher", str(model_dir)]) == 0
     assert "config.json is missing or unreadable; options changed since the last start are not listed" in caplog.text
 
 

@@ -239,8 +239,9 @@ def test_prcl_eval_sentence_transformers_model(tmp_path):
     for line in (tmp_path / "out" / "run.trec").read_text().splitlines():  # scores: the prompted queries'
         qid, _, did, _, score, _ = line.split()
         assert float(score) == pytest.approx(run[qid][did], abs=1e-5)
-    assert main(["--model", str(tmp_path / "st"), "--adapter", "x", "--corpus", str(corpus), "--queries",
-                 str(queries), "--qrels", str(qrels), "--out", str(tmp_path / "out")]) == 1
+    for flag in (["--adapter", "x"], ["--pooling", "last"]):  # LLM options: the model has its own pooling
+        assert main(["--model", str(tmp_path / "st"), *flag, "--corpus", str(corpus), "--queries",
+                     str(queries), "--qrels", str(qrels), "--out", str(tmp_path / "out")]) == 1
 
 
 def test_cli_parser_needs_no_torch():

@@ -508,6 +508,11 @@ def test_teacher_refusals(model_dir, tmp_path):
             PairRelevanceLoss(model, **kw)
 
 
+def test_a_local_teacher_path_gets_the_model_directory_checks(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="^teacher: .* holds neither config.json nor modules.json"):
+        PairRelevanceLoss(tiny_model(model_dir), teacher=tmp_path)
+
+
 def test_import_prcl_does_not_need_sentence_transformers():
     code = ("import sys, prcl; bad = [m for m in sys.modules if m.startswith(('sentence_transformers', "
             "'prcl.integrations'))]; assert not bad, bad")

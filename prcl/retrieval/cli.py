@@ -32,8 +32,9 @@ def load_encode(model: str, *, adapter: str | None = None, gguf_file: str | None
     check_model_path(model, gguf_file, prog="prcl eval")
     torch_device = resolve_device(device)
     if is_sentence_transformer(model):
-        if adapter or gguf_file:
-            raise ValueError("adapter/gguf_file: apply to LLM encoders, not to a sentence-transformers model")
+        if adapter or gguf_file or pooling != "mean":
+            raise ValueError("adapter/gguf_file/pooling: apply to LLM encoders, not to a sentence-transformers model "
+                             "(it has its own pooling)")
         from sentence_transformers import SentenceTransformer
 
         with load_errors("model", model):
@@ -72,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk-size", type=int, default=4096, help="documents embedded and scored at a time")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--pooling", default="mean", help="LLM pooling: mean, last, weighted")
+    ap.add_argument("--pooling", default="mean", help="LLM pooling: mean, last or weighted_mean (default: mean)")
     ap.add_argument("--device", default=None)
     return ap
 

@@ -63,8 +63,6 @@ def load_encoder(cfg: TrainConfig) -> LLMEncoder:
     if not cfg.model:
         raise ValueError("model: required (a local model directory or .gguf file)")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    check_backend(cfg.attn_implementation)  # named as settings, not as a model that does not load
-    check_pooling(cfg.pooling)
     with load_errors("model", cfg.model):
         enc = LLMEncoder.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, dtype=dtype,
                                          gguf_file=cfg.gguf_file, pooling=cfg.pooling, max_length=cfg.max_length,
@@ -133,8 +131,7 @@ def _check_out(cfg):
 
 
 def _load_models(cfg, encoder, device):
-    """(the teacher or None, the encoder), loaded before OUT changes: one that fails to load leaves OUT as it was
-    (--overwrite included)."""
+    """(the teacher or None, the encoder)."""
     torch.manual_seed(cfg.seed)  # weights a teacher's checkpoint lacks are drawn the same in every run
     teacher = load_teacher(cfg.teacher, max_length=cfg.max_length, device=device) if cfg.teacher else None
     torch.manual_seed(cfg.seed)  # LoRA's initialisation: identical on every rank
@@ -199,11 +196,14 @@ _UNLISTED = ("resume", "overwrite", "convert_checkpoint", "allow_data_change", "
 
 
 def _same(name, a, b):
-    """Equal option values; the paths of --teacher and --eval by their last component, as the weight settings
-    compare --model: the last start's relative path is relative to a working directory not recorded."""
-    if name in ("teacher", "eval") and isinstance(a, str) and isinstance(b, str):
-        return os.path.basename(os.path.normpath(a)) == os.path.basename(os.path.normpath(b))
-    return a == b
+    """Equal option values. The paths of --teacher and --eval: two absolute ones by the path, else by the last
+    component (as the weight settings compare --model): a relative path of the last start was relative to a
+    working directory not recorded."""
+    if a == b or name not in ("teacher", "eval") or not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+    if os.path.isabs(a) and os.path.isabs(b):
+        return os.path.normpath(a) == os.path.normpath(b)
+    return os.path.basename(os.path.abspath(a)) == os.path.basename(os.path.abspath(b))
 
 
 def _log_changed_options(path, options):
@@ -354,6 +354,8 @@ def train(cfg: TrainConfig, encoder: LLMEncoder | None = None) -> dict:
     the losses per step and the evaluations before and after. Progress is logged to this module's
     logger (rank 0 only under torchrun)."""
     cfg.validate()
+    check_backend(cfg.attn_implementation)  # named as settings, not as a model that does not load
+    check_pooling(cfg.pooling)
     process_group, rank, world = setup(timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if cfg.batch_size % world:
         raise ValueError(f"batch_size: {cfg.batch_size} queries do not split over {world} ranks")
@@ -380,9 +382,6 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
     """train() in OUT, locked against other runs."""
     _check_out(cfg)
     teacher, encoder = _load_models(cfg, encoder, device)
-    if cfg.overwrite and rank == 0:
-        _overwrite(out)
-    barrier(world)
     model = encoder.model.to(device)
     model.train()
     state = _training_state(cfg, model, device, rank)
@@ -394,6 +393,9 @@ def _train(cfg, encoder, eval_set, data_print, out, device, process_group, rank,
                 torch.distributed.broadcast(p.data, src=0)
         torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
         rng = checkpoint.rng_state()
+    if cfg.overwrite and rank == 0:  # only now: a step above that fails (a model too big for the GPU) keeps it
+        _overwrite(out)
+    barrier(world)
     if rank == 0:
         options = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds them: tuples as lists
         if state.step > 0:
