@@ -287,13 +287,7 @@ def test_qrels_linked_into_another_dataset_is_refused(model_dir, tmp_path, capsy
 
 @pytest.mark.parametrize("prog", ["prcl eval", "prcl encode", "prcl export"])
 def test_a_model_path_that_does_not_exist(tmp_path, capsys, prog):
-    from prcl.encoders.export import main as export_main
-
-    qrels = beir(tmp_path / "set")
-    write_jsonl(tmp_path / "t.jsonl", ['"a text"'])
-    command, argv = {"prcl eval": (eval_cli.main, ["--qrels", str(qrels), "--out", str(tmp_path / "o")]),
-                     "prcl encode": (encode_main, ["--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "e.npy")]),
-                     "prcl export": (export_main, ["--out", str(tmp_path / "st")])}[prog]
+    command, argv = {p: (c, a) for p, c, a in model_commands(tmp_path)}[prog]
     assert command(["--model", "some-org/no-model"] + argv) == 1
     assert error_line(capsys) == (f"{prog}: error: model: no such file or directory 'some-org/no-model' ({prog} "
                                   "loads local models only: a model directory or a .gguf file)")

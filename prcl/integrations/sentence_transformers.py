@@ -161,8 +161,8 @@ class _Teacher:
 
     Not a submodule of the loss: it stays on its own device, out of loss.parameters() and state_dict().
     It reads the student's token ids when the two tokenizers are the same (vocabulary, normalisation,
-    special tokens, padding side) and its max_seq_length is at least the student's at that batch, else texts decoded
-    from those ids (sentence-transformers' GISTEmbedLoss does the same).
+    special tokens, padding side) and its max_seq_length is at least the student's at that batch, else
+    texts decoded from those ids (sentence-transformers' GISTEmbedLoss does the same).
     rows: embed that many rows per forward (the cached loss's mini_batch_size); None: a column at once."""
 
     def __init__(self, teacher: Any, model: Any, rows: int | None) -> None:
@@ -289,16 +289,16 @@ class PairRelevanceLoss(PairBCELoss):
             (prcl's process_group path). Needs torch.distributed initialised.
         false_negative_margin: leave out an in-batch negative whose cosine exceeds its anchor's
             positive's + margin, a probable false negative (prcl.fused_pair_bce); None: no mask.
-        teacher: a SentenceTransformer (or a path or name to load as one, in float32) that grades every pair the
-            data leaves unlabelled (other rows' documents, hard negatives without a label; a label the
-            `label` column gives, 0 included, stays): its cosines, calibrated per row against the row's
+        teacher: a SentenceTransformer (or a path or name to load as one, in float32) that grades every
+            pair the data leaves unlabelled (other rows' documents, hard negatives without a label; a label
+            the `label` column gives, 0 included, stays): its cosines, calibrated per row against the row's
             positive (prcl.training.teacher), become dense (B, N) labels. It runs frozen, in eval mode,
             under no_grad, on its own device (it is not a submodule of the loss), a column per forward
             (the cached loss: mini_batch_size rows); on the student's token ids when both tokenizers
             are the same (padding side included) and the teacher's max_seq_length is at least the
-            student's, else on texts
-            decoded from them (as sentence-transformers' GISTEmbedLoss does). Non-finite teacher
-            embeddings stop the step. Not with false_negative_margin or gather_across_devices.
+            student's, else on texts decoded from them (as sentence-transformers' GISTEmbedLoss does).
+            Non-finite teacher embeddings stop the step. Not with false_negative_margin or
+            gather_across_devices.
 
     Inputs: (anchor, positive) or (anchor, positive, negative_1, …, negative_k) columns, and an
     optional `label` column in [0, 1]: a float, the graded relevance of the positive, or a list of

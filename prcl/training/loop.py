@@ -118,10 +118,10 @@ class _Metrics:
 
 def _check_out(cfg):
     """Refuse to mix runs in one --out (unless --overwrite: _overwrite deletes the old run)."""
-    out = Path(cfg.out)
-    found = checkpoint.checkpoint_dirs(out)
     if cfg.overwrite:
         return
+    out = Path(cfg.out)
+    found = checkpoint.checkpoint_dirs(out)
     if found and not cfg.resume:
         raise ValueError(f"out: {out} already holds {found[-1][1].name}; pass --resume to continue it, "
                          "--overwrite to start over, or choose another --out")

@@ -13,8 +13,8 @@ cosines s_ij become labels by a per-row calibration anchored on the row's own po
 with r_i the row's top label (1 for prcl train's positives), so a document the teacher ranks with the
 positive gets the positive's relevance, one at or below the batch's median 0,
 and the scale of the teacher's cosines (which differs between models) drops out. Listed pairs keep
-the data's label (positives 1, graded documents their relevance, 0 included, excluded pairs −1); a row without a
-listed positive, or whose positive the teacher scores at or below the median, keeps 0 elsewhere.
+the data's label (positives 1, graded documents their relevance, 0 included, excluded pairs −1); a row
+without a listed positive, or whose positive the teacher scores at or below the median, keeps 0 elsewhere.
 `prcl train --teacher` and prcl.integrations.sentence_transformers' `teacher=` both grade this way.
 """
 from pathlib import Path
